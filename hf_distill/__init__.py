@@ -1,0 +1,14 @@
+"""hf_distill: knowledge distillation for Hugging Face Transformers.
+
+>>> from hf_distill import DistillationConfig, DistillationTrainer
+>>> args = DistillationConfig(output_dir="out", temperature=2.0, task_weight=0.5, logits_weight=0.5)
+>>> trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train)  # doctest: +SKIP
+"""
+
+from .config import DistillationConfig
+from .signals import LOGITS_LOSSES, logits_divergence
+from .trainer import DistillationTrainer
+
+__version__ = "0.1.0"
+
+__all__ = ["LOGITS_LOSSES", "DistillationConfig", "DistillationTrainer", "logits_divergence", "__version__"]

@@ -1,0 +1,130 @@
+"""`DistillationConfig`: every distillation knob, documented and validated, on top of `TrainingArguments`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .signals.logits import LOGITS_LOSSES
+
+#: Weight fields of the combined loss ``L = task_weight * L_task + sum_k weight_k * L_k``. Later signals add theirs.
+WEIGHT_FIELDS: tuple[str, ...] = ("task_weight", "logits_weight")
+
+TEACHER_DTYPES = ("auto", "float32", "float16", "bfloat16")
+VOCAB_MISMATCH_MODES = ("error", "truncate")
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """Training arguments for [`DistillationTrainer`]: all of `TrainingArguments`, plus the distillation knobs.
+
+    The student minimises ``L = task_weight * L_task + logits_weight * L_logits``, where ``L_task`` is its own
+    supervised loss on the labels and ``L_logits`` compares its outputs with the frozen teacher's. Every term is a mean
+    over the positions that count (examples for classification / regression, tokens whose label is not -100 for
+    language models) and is logged as ``<term>_loss``.
+
+    Args:
+        temperature (`float`, defaults to 2.0):
+            Softmax temperature T > 0 applied to teacher and student logits before comparing them
+            (Hinton et al. 2015: ``p = softmax(z / T)``). Ignored by ``logits_loss="mse"``.
+        task_weight (`float`, defaults to 0.5):
+            Weight of the student's own task loss (cross-entropy on labels, MSE for a single regression output, or the
+            loss the student model returns). 0 turns it off, and then no labels are needed.
+        logits_weight (`float`, defaults to 0.5):
+            Weight of the teacher-student output divergence chosen by `logits_loss`. 0 turns it off.
+        logits_loss (`str`, defaults to `"forward_kl"`):
+            How student outputs are compared with the teacher's, per counted position:
+            `"forward_kl"` KL(p_t || p_s) (Hinton); `"reverse_kl"` KL(p_s || p_t); `"jsd"` the generalized
+            Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1) with `jsd_beta`; `"tvd"` total variation
+            0.5 * sum |p_t - p_s|; `"mse"` mean squared error of the raw outputs (Bucilua et al. 2006; for a regression
+            student the "high-precision" term ||y_t - y_s||^2).
+        jsd_beta (`float`, defaults to 0.5):
+            Interpolation of the generalized JSD, in [0, 1]: 0 gives forward KL, 1 reverse KL (same convention as
+            TRL's `GKDTrainer.generalized_jsd_loss`). Only used with `logits_loss="jsd"`.
+        scale_by_temperature_squared (`bool`, defaults to `True`):
+            Multiply the soft (temperature-dependent) term by T^2 so its gradients keep their scale across
+            temperatures (Hinton et al. 2015). `"mse"` ignores T and is never scaled.
+        teacher_dtype (`str`, *optional*):
+            Cast the teacher to this dtype (`"float32"`, `"float16"`, `"bfloat16"`) before training; `None` or
+            `"auto"` keeps the teacher as it was loaded. Teacher logits are compared in float32 either way.
+        vocab_mismatch (`str`, defaults to `"error"`):
+            What to do when teacher and student output sizes differ. `"error"` raises before training. `"truncate"`
+            (language models only) compares the shared ids ``[0, min(V_t, V_s))``, for families whose config vocabulary
+            is padded past the tokenizer (Qwen); the tokenizers must agree on those ids.
+    """
+
+    temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature T > 0 applied to teacher and student logits."}
+    )
+    task_weight: float = field(
+        default=0.5, metadata={"help": "Weight of the student's own task loss on the labels (0 turns it off)."}
+    )
+    logits_weight: float = field(
+        default=0.5, metadata={"help": "Weight of the teacher-student output divergence (0 turns it off)."}
+    )
+    logits_loss: str = field(
+        default="forward_kl",
+        metadata={"help": "Output divergence.", "choices": list(LOGITS_LOSSES)},
+    )
+    jsd_beta: float = field(
+        default=0.5, metadata={"help": "Generalized JSD interpolation in [0, 1]: 0 = forward KL, 1 = reverse KL."}
+    )
+    scale_by_temperature_squared: bool = field(
+        default=True, metadata={"help": "Multiply the soft term by T^2 (Hinton) so gradient scale is kept across T."}
+    )
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Cast the teacher to this dtype; None/'auto' keeps it.", "choices": list(TEACHER_DTYPES)},
+    )
+    vocab_mismatch: str = field(
+        default="error",
+        metadata={
+            "help": "Teacher/student output sizes differ: 'error', or 'truncate' to the shared ids (language models).",
+            "choices": list(VOCAB_MISMATCH_MODES),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_distillation()
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of every term of the combined loss, by field name."""
+        return {name: float(getattr(self, name)) for name in WEIGHT_FIELDS}
+
+    def validate_distillation(self) -> None:
+        """Raise a `ValueError` naming the field and the fix for every inconsistent distillation setting."""
+        if not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0 (softmax(z / T) is undefined otherwise), got {self.temperature}. "
+                "Use 1.0 for unsoftened distributions; Hinton et al. use 2-20."
+            )
+        weights = self.loss_weights
+        negative = {k: v for k, v in weights.items() if v < 0}
+        if negative:
+            raise ValueError(
+                f"Loss weights must be >= 0, got {negative}. Set a weight to 0 to turn its term off."
+            )
+        if all(v == 0 for v in weights.values()):
+            raise ValueError(
+                f"All loss weights are zero ({weights}): there is nothing to train on. Set task_weight and/or "
+                "logits_weight > 0."
+            )
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(
+                f"jsd_beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}."
+            )
+        if self.logits_loss not in LOGITS_LOSSES:
+            raise ValueError(
+                f"Unknown logits_loss {self.logits_loss!r}; choose one of {', '.join(LOGITS_LOSSES)}."
+            )
+        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(
+                f"Unknown teacher_dtype {self.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)} or None."
+            )
+        if self.vocab_mismatch not in VOCAB_MISMATCH_MODES:
+            raise ValueError(
+                f"Unknown vocab_mismatch {self.vocab_mismatch!r}; choose one of {', '.join(VOCAB_MISMATCH_MODES)}."
+            )

@@ -1,0 +1,112 @@
+"""Talking to arbitrary models: which inputs they take, where their logits and loss are, how wide their outputs are.
+
+Teacher and student may be any `nn.Module` returning a `ModelOutput`, a dict with ``logits``, a tuple or a tensor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .positions import PositionUnit
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under DDP / DataParallel / compile / PEFT wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _forward_signature(model: nn.Module) -> tuple[frozenset[str], bool]:
+    params = inspect.signature(unwrap(model).forward).parameters
+    names = frozenset(name for name, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return names, takes_any
+
+
+def forward_parameter_names(model: nn.Module) -> list[str]:
+    """The named parameters of the model's `forward`."""
+    return sorted(_forward_signature(model)[0])
+
+
+def model_inputs(model: nn.Module, inputs: Mapping[str, Any], drop: Iterable[str] = ()) -> dict[str, Any]:
+    """The part of the batch that `model.forward` accepts, without the keys in `drop`.
+
+    A forward with ``**kwargs`` takes every key. ``use_cache=False`` is added where the forward takes it (training and
+    distillation never reuse a KV cache).
+    """
+    names, takes_any = _forward_signature(model)
+    dropped = set(drop) | {"num_items_in_batch"}
+    kept = {k: v for k, v in inputs.items() if k not in dropped and (takes_any or k in names)}
+    if "use_cache" in names and "use_cache" not in kept:
+        kept["use_cache"] = False
+    return kept
+
+
+def accepts_input(model: nn.Module, name: str) -> bool:
+    """Whether `model.forward` takes an argument called `name` (explicitly or through ``**kwargs``)."""
+    names, takes_any = _forward_signature(model)
+    return takes_any or name in names
+
+
+def output_logits(outputs: Any) -> torch.Tensor:
+    """The logits of a model output: ``outputs.logits`` / ``outputs["logits"]``, a tensor itself, or the first tensor
+    of a tuple that is not a 0-dim loss. A 1-D output ``[B]`` becomes ``[B, 1]`` (one regression output)."""
+    if isinstance(outputs, Mapping):
+        if "logits" not in outputs:
+            raise ValueError(f"The model output has no `logits` (keys: {sorted(outputs.keys())}).")
+        logits = outputs["logits"]
+    elif torch.is_tensor(outputs):
+        logits = outputs
+    elif isinstance(outputs, (tuple, list)):
+        candidates = [o for o in outputs if torch.is_tensor(o) and o.dim() > 0]
+        if not candidates:
+            raise ValueError("The model returned a tuple with no non-scalar tensor to use as logits.")
+        logits = candidates[0]
+    else:
+        raise TypeError(
+            f"Cannot find logits in a model output of type {type(outputs).__name__}: return a ModelOutput, a dict with "
+            "'logits', a tuple whose first non-scalar tensor is the logits, or a tensor."
+        )
+    return logits.unsqueeze(-1) if logits.dim() == 1 else logits
+
+
+def output_loss(outputs: Any) -> torch.Tensor | None:
+    """The loss a model returned: ``outputs["loss"]`` or a leading 0-dim tensor of a tuple; else `None`."""
+    if isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+    elif isinstance(outputs, (tuple, list)) and outputs and torch.is_tensor(outputs[0]) and outputs[0].dim() == 0:
+        loss = outputs[0]
+    else:
+        loss = None
+    return loss if torch.is_tensor(loss) else None
+
+
+def declared_output_size(model: nn.Module, unit: PositionUnit) -> int | None:
+    """The width of the model's outputs as its configuration declares it, or `None` when it cannot be known before
+    a forward pass: the output embedding's rows for language models, ``config.num_labels`` for classifiers."""
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    if unit.is_token_level and hasattr(base, "get_output_embeddings"):
+        head = base.get_output_embeddings()
+        if head is not None and getattr(head, "weight", None) is not None:
+            return int(head.weight.shape[0])
+    config = getattr(base, "config", None)
+    if not unit.is_token_level and config is not None and hasattr(config, "num_labels"):
+        return int(config.num_labels)
+    return None
+
+
+def describe(model: nn.Module) -> str:
+    """A short name for error messages: the class and, for Hub models, where it was loaded from."""
+    base = unwrap(model)
+    source = getattr(getattr(base, "config", None), "_name_or_path", "") or ""
+    return f"{type(base).__name__}" + (f" ({source})" if source else "")

@@ -1,0 +1,128 @@
+"""Output (logit) distillation: divergences between teacher and student output distributions.
+
+Every function takes logits of shape ``[N, V]`` (one row per counted position) and returns one value per row
+(half-precision inputs are upcast to float32). Rows are reduced by the trainer, which knows how many positions count in the whole accumulated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Signal, SignalView
+
+#: The `logits_loss` kinds, in the order the docs list them.
+LOGITS_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd", "mse")
+#: The kinds that compare temperature-softened distributions (and so take the T^2 factor).
+SOFT_LOSSES: frozenset[str] = frozenset({"forward_kl", "reverse_kl", "jsd", "tvd"})
+
+
+def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) per row, with 0 * log 0 = 0."""
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return terms.sum(dim=-1)
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are compared in float32; float32 / float64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(_upcast(logits) / temperature, dim=-1)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL per row: KL(p_t || p_s) = sum_v p_t (log p_t - log p_s), with p = softmax(z / T) (Hinton 2015)."""
+    return _kl_from_log_probs(_log_softmax(teacher_logits, temperature), _log_softmax(student_logits, temperature))
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Reverse KL per row: KL(p_s || p_t) = sum_v p_s (log p_s - log p_t), with p = softmax(z / T)."""
+    return _kl_from_log_probs(_log_softmax(student_logits, temperature), _log_softmax(teacher_logits, temperature))
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5, temperature: float = 1.0
+) -> torch.Tensor:
+    """Generalized JSD per row (GKD, Agarwal et al. 2024, eq. 1).
+
+    ``JSD_beta = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s``;
+    beta = 0 is defined as KL(p_t || p_s) and beta = 1 as KL(p_s || p_t), as in TRL's `GKDTrainer`.
+    """
+    log_s = _log_softmax(student_logits, temperature)
+    log_t = _log_softmax(teacher_logits, temperature)
+    if beta == 0:
+        return _kl_from_log_probs(log_t, log_s)
+    if beta == 1:
+        return _kl_from_log_probs(log_s, log_t)
+    beta_t = torch.tensor(beta, dtype=log_s.dtype, device=log_s.device)
+    log_m = torch.logsumexp(torch.stack([log_s + torch.log1p(-beta_t), log_t + torch.log(beta_t)]), dim=0)
+    return beta * _kl_from_log_probs(log_t, log_m) + (1 - beta) * _kl_from_log_probs(log_s, log_m)
+
+
+def total_variation(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Total variation distance per row: TVD = 0.5 * sum_v |p_t - p_s|, with p = softmax(z / T)."""
+    p_s = _log_softmax(student_logits, temperature).exp()
+    p_t = _log_softmax(teacher_logits, temperature).exp()
+    return 0.5 * (p_t - p_s).abs().sum(dim=-1)
+
+
+def logits_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the raw outputs per row: mean_v (z_s - z_t)^2 (Bucilua 2006; ||y_s - y_t||^2 for one output)."""
+    return (_upcast(student_logits) - _upcast(teacher_logits)).pow(2).mean(dim=-1)
+
+
+def logits_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    scale_by_temperature_squared: bool = True,
+) -> torch.Tensor:
+    """The per-row `kind` divergence, times T^2 for soft kinds when `scale_by_temperature_squared` (Hinton 2015)."""
+    if kind == "mse":
+        return logits_mse(student_logits, teacher_logits)
+    if kind == "forward_kl":
+        values = forward_kl(student_logits, teacher_logits, temperature)
+    elif kind == "reverse_kl":
+        values = reverse_kl(student_logits, teacher_logits, temperature)
+    elif kind == "jsd":
+        values = generalized_jsd(student_logits, teacher_logits, jsd_beta, temperature)
+    elif kind == "tvd":
+        values = total_variation(student_logits, teacher_logits, temperature)
+    else:
+        raise ValueError(f"Unknown logits_loss {kind!r}; choose one of {', '.join(LOGITS_LOSSES)}.")
+    return values * (temperature**2) if scale_by_temperature_squared else values
+
+
+class LogitsSignal(Signal):
+    """Teacher-student output divergence summed over counted positions: sum_i D(z_s[i], z_t[i]) (times T^2 if soft)."""
+
+    name = "logits"
+
+    def __init__(
+        self, kind: str, temperature: float, jsd_beta: float = 0.5, scale_by_temperature_squared: bool = True
+    ) -> None:
+        if kind not in LOGITS_LOSSES:
+            raise ValueError(f"Unknown logits_loss {kind!r}; choose one of {', '.join(LOGITS_LOSSES)}.")
+        self.kind = kind
+        self.temperature = temperature
+        self.jsd_beta = jsd_beta
+        self.scale_by_temperature_squared = scale_by_temperature_squared
+
+    def loss_sum(self, view: SignalView) -> torch.Tensor:
+        student, teacher = view.counted_logits()
+        if self.kind in SOFT_LOSSES and student.shape[-1] == 1:
+            raise ValueError(
+                f"logits_loss={self.kind!r} compares softmax distributions, but the models have a single output "
+                "(a regression head), whose softmax is constant. Use logits_loss='mse' for regression students."
+            )
+        values = logits_divergence(
+            student, teacher, self.kind, self.temperature, self.jsd_beta, self.scale_by_temperature_squared
+        )
+        return values.sum()

@@ -1,0 +1,408 @@
+"""`DistillationTrainer`: a `transformers.Trainer` whose loss is a weighted sum of distillation signals.
+
+``L = task_weight * L_task + sum_k weight_k * L_k``. Each term is a sum over the positions that count in a micro-batch,
+divided by the number of positions that count in the whole optimizer step (all accumulated micro-batches, all
+processes), so gradient accumulation and data parallelism give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import EvalLoopOutput
+from transformers.utils import logging
+
+from .config import DistillationConfig
+from .modeling import (
+    accepts_input,
+    declared_output_size,
+    describe,
+    forward_parameter_names,
+    model_inputs,
+    output_logits,
+    output_loss,
+)
+from .positions import PositionUnit, count_positions, infer_position_unit, position_mask
+from .signals import LogitsSignal, Signal, SignalView, task_loss_sum
+
+logger = logging.get_logger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class _BatchTerms:
+    """One forward pass of student (and teacher): per-term sums over counted positions, and what produced them."""
+
+    sums: dict[str, torch.Tensor]
+    count: torch.Tensor
+    student_outputs: Any
+    view: SignalView
+
+
+def build_signals(args: DistillationConfig) -> list[tuple[Signal, float]]:
+    """The active signals with their weights; a signal whose weight is 0 is not built (and costs nothing)."""
+    signals: list[tuple[Signal, float]] = []
+    if args.logits_weight > 0:
+        signals.append(
+            (
+                LogitsSignal(args.logits_loss, args.temperature, args.jsd_beta, args.scale_by_temperature_squared),
+                args.logits_weight,
+            )
+        )
+    return signals
+
+
+class DistillationTrainer(Trainer):
+    """Train a student `model` against a frozen `teacher_model` with the combined distillation loss.
+
+    Everything else is the HF `Trainer`: accumulation, mixed precision, Accelerate, callbacks, checkpoints,
+    `save_model` (which writes the plain student only).
+
+    Args:
+        model: the student (any `nn.Module`; a `PreTrainedModel` to save and reload with `from_pretrained`).
+        teacher_model: the teacher, an `nn.Module` with outputs of the student's width. It is put in eval mode,
+            frozen, optionally cast to `args.teacher_dtype`, placed on the student's device, and always run under
+            `torch.no_grad()`.
+        args: a [`DistillationConfig`].
+        All other arguments are those of `transformers.Trainer`.
+
+    Logged: ``loss`` (the weighted total) and ``<term>_loss`` for every active term, each averaged over the logging
+    interval; evaluation adds ``eval_<term>_loss`` and ``eval_teacher_agreement`` (top-1 agreement on counted
+    positions).
+    """
+
+    # compute_loss divides by the positions counted over the whole accumulated batch: the Trainer must not divide again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+        args: DistillationConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = DistillationConfig(output_dir="tmp_trainer")
+        if not isinstance(args, DistillationConfig):
+            raise TypeError(
+                f"DistillationTrainer needs a DistillationConfig, got {type(args).__name__}. Build one with "
+                "DistillationConfig(output_dir=..., temperature=..., task_weight=..., logits_weight=...)."
+            )
+        if model is None:
+            raise ValueError("DistillationTrainer needs a student `model`.")
+        self.signals = build_signals(args)
+        if teacher_model is None and any(signal.needs_teacher for signal, _ in self.signals):
+            raise ValueError(
+                f"logits_weight={args.logits_weight} needs a teacher: pass teacher_model=..., or set logits_weight=0 "
+                "to train on the task loss alone."
+            )
+        if teacher_model is not None and not isinstance(teacher_model, nn.Module):
+            raise TypeError(
+                f"teacher_model must be an nn.Module (load it with AutoModel*.from_pretrained), got "
+                f"{type(teacher_model).__name__}."
+            )
+        super().__init__(model=model, args=args, **kwargs)
+        # transformers releases without `loss_is_scaled_for_ga` decide from this flag (our loss is already normalised).
+        self.model_accepts_loss_kwargs = True
+        if not self.label_names:  # plain nn.Modules: the data collators' name for targets
+            self.label_names = ["labels"]
+        self._model_unit = infer_position_unit(model)
+        self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        self._component_sums: dict[str, torch.Tensor] = {}
+        self._components_logged_at = 0
+        self._eval_stats: dict[str, torch.Tensor] = {}
+        self._check_output_sizes()
+        self._check_labels_available()
+
+    # ---- set-up ----------------------------------------------------------------------------------------------------
+
+    @property
+    def label_name(self) -> str:
+        """The batch key holding the targets (the first of `label_names`)."""
+        return self.label_names[0]
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        dtype = self.args.teacher_dtype
+        if dtype not in (None, "auto"):
+            teacher = teacher.to(_DTYPES[dtype])
+        teacher.eval()
+        teacher.requires_grad_(False)
+        prepared = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        # The teacher is not part of the training state: keep it out of the accelerator's model list, which the Trainer
+        # reads to decide whether the student still needs preparing (evaluate() before train()).
+        if prepared in self.accelerator._models:
+            self.accelerator._models.remove(prepared)
+        return prepared
+
+    def _position_unit(self, inputs: dict[str, Any]) -> PositionUnit:
+        if self._model_unit is not PositionUnit.EXAMPLE:
+            return self._model_unit
+        return infer_position_unit(None, inputs, self.label_name)
+
+    def _check_output_sizes(self) -> None:
+        """Teacher and student must produce outputs of the same width (checked from configs when they declare it)."""
+        if self.teacher_model is None:
+            return
+        unit = self._model_unit
+        student_size = declared_output_size(self.model, unit)
+        teacher_size = declared_output_size(self.teacher_model, unit)
+        if student_size is not None and teacher_size is not None:
+            self._check_sizes(student_size, teacher_size, unit)
+
+    def _check_sizes(self, student_size: int, teacher_size: int, unit: PositionUnit) -> None:
+        if student_size == teacher_size:
+            return
+        if self.args.vocab_mismatch == "truncate" and unit.is_token_level:
+            return
+        what = "vocabulary" if unit.is_token_level else "number of outputs"
+        hint = (
+            "If both tokenizers agree on the shared ids (a config vocabulary padded past the tokenizer, as Qwen's), set "
+            "vocab_mismatch='truncate'; otherwise use a teacher and student that share a tokenizer."
+            if unit.is_token_level
+            else "Give the student the teacher's label set (num_labels / id2label)."
+        )
+        raise ValueError(
+            f"Teacher and student output sizes differ: the teacher {describe(self.teacher_model)} has "
+            f"{teacher_size} ({what}), the student {describe(self.model)} has {student_size}. {hint}"
+        )
+
+    def _check_labels_available(self) -> None:
+        """With the task loss on, a collated training batch must contain labels (checked on two examples)."""
+        dataset = self.train_dataset
+        if self.args.task_weight == 0 or dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+            return
+        try:
+            n = min(2, len(dataset))
+        except TypeError:
+            return
+        if n == 0:
+            return
+        try:
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                sample = self._remove_unused_columns(dataset.select(range(n)), description="label check")
+                features = [sample[i] for i in range(n)]
+            else:
+                features = [dataset[i] for i in range(n)]
+            with _preserved_rng():
+                batch = self.data_collator(features)
+        except Exception as error:  # a collator that needs the real dataloader: checked at the first step instead
+            logger.info("Could not collate a sample batch to check for labels (%s); checking at the first step.", error)
+            return
+        if not any(name in batch for name in (*self.label_names, "label", "label_ids")):
+            raise ValueError(
+                f"task_weight={self.args.task_weight} turns the task loss on, but the training batches have no "
+                f"`{self.label_name}` (batch keys: {sorted(batch.keys())}). Add a label column (or a collator that "
+                "makes labels, e.g. DataCollatorForLanguageModeling), or set task_weight=0 to learn from the teacher "
+                "alone."
+            )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the dataset columns the student *or* the teacher accepts (the teacher may take other inputs)."""
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            if self.teacher_model is not None:
+                extra = [c for c in forward_parameter_names(self.teacher_model) if c not in self._signature_columns]
+                self._signature_columns = list(self._signature_columns) + extra
+
+    # ---- counting ----------------------------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """Fetch the micro-batches of one optimizer step and count the positions that count in all of them.
+
+        The count replaces transformers' `num_items_in_batch`: it is taken for every task (examples, tokens, shifted
+        tokens, or attention-masked tokens without labels) and, with `average_tokens_across_devices`, summed over
+        processes.
+        """
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batch_samples:
+            return batch_samples, None
+        total = sum(
+            count_positions(batch, self._position_unit(batch), self.label_name).to(device) for batch in batch_samples
+        )
+        if self.args.world_size > 1 and self.args.average_tokens_across_devices:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return batch_samples, total
+
+    # ---- the loss ------------------------------------------------------------------------------------------------
+
+    def _batch_terms(self, model: nn.Module, inputs: dict[str, Any], training: bool) -> _BatchTerms:
+        """Run student and teacher on one batch and return every active term as a sum over counted positions."""
+        unit = self._position_unit(inputs)
+        labels = inputs.get(self.label_name)
+        mask = position_mask(inputs, unit, self.label_name)
+        want_task = self.args.task_weight > 0 and (training or labels is not None)
+        if want_task and labels is None:
+            raise ValueError(
+                f"task_weight={self.args.task_weight} turns the task loss on, but this batch has no "
+                f"`{self.label_name}` (keys: {sorted(inputs)}). Add labels to the dataset, or set task_weight=0."
+            )
+        pass_labels = want_task and accepts_input(model, self.label_name)
+        drop = () if pass_labels else self.label_names
+        student_outputs = model(**model_inputs(model, inputs, drop=drop))
+        student_logits = output_logits(student_outputs)
+        if mask.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f"The student returned outputs of shape {tuple(student_logits.shape)}, but the batch was counted as "
+                f"{unit.value} positions of shape {tuple(mask.shape)}. Token-level models need per-token labels (-100 "
+                "for ignored tokens) or an attention_mask; sequence-level models one output row per example."
+            )
+
+        teacher_logits = teacher_outputs = None
+        need_teacher = self.teacher_model is not None and (
+            not training or any(signal.needs_teacher for signal, _ in self.signals)
+        )
+        if need_teacher:
+            with torch.no_grad():
+                teacher_outputs = self.teacher_model(**model_inputs(self.teacher_model, inputs, drop=self.label_names))
+            teacher_logits = output_logits(teacher_outputs).detach()
+        shared_student, teacher_logits = self._shared_vocabulary(student_logits, teacher_logits, unit)
+
+        sums: dict[str, torch.Tensor] = {}
+        if want_task:
+            model_loss = output_loss(student_outputs) if pass_labels else None
+            sums["task"] = task_loss_sum(student_logits, labels, mask, unit, model_loss=model_loss)
+        view = SignalView(shared_student, teacher_logits, mask, inputs, student_outputs, teacher_outputs)
+        for signal, _ in self.signals:
+            sums[signal.name] = signal.loss_sum(view)
+        return _BatchTerms(sums=sums, count=mask.sum(), student_outputs=student_outputs, view=view)
+
+    def _shared_vocabulary(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, unit: PositionUnit
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if teacher_logits is None:
+            return student_logits, None
+        if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
+            raise ValueError(
+                f"Teacher outputs of shape {tuple(teacher_logits.shape)} do not line up with the student's "
+                f"{tuple(student_logits.shape)}: both models must see the same batch and produce one row per position."
+            )
+        student_size, teacher_size = student_logits.shape[-1], teacher_logits.shape[-1]
+        if student_size == teacher_size:
+            return student_logits, teacher_logits
+        self._check_sizes(student_size, teacher_size, unit)  # raises unless truncation is allowed
+        shared = min(student_size, teacher_size)
+        return student_logits[..., :shared], teacher_logits[..., :shared]
+
+    def _weight(self, name: str) -> float:
+        if name == "task":
+            return self.args.task_weight
+        return next(weight for signal, weight in self.signals if signal.name == name)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """``L = sum_k w_k * S_k / N``: S_k the term sums over this micro-batch's counted positions, N the positions that
+        count in the whole optimizer step (`num_items_in_batch`, from `get_batch_samples`; this batch's own count when
+        `None`). Under data parallelism with a global N the loss is multiplied by the number of processes, undoing
+        the gradient averaging, as transformers does for `average_tokens_across_devices`."""
+        terms = self._batch_terms(model, inputs, training=model.training)
+        denominator = num_items_in_batch if num_items_in_batch is not None else terms.count
+        denominator = torch.as_tensor(denominator, dtype=torch.float32, device=terms.count.device).clamp_min(1)
+        scale = 1.0 / denominator
+        if num_items_in_batch is not None and self.args.world_size > 1 and self.args.average_tokens_across_devices:
+            scale = scale * self.accelerator.num_processes
+        loss = sum(self._weight(name) * value * scale for name, value in terms.sums.items())
+        if model.training:
+            for name, value in terms.sums.items():
+                scaled = (value.detach() * scale).float()
+                self._component_sums[name] = self._component_sums.get(name, 0.0) + scaled
+        return (loss, terms.student_outputs) if return_outputs else loss
+
+    # ---- logging ---------------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add ``<term>_loss`` (averaged over the steps since the last log, across processes) to training logs."""
+        if "loss" in logs and self._component_sums:
+            steps = max(self.state.global_step - self._components_logged_at, 1)
+            for name, total in self._component_sums.items():
+                gathered = self.accelerator.gather(total.detach().reshape(1)).mean()
+                logs[f"{name}_loss"] = gathered.item() / steps
+            self._component_sums = {}
+            self._components_logged_at = self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------------
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Distillation loss of one evaluation batch; accumulates per-term sums and teacher agreement."""
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get(self.label_name)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            terms = self._batch_terms(model, inputs, training=False)
+        count = terms.count.float()
+        loss = sum(self._weight(name) * value for name, value in terms.sums.items()) / count.clamp_min(1)
+        self._record_eval(terms)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        logits = output_logits(terms.student_outputs).detach()
+        return loss.detach(), logits, labels.detach() if torch.is_tensor(labels) else None
+
+    def _record_eval(self, terms: _BatchTerms) -> None:
+        stats = self._eval_stats
+        device = terms.count.device
+
+        def add(key: str, value: torch.Tensor) -> None:
+            stats[key] = stats.get(key, torch.zeros((), dtype=torch.float64, device=device)) + value.double()
+
+        add("count", terms.count)
+        for name, value in terms.sums.items():
+            add(f"{name}_loss", value.detach())
+        view = terms.view
+        if view.teacher_logits is not None and view.student_logits.shape[-1] > 1:
+            student, teacher = view.counted_logits()
+            add("teacher_agreement", (student.argmax(-1) == teacher.argmax(-1)).sum())
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
+        """The Trainer's loop, plus ``<prefix>_<term>_loss`` and ``<prefix>_teacher_agreement`` over all counted
+        positions of the evaluation set (exact means, gathered across processes)."""
+        self._eval_stats = {}
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        stats = self._eval_stats
+        self._eval_stats = {}
+        if stats:
+            keys = sorted(stats)
+            values = torch.stack([stats[k] for k in keys]).reshape(1, -1)
+            totals = self.accelerator.gather(values).sum(dim=0)
+            reduced = dict(zip(keys, totals.tolist()))
+            count = max(reduced.pop("count"), 1.0)
+            for key, value in reduced.items():
+                output.metrics[f"{prefix}_{key}"] = value / count
+        return output
+
+
+class _preserved_rng:
+    """Context manager restoring the Python, NumPy and torch (CPU) random states on exit."""
+
+    def __enter__(self) -> None:
+        self._states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+
+    def __exit__(self, *exc: Any) -> None:
+        python_state, numpy_state, torch_state = self._states
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)

@@ -1,0 +1,47 @@
+"""DistillationConfig validates every distillation field before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_distill import DistillationConfig
+
+
+def make(tmp_path, **kwargs):
+    return DistillationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kwargs)
+
+
+def test_defaults_are_valid_and_documented(tmp_path):
+    args = make(tmp_path)
+    assert args.temperature == 2.0 and args.logits_loss == "forward_kl"
+    assert args.loss_weights == {"task_weight": 0.5, "logits_weight": 0.5}
+    assert args.scale_by_temperature_squared and args.vocab_mismatch == "error"
+    for name in ("temperature", "task_weight", "logits_weight", "logits_loss", "jsd_beta",
+                 "scale_by_temperature_squared", "teacher_dtype", "vocab_mismatch"):
+        assert name in DistillationConfig.__doc__
+        assert DistillationConfig.__dataclass_fields__[name].metadata["help"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": -1.0}, "temperature must be > 0"),
+        ({"task_weight": -0.1}, "task_weight"),
+        ({"logits_weight": -2.0}, "logits_weight"),
+        ({"task_weight": 0.0, "logits_weight": 0.0}, "All loss weights are zero"),
+        ({"jsd_beta": 1.5}, r"jsd_beta must lie in \[0, 1\]"),
+        ({"jsd_beta": -0.01}, r"jsd_beta must lie in \[0, 1\]"),
+        ({"logits_loss": "kl"}, "Unknown logits_loss 'kl'; choose one of forward_kl"),
+        ({"teacher_dtype": "fp8"}, "Unknown teacher_dtype"),
+        ({"vocab_mismatch": "pad"}, "Unknown vocab_mismatch"),
+    ],
+)
+def test_bad_values_raise_a_clear_error(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(tmp_path, **kwargs)
+
+
+def test_one_weight_may_be_zero(tmp_path):
+    assert make(tmp_path, task_weight=0.0).logits_weight == 0.5
+    assert make(tmp_path, logits_weight=0.0).task_weight == 0.5
