@@ -76,6 +76,18 @@ def lm_dataset(n: int = 16, seq: int = 12, vocab: int = 64, seed: int = 2, ragge
     )
 
 
+def next_token_counted(labels):
+    """Hand-written causal-LM mask: position t counts when labels[t + 1] != -100."""
+    counted = torch.zeros_like(labels, dtype=torch.bool)
+    counted[:, :-1] = labels[:, 1:] != -100
+    return counted
+
+
+def kl_rows(p_t, p_s):
+    """KL(p_t || p_s) per row, straight from the definition."""
+    return (p_t * (p_t.log() - p_s.log())).sum(-1)
+
+
 @pytest.fixture
 def make_args(tmp_path):
     def _make(**overrides):

@@ -9,7 +9,7 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFas
 
 from hf_distill import DistillationTrainer
 
-from .conftest import MLP, classification_dataset, lm_dataset, tiny_bert, tiny_llama
+from .conftest import MLP, classification_dataset, kl_rows, lm_dataset, next_token_counted, tiny_bert, tiny_llama
 
 
 def test_classifier_output_sizes_differ(make_args):
@@ -34,10 +34,9 @@ def test_truncate_compares_the_shared_ids_only(make_args):
     with torch.no_grad():
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         zs, zt = student(**inputs).logits, teacher(**inputs).logits[..., :64]
-    counted = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    counted[:, :-1] = batch["labels"][:, 1:] != -100
+    counted = next_token_counted(batch["labels"])
     ps, pt = torch.softmax(zs[counted], -1), torch.softmax(zt[counted], -1)
-    torch.testing.assert_close(loss, (pt * (pt.log() - ps.log())).sum(-1).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, kl_rows(pt, ps).mean(), rtol=1e-5, atol=1e-6)
     trainer.train()
 
 

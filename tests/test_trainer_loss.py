@@ -9,18 +9,14 @@ import torch.nn.functional as F
 
 from hf_distill import DistillationTrainer
 
-from .conftest import MLP, classification_dataset, lm_dataset, tiny_bert, tiny_llama
+from .conftest import MLP, classification_dataset, kl_rows, lm_dataset, tiny_bert, tiny_llama
 
 
 def _batch(dataset, n):
     return {k: torch.tensor(dataset[:n][k]) for k in dataset.column_names}
 
 
-def _kl(p_t, p_s):
-    return (p_t * (p_t.log() - p_s.log())).sum(-1)
-
-
-def test_classification_loss_is_weighted_ce_plus_t2_kl(make_args):
+def test_classification_loss_is_weighted_ce_plus_t2kl_rows(make_args):
     teacher, student = tiny_bert(seed=1), tiny_bert(layers=1, seed=2)
     data = classification_dataset()
     args = make_args(temperature=3.0, task_weight=0.3, logits_weight=0.7)
@@ -32,7 +28,7 @@ def test_classification_loss_is_weighted_ce_plus_t2_kl(make_args):
         zs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         zt = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     ce = -torch.log_softmax(zs, -1)[torch.arange(6), batch["labels"]].mean()
-    kl = _kl(torch.softmax(zt / 3.0, -1), torch.softmax(zs / 3.0, -1)).mean() * 9.0
+    kl = kl_rows(torch.softmax(zt / 3.0, -1), torch.softmax(zs / 3.0, -1)).mean() * 9.0
     torch.testing.assert_close(loss, 0.3 * ce + 0.7 * kl, rtol=1e-5, atol=1e-6)
 
 
@@ -58,9 +54,9 @@ def test_causal_lm_loss_counts_shifted_supervised_tokens_only(make_args, kind):
             ce_terms.append(-torch.log_softmax(zs[row, t], -1)[target])
             ps, pt = torch.softmax(zs[row, t] / 2, -1), torch.softmax(zt[row, t] / 2, -1)
             if kind == "forward_kl":
-                kd_terms.append(_kl(pt, ps) * 4)
+                kd_terms.append(kl_rows(pt, ps) * 4)
             elif kind == "reverse_kl":
-                kd_terms.append(_kl(ps, pt) * 4)
+                kd_terms.append(kl_rows(ps, pt) * 4)
             else:
                 kd_terms.append(0.5 * (pt - ps).abs().sum() * 4)
     expected = 0.5 * torch.stack(ce_terms).mean() + 0.5 * torch.stack(kd_terms).mean()
@@ -77,7 +73,7 @@ def test_without_labels_the_attention_mask_counts(make_args):
     with torch.no_grad():
         zs, zt = student(**batch).logits, teacher(**batch).logits
     keep = batch["attention_mask"].bool()
-    expected = _kl(torch.softmax(zt[keep], -1), torch.softmax(zs[keep], -1)).mean()
+    expected = kl_rows(torch.softmax(zt[keep], -1), torch.softmax(zs[keep], -1)).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -112,7 +108,7 @@ def test_plain_module_classifier_with_dict_outputs_and_other_input_names(make_ar
     loss = trainer.compute_loss(student, {"features": x, "labels": y})
     with torch.no_grad():
         zs, zt = student(x)["logits"], teacher(x)["logits"]
-    expected = 0.5 * F.cross_entropy(zs, y) + 0.5 * _kl(torch.softmax(zt, -1), torch.softmax(zs, -1)).mean()
+    expected = 0.5 * F.cross_entropy(zs, y) + 0.5 * kl_rows(torch.softmax(zt, -1), torch.softmax(zs, -1)).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from hf_distill import DistillationTrainer
 
-from .conftest import MLP, classification_dataset, lm_dataset, tiny_bert, tiny_llama
+from .conftest import MLP, classification_dataset, kl_rows, lm_dataset, next_token_counted, tiny_bert, tiny_llama
 
 
 def test_thirty_steps_reduce_the_students_kl_to_the_teacher(make_args):
@@ -78,11 +78,10 @@ def test_evaluate_reports_logits_loss_and_teacher_agreement(make_args):
     with torch.no_grad():
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         zs, zt = student(**inputs).logits, teacher(**inputs).logits
-    counted = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    counted[:, :-1] = batch["labels"][:, 1:] != -100
+    counted = next_token_counted(batch["labels"])
     agreement = (zs[counted].argmax(-1) == zt[counted].argmax(-1)).float().mean().item()
     pt, ps = torch.softmax(zt[counted] / 2, -1), torch.softmax(zs[counted] / 2, -1)
-    kl = ((pt * (pt.log() - ps.log())).sum(-1) * 4).mean().item()
+    kl = (kl_rows(pt, ps) * 4).mean().item()
     assert metrics["eval_teacher_agreement"] == pytest.approx(agreement, abs=1e-9)
     assert metrics["eval_logits_loss"] == pytest.approx(kl, rel=1e-5)
     assert {"eval_loss", "eval_task_loss"} <= set(metrics)
