@@ -297,10 +297,10 @@ class DistillationTrainer(Trainer):
         shared = min(student_size, teacher_size)
         return student_logits[..., :shared], teacher_logits[..., :shared]
 
-    def _weight(self, name: str) -> float:
-        if name == "task":
-            return self.args.task_weight
-        return next(weight for signal, weight in self.signals if signal.name == name)
+    def _weighted_total(self, sums: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+        """``sum_k w_k * S_k * scale`` over the terms of one batch."""
+        weights = {"task": self.args.task_weight, **{signal.name: weight for signal, weight in self.signals}}
+        return sum(weights[name] * value * scale for name, value in sums.items())
 
     def compute_loss(
         self,
@@ -319,7 +319,7 @@ class DistillationTrainer(Trainer):
         scale = 1.0 / denominator
         if num_items_in_batch is not None and self.args.world_size > 1 and self.args.average_tokens_across_devices:
             scale = scale * self.accelerator.num_processes
-        loss = sum(self._weight(name) * value * scale for name, value in terms.sums.items())
+        loss = self._weighted_total(terms.sums, scale)
         if model.training:
             for name, value in terms.sums.items():
                 scaled = (value.detach() * scale).float()
@@ -353,8 +353,7 @@ class DistillationTrainer(Trainer):
         labels = inputs.get(self.label_name)
         with torch.no_grad(), self.compute_loss_context_manager():
             terms = self._batch_terms(model, inputs, training=False)
-        count = terms.count.float()
-        loss = sum(self._weight(name) * value for name, value in terms.sums.items()) / count.clamp_min(1)
+        loss = self._weighted_total(terms.sums, 1.0 / terms.count.float().clamp_min(1))
         self._record_eval(terms)
         if prediction_loss_only:
             return loss.detach(), None, None
