@@ -2,13 +2,22 @@
 
 >>> from hf_distill import DistillationConfig, DistillationTrainer
 >>> args = DistillationConfig(output_dir="out", temperature=2.0, task_weight=0.5, logits_weight=0.5)
+>>> student = shrink_model(teacher, num_layers=6, strategy="distilbert")  # doctest: +SKIP
 >>> trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train)  # doctest: +SKIP
 """
 
 from .config import DistillationConfig
 from .signals import LOGITS_LOSSES, logits_divergence
+from .students import shrink_model
 from .trainer import DistillationTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["LOGITS_LOSSES", "DistillationConfig", "DistillationTrainer", "logits_divergence", "__version__"]
+__all__ = [
+    "LOGITS_LOSSES",
+    "DistillationConfig",
+    "DistillationTrainer",
+    "logits_divergence",
+    "shrink_model",
+    "__version__",
+]

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .signals.hidden import HIDDEN_LOSSES, HIDDEN_PROJECTIONS, parse_layer_map
 from .signals.logits import LOGITS_LOSSES
 
 #: Weight fields of the combined loss ``L = task_weight * L_task + sum_k weight_k * L_k``. Later signals add theirs.
-WEIGHT_FIELDS: tuple[str, ...] = ("task_weight", "logits_weight")
+WEIGHT_FIELDS: tuple[str, ...] = ("task_weight", "logits_weight", "hidden_weight", "attention_weight")
 
 TEACHER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 VOCAB_MISMATCH_MODES = ("error", "truncate")
@@ -19,10 +20,11 @@ VOCAB_MISMATCH_MODES = ("error", "truncate")
 class DistillationConfig(TrainingArguments):
     """Training arguments for [`DistillationTrainer`]: all of `TrainingArguments`, plus the distillation knobs.
 
-    The student minimises ``L = task_weight * L_task + logits_weight * L_logits``, where ``L_task`` is its own
-    supervised loss on the labels and ``L_logits`` compares its outputs with the frozen teacher's. Every term is a mean
-    over the positions that count (examples for classification / regression, tokens whose label is not -100 for
-    language models) and is logged as ``<term>_loss``.
+    The student minimises ``L = task_weight * L_task + logits_weight * L_logits + hidden_weight * L_hidden +
+    attention_weight * L_attention``, where ``L_task`` is its own supervised loss on the labels and the other terms
+    compare it with the frozen teacher. The task and logits terms are means over the positions that count (examples
+    for classification / regression, tokens whose label is not -100 for language models); the hidden and attention
+    terms are means over the tokens the attention mask keeps. Each term is logged as ``<term>_loss``.
 
     Args:
         temperature (`float`, defaults to 2.0):
@@ -52,6 +54,26 @@ class DistillationConfig(TrainingArguments):
             What to do when teacher and student output sizes differ. `"error"` raises before training. `"truncate"`
             (language models only) compares the shared ids ``[0, min(V_t, V_s))``, for families whose config vocabulary
             is padded past the tokenizer (Qwen); the tokenizers must agree on those ids.
+        hidden_weight (`float`, defaults to 0.0):
+            Weight of hidden-state matching through `layer_map` (FitNets' hints, DistilBERT's cosine term). 0 turns it
+            off, and then no hidden states are computed.
+        hidden_loss (`str`, defaults to `"cosine"`):
+            `"cosine"`: mean over counted tokens of 1 - cos(h_s, h_t); `"mse"`: mean over counted tokens and features of
+            (h_s - h_t)^2. Averaged over the mapped layer pairs.
+        layer_map (`str` or list of pairs, defaults to `"auto"`):
+            Which student hidden states match which teacher ones (`hidden_states` indices, 0 = embeddings). `"auto"`:
+            student i+1 <-> teacher ``distilled_from_layers[i] + 1`` for a student made by `shrink_model`, else evenly
+            spaced (student i <-> teacher round(i * T / S)); `"last"`: the last hidden states only; or explicit pairs
+            ``[[1, 2], [2, 4]]`` (also as the strings ``"[[1, 2], [2, 4]]"`` or ``"1:2,2:4"``). The attention signal
+            uses the same map (pair (s, t) -> attention layers s - 1 and t - 1).
+        hidden_projection (`str`, defaults to `"auto"`):
+            `"auto"`: a learned linear projection per mapped pair (FitNets' f_w) only when the widths differ;
+            `"linear"`: always. Projections train with the student's optimizer, are saved in checkpoints, and are never
+            part of the exported student.
+        attention_weight (`float`, defaults to 0.0):
+            Weight of attention-distribution matching (MiniLM / TinyBERT): KL(A_t || A_s) per counted query token,
+            averaged over heads (over the head-averaged maps when head counts differ) and mapped layers. Needs eager
+            attention (both models are switched to it, with a warning) and a student without attention dropout.
     """
 
     temperature: float = field(
@@ -85,6 +107,25 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    hidden_weight: float = field(
+        default=0.0, metadata={"help": "Weight of hidden-state matching through layer_map (0 turns it off)."}
+    )
+    hidden_loss: str = field(
+        default="cosine", metadata={"help": "Hidden-state distance.", "choices": list(HIDDEN_LOSSES)}
+    )
+    layer_map: str = field(
+        default="auto",
+        metadata={"help": "'auto', 'last', or student:teacher hidden_states index pairs, e.g. '1:2,2:4' or '[[1,2],[2,4]]'."},
+    )
+    hidden_projection: str = field(
+        default="auto",
+        metadata={"help": "Learned linear projections: 'auto' (only when widths differ) or 'linear' (always).",
+                  "choices": list(HIDDEN_PROJECTIONS)},
+    )
+    attention_weight: float = field(
+        default=0.0, metadata={"help": "Weight of attention-map KL on mapped layers (0 turns it off; eager attention)."}
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate_distillation()
@@ -109,8 +150,8 @@ class DistillationConfig(TrainingArguments):
             )
         if all(v == 0 for v in weights.values()):
             raise ValueError(
-                f"All loss weights are zero ({weights}): there is nothing to train on. Set task_weight and/or "
-                "logits_weight > 0."
+                f"All loss weights are zero ({weights}): there is nothing to train on. Set at least one of "
+                f"{', '.join(WEIGHT_FIELDS)} > 0."
             )
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(
@@ -124,6 +165,13 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"Unknown teacher_dtype {self.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)} or None."
             )
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"Unknown hidden_loss {self.hidden_loss!r}; choose one of {', '.join(HIDDEN_LOSSES)}.")
+        if self.hidden_projection not in HIDDEN_PROJECTIONS:
+            raise ValueError(
+                f"Unknown hidden_projection {self.hidden_projection!r}; choose one of {', '.join(HIDDEN_PROJECTIONS)}."
+            )
+        parse_layer_map(self.layer_map)  # raises with the accepted formats
         if self.vocab_mismatch not in VOCAB_MISMATCH_MODES:
             raise ValueError(
                 f"Unknown vocab_mismatch {self.vocab_mismatch!r}; choose one of {', '.join(VOCAB_MISMATCH_MODES)}."

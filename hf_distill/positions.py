@@ -69,8 +69,14 @@ def position_mask(inputs: Mapping[str, Any], unit: PositionUnit, label_name: str
         return torch.ones(size, dtype=torch.bool, device=device)
     if torch.is_tensor(labels):
         return align_labels(labels, unit) != IGNORE_INDEX
+    return token_mask(inputs)
+
+
+def token_mask(inputs: Mapping[str, Any]) -> torch.Tensor:
+    """Bool ``[B, T]`` mask of the tokens that count for token-level signals (hidden states, attention maps):
+    ``attention_mask != 0``, else every token of ``input_ids`` / ``inputs_embeds``. Padding never counts."""
     attention_mask = inputs.get("attention_mask")
-    if torch.is_tensor(attention_mask):
+    if torch.is_tensor(attention_mask) and attention_mask.dim() == 2:
         return attention_mask.bool()
     return _token_grid(inputs)
 

@@ -1,7 +1,7 @@
 """`DistillationTrainer`: a `transformers.Trainer` whose loss is a weighted sum of distillation signals.
 
-``L = task_weight * L_task + sum_k weight_k * L_k``. Each term is a sum over the positions that count in a micro-batch,
-divided by the number of positions that count in the whole optimizer step (all accumulated micro-batches, all
+``L = task_weight * L_task + sum_k weight_k * L_k``. Each term is a sum over the positions (or tokens) that count in a
+micro-batch, divided by the number that count in the whole optimizer step (all accumulated micro-batches, all
 processes), so gradient accumulation and data parallelism give the same update as one big batch.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
@@ -27,9 +27,13 @@ from .modeling import (
     model_inputs,
     output_logits,
     output_loss,
+    unwrap,
 )
-from .positions import PositionUnit, count_positions, infer_position_unit, position_mask
+from .positions import PositionUnit, count_positions, infer_position_unit, position_mask, token_mask
+from .signal_modules import SignalModules
 from .signals import LogitsSignal, Signal, SignalView, task_loss_sum
+from .signals.hidden import AttentionSignal, HiddenStateSignal, attention_pairs, resolve_layer_map
+from .students import model_depth, model_width
 
 logger = logging.get_logger(__name__)
 
@@ -41,13 +45,46 @@ class _BatchTerms:
     """One forward pass of student (and teacher): per-term sums over counted positions, and what produced them."""
 
     sums: dict[str, torch.Tensor]
-    count: torch.Tensor
+    counts: dict[str, torch.Tensor]  # by unit: "positions", and "tokens" when a token-level signal is on
     student_outputs: Any
     view: SignalView
 
 
-def build_signals(args: DistillationConfig) -> list[tuple[Signal, float]]:
-    """The active signals with their weights; a signal whose weight is 0 is not built (and costs nothing)."""
+#: The weight fields whose terms compare the student with a teacher.
+TEACHER_WEIGHT_FIELDS: tuple[str, ...] = ("logits_weight", "hidden_weight", "attention_weight")
+#: Config attributes holding the attention-probability dropout, by family (BERT-likes, Llama-likes / DistilBERT, GPT-2).
+ATTENTION_DROPOUT_ATTRIBUTES: tuple[str, ...] = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
+def _text_config(model: nn.Module | None) -> Any:
+    base = unwrap(model) if model is not None else None
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    config = getattr(base, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _layer_geometry(model: nn.Module, who: str, weights: str) -> tuple[int, int]:
+    """(depth, width) of a model from its config, or a clear error for models that declare neither."""
+    config = _text_config(model)
+    depth = model_depth(config) if config is not None else None
+    width = model_width(config) if config is not None else None
+    if depth is None or width is None:
+        raise ValueError(
+            f"{weights} match layers by index, which needs transformers models whose config declares their depth and "
+            f"width (num_hidden_layers, hidden_size); the {who} {describe(model)} declares none. Set {weights} to 0 "
+            "for plain modules."
+        )
+    return depth, width
+
+
+def build_signals(
+    args: DistillationConfig, student: nn.Module | None = None, teacher: nn.Module | None = None
+) -> list[tuple[Signal, float]]:
+    """The active signals with their weights; a signal whose weight is 0 is not built (and costs nothing).
+
+    Layer-matching signals (hidden states, attention) read the depths and widths of `student` and `teacher` from their
+    configs to resolve `args.layer_map` and create projections.
+    """
     signals: list[tuple[Signal, float]] = []
     if args.logits_weight > 0:
         signals.append(
@@ -56,7 +93,46 @@ def build_signals(args: DistillationConfig) -> list[tuple[Signal, float]]:
                 args.logits_weight,
             )
         )
+    if args.hidden_weight > 0 or args.attention_weight > 0:
+        weights = " and ".join(f"{f}={getattr(args, f)}" for f in ("hidden_weight", "attention_weight") if getattr(args, f) > 0)
+        student_depth, student_width = _layer_geometry(student, "student", weights)
+        teacher_depth, teacher_width = _layer_geometry(teacher, "teacher", weights)
+        distilled_from = getattr(getattr(unwrap(student), "config", None), "distilled_from_layers", None)
+        layer_map = resolve_layer_map(args.layer_map, student_depth, teacher_depth, distilled_from)
+        if args.hidden_weight > 0:
+            signal = HiddenStateSignal(args.hidden_loss, layer_map, student_width, teacher_width, args.hidden_projection)
+            signals.append((signal, args.hidden_weight))
+        if args.attention_weight > 0:
+            signals.append((AttentionSignal(attention_pairs(layer_map)), args.attention_weight))
     return signals
+
+
+def _use_eager_attention(model: nn.Module, who: str) -> None:
+    """Attention probabilities come only from eager attention: switch `model` to it, saying so."""
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current in (None, "eager") or not hasattr(base, "set_attn_implementation"):
+        return
+    logger.warning(
+        "attention_weight > 0 needs attention probabilities, which only eager attention returns: switching the %s "
+        "%s from %r to 'eager' attention (slower and more memory on long sequences).", who, describe(model), current
+    )
+    base.set_attn_implementation("eager")
+
+
+def _check_no_attention_dropout(student: nn.Module) -> None:
+    config = _text_config(student)
+    for name in ATTENTION_DROPOUT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and value > 0:
+            raise ValueError(
+                f"attention_weight > 0 compares attention distributions, but the student {describe(student)} has "
+                f"{name}={value}: in training it returns attention maps after dropout, which are not distributions "
+                f"(zeroed entries make the KL infinite). Load the student with {name}=0.0, e.g. "
+                f"AutoModelFor...from_pretrained(path, {name}=0.0) or shrink_model(teacher, "
+                f"config_overrides={{'{name}': 0.0}})."
+            )
 
 
 class DistillationTrainer(Trainer):
@@ -97,18 +173,33 @@ class DistillationTrainer(Trainer):
             )
         if model is None:
             raise ValueError("DistillationTrainer needs a student `model`.")
-        self.signals = build_signals(args)
-        if teacher_model is None and any(signal.needs_teacher for signal, _ in self.signals):
+        teacher_terms = {f: getattr(args, f) for f in TEACHER_WEIGHT_FIELDS if getattr(args, f) > 0}
+        if teacher_model is None and teacher_terms:
             raise ValueError(
-                f"logits_weight={args.logits_weight} needs a teacher: pass teacher_model=..., or set logits_weight=0 "
-                "to train on the task loss alone."
+                f"{', '.join(f'{k}={v}' for k, v in teacher_terms.items())} compares the student with a teacher, so "
+                "it needs a teacher: pass teacher_model=..., or set it to 0 to train on the task loss alone."
             )
         if teacher_model is not None and not isinstance(teacher_model, nn.Module):
             raise TypeError(
                 f"teacher_model must be an nn.Module (load it with AutoModel*.from_pretrained), got "
                 f"{type(teacher_model).__name__}."
             )
+        self.signals = build_signals(args, model, teacher_model)
+        if any(signal.needs_attentions for signal, _ in self.signals):
+            _check_no_attention_dropout(model)
+            _use_eager_attention(model, "student")
+            _use_eager_attention(teacher_model, "teacher")
+        self.signal_modules = SignalModules.from_signals(signal for signal, _ in self.signals)
+        if len(self.signal_modules) and (kwargs.get("optimizers") or (None, None))[0] is not None:
+            raise ValueError(
+                f"The active signals learn modules of their own ({', '.join(self.signal_modules.keys())}), which a "
+                "user-built optimizer does not hold. Let the trainer build the optimizer (args.optim, or "
+                "optimizer_cls_and_kwargs=...) instead of passing optimizers=(...)."
+            )
         super().__init__(model=model, args=args, **kwargs)
+        self.signal_modules.to(self.args.device)
+        if len(self.signal_modules):
+            self.add_callback(_ClearSignalModuleGradients(self.signal_modules))
         # transformers releases without `loss_is_scaled_for_ga` decide from this flag (our loss is already normalised).
         self.model_accepts_loss_kwargs = True
         if not self.label_names:  # plain nn.Modules: the data collators' name for targets
@@ -215,12 +306,23 @@ class DistillationTrainer(Trainer):
 
     # ---- counting ----------------------------------------------------------------------------------------------------
 
-    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
-        """Fetch the micro-batches of one optimizer step and count the positions that count in all of them.
+    @property
+    def _units(self) -> tuple[str, ...]:
+        """The denominators in use: "positions" always, "tokens" when a token-level signal is on."""
+        return ("positions", *sorted({s.unit for s, _ in self.signals if s.unit != "positions"}))
 
-        The count replaces transformers' `num_items_in_batch`: it is taken for every task (examples, tokens, shifted
-        tokens, or attention-masked tokens without labels) and, with `average_tokens_across_devices`, summed over
-        processes.
+    def _count_units(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        counts = {"positions": count_positions(inputs, self._position_unit(inputs), self.label_name)}
+        if "tokens" in self._units:
+            counts["tokens"] = token_mask(inputs).sum()
+        return counts
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """Fetch the micro-batches of one optimizer step and count what counts in all of them.
+
+        The position count replaces transformers' `num_items_in_batch`: it is taken for every task (examples, tokens,
+        shifted tokens, or attention-masked tokens without labels) and, with `average_tokens_across_devices`, summed
+        over processes. Token-level signals get the same treatment for their token count.
         """
         batch_samples = []
         for _ in range(num_batches):
@@ -229,18 +331,29 @@ class DistillationTrainer(Trainer):
             except StopIteration:
                 break
         if not batch_samples:
+            self._step_counts = None
             return batch_samples, None
-        total = sum(
-            count_positions(batch, self._position_unit(batch), self.label_name).to(device) for batch in batch_samples
-        )
+        per_batch = [self._count_units(batch) for batch in batch_samples]
+        totals = torch.stack([sum(c[unit].to(device) for c in per_batch) for unit in self._units])
         if self.args.world_size > 1 and self.args.average_tokens_across_devices:
-            total = self.accelerator.gather(total.reshape(1)).sum()
-        return batch_samples, total
+            totals = self.accelerator.gather(totals.reshape(1, -1)).sum(dim=0)
+        counts = dict(zip(self._units, totals.unbind()))
+        self._step_counts = counts
+        return batch_samples, counts["positions"]
 
     # ---- the loss ------------------------------------------------------------------------------------------------
 
+    def _forward_options(self) -> dict[str, bool]:
+        """Extra forward flags the active signals need (nothing when no signal asks)."""
+        options = {}
+        if any(s.needs_hidden_states for s, _ in self.signals):
+            options["output_hidden_states"] = True
+        if any(s.needs_attentions for s, _ in self.signals):
+            options["output_attentions"] = True
+        return options
+
     def _batch_terms(self, model: nn.Module, inputs: dict[str, Any], training: bool) -> _BatchTerms:
-        """Run student and teacher on one batch and return every active term as a sum over counted positions."""
+        """Run student and teacher on one batch and return every active term as a sum over what it counts."""
         unit = self._position_unit(inputs)
         labels = inputs.get(self.label_name)
         mask = position_mask(inputs, unit, self.label_name)
@@ -252,7 +365,8 @@ class DistillationTrainer(Trainer):
             )
         pass_labels = want_task and accepts_input(model, self.label_name)
         drop = () if pass_labels else self.label_names
-        student_outputs = model(**model_inputs(model, inputs, drop=drop))
+        options = self._forward_options()
+        student_outputs = model(**model_inputs(model, inputs, drop=drop), **options)
         student_logits = output_logits(student_outputs)
         if mask.shape != student_logits.shape[:-1]:
             raise ValueError(
@@ -267,7 +381,8 @@ class DistillationTrainer(Trainer):
         )
         if need_teacher:
             with torch.no_grad():
-                teacher_outputs = self.teacher_model(**model_inputs(self.teacher_model, inputs, drop=self.label_names))
+                teacher_inputs = model_inputs(self.teacher_model, inputs, drop=self.label_names)
+                teacher_outputs = self.teacher_model(**teacher_inputs, **options)
             teacher_logits = output_logits(teacher_outputs).detach()
         shared_student, teacher_logits = self._shared_vocabulary(student_logits, teacher_logits, unit)
 
@@ -278,7 +393,10 @@ class DistillationTrainer(Trainer):
         view = SignalView(shared_student, teacher_logits, mask, inputs, student_outputs, teacher_outputs)
         for signal, _ in self.signals:
             sums[signal.name] = signal.loss_sum(view)
-        return _BatchTerms(sums=sums, count=mask.sum(), student_outputs=student_outputs, view=view)
+        counts = {"positions": mask.sum()}
+        if "tokens" in self._units:
+            counts["tokens"] = view.token_mask().sum()
+        return _BatchTerms(sums=sums, counts=counts, student_outputs=student_outputs, view=view)
 
     def _shared_vocabulary(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, unit: PositionUnit
@@ -297,10 +415,34 @@ class DistillationTrainer(Trainer):
         shared = min(student_size, teacher_size)
         return student_logits[..., :shared], teacher_logits[..., :shared]
 
-    def _weighted_total(self, sums: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
-        """``sum_k w_k * S_k * scale`` over the terms of one batch."""
+    def _weighted_total(self, sums: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``sum_k w_k * S_k * scale[unit_k]`` over the terms of one batch."""
         weights = {"task": self.args.task_weight, **{signal.name: weight for signal, weight in self.signals}}
-        return sum(weights[name] * value * scale for name, value in sums.items())
+        return sum(weights[name] * value * scales[self._term_units[name]] for name, value in sums.items())
+
+    @property
+    def _term_units(self) -> dict[str, str]:
+        return {"task": "positions", **{signal.name: signal.unit for signal, _ in self.signals}}
+
+    def _scales(self, counts: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None) -> dict[str, torch.Tensor]:
+        """1 / denominator per unit: the whole step's count when the Trainer passes `num_items_in_batch` (from
+        `get_batch_samples`), else this batch's own count; times the number of processes for global counts."""
+        step: dict[str, Any] = {}
+        if num_items_in_batch is not None:
+            ours = getattr(self, "_step_counts", None)
+            step = dict(ours) if ours is not None and ours.get("positions") is num_items_in_batch else {
+                "positions": num_items_in_batch
+            }
+        global_counts = self.args.world_size > 1 and self.args.average_tokens_across_devices
+        scales = {}
+        for unit, local in counts.items():
+            denominator = step.get(unit, local)
+            denominator = torch.as_tensor(denominator, dtype=torch.float32, device=local.device).clamp_min(1)
+            scale = 1.0 / denominator
+            if unit in step and global_counts:
+                scale = scale * self.accelerator.num_processes
+            scales[unit] = scale
+        return scales
 
     def compute_loss(
         self,
@@ -309,22 +451,57 @@ class DistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        """``L = sum_k w_k * S_k / N``: S_k the term sums over this micro-batch's counted positions, N the positions that
-        count in the whole optimizer step (`num_items_in_batch`, from `get_batch_samples`; this batch's own count when
-        `None`). Under data parallelism with a global N the loss is multiplied by the number of processes, undoing
-        the gradient averaging, as transformers does for `average_tokens_across_devices`."""
+        """``L = sum_k w_k * S_k / N_k``: S_k the term sums over this micro-batch, N_k what the term counts (positions,
+        or tokens for hidden / attention terms) in the whole optimizer step (from `get_batch_samples`, with
+        `num_items_in_batch`; this batch's own counts when `None`). Under data parallelism with global counts the loss
+        is multiplied by the number of processes, undoing the gradient averaging, as transformers does for
+        `average_tokens_across_devices`."""
         terms = self._batch_terms(model, inputs, training=model.training)
-        denominator = num_items_in_batch if num_items_in_batch is not None else terms.count
-        denominator = torch.as_tensor(denominator, dtype=torch.float32, device=terms.count.device).clamp_min(1)
-        scale = 1.0 / denominator
-        if num_items_in_batch is not None and self.args.world_size > 1 and self.args.average_tokens_across_devices:
-            scale = scale * self.accelerator.num_processes
-        loss = self._weighted_total(terms.sums, scale)
+        scales = self._scales(terms.counts, num_items_in_batch)
+        loss = self._weighted_total(terms.sums, scales)
         if model.training:
+            units = self._term_units
             for name, value in terms.sums.items():
-                scaled = (value.detach() * scale).float()
+                scaled = (value.detach() * scales[units[name]]).float()
                 self._component_sums[name] = self._component_sums.get(name, 0.0) + scaled
         return (loss, terms.student_outputs) if return_outputs else loss
+
+    # ---- signal modules (projections): optimizer, gradients, checkpoints ------------------------------------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, plus parameter groups for the signals' own modules (projections)."""
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if len(self.signal_modules):
+            self.signal_modules.add_to_optimizer(self.optimizer, self.args.weight_decay, self.get_decay_parameter_names)
+        return optimizer
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """The Trainer's step; on the last micro-batch of an optimizer step, the signal modules' gradients are
+        averaged across processes (DDP does it for the student)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if len(self.signal_modules) and self.accelerator.sync_gradients:
+            self.signal_modules.average_gradients_across_processes()
+        return loss
+
+    def _clip_grad_norm(self, model: nn.Module):
+        """Clip the student's and the signal modules' gradients together (one global norm)."""
+        plain = self.accelerator.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU")
+        if not len(self.signal_modules) or not plain:
+            return super()._clip_grad_norm(model)
+        parameters = [*model.parameters(), *self.signal_modules.parameters()]
+        return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if len(self.signal_modules) and self.args.should_save:
+            self.signal_modules.save(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and len(self.signal_modules) and not self.signal_modules.load(checkpoint):
+            logger.warning(
+                "Checkpoint %s has no %s: the signals' projections start afresh.", checkpoint, "hf_distill_modules.safetensors"
+            )
 
     # ---- logging ---------------------------------------------------------------------------------------------------
 
@@ -353,7 +530,7 @@ class DistillationTrainer(Trainer):
         labels = inputs.get(self.label_name)
         with torch.no_grad(), self.compute_loss_context_manager():
             terms = self._batch_terms(model, inputs, training=False)
-        loss = self._weighted_total(terms.sums, 1.0 / terms.count.float().clamp_min(1))
+        loss = self._weighted_total(terms.sums, self._scales(terms.counts, None))
         self._record_eval(terms)
         if prediction_loss_only:
             return loss.detach(), None, None
@@ -362,12 +539,13 @@ class DistillationTrainer(Trainer):
 
     def _record_eval(self, terms: _BatchTerms) -> None:
         stats = self._eval_stats
-        device = terms.count.device
+        device = terms.counts["positions"].device
 
         def add(key: str, value: torch.Tensor) -> None:
             stats[key] = stats.get(key, torch.zeros((), dtype=torch.float64, device=device)) + value.double()
 
-        add("count", terms.count)
+        for unit, count in terms.counts.items():
+            add(f"count:{unit}", count)
         for name, value in terms.sums.items():
             add(f"{name}_loss", value.detach())
         view = terms.view
@@ -376,8 +554,8 @@ class DistillationTrainer(Trainer):
             add("teacher_agreement", (student.argmax(-1) == teacher.argmax(-1)).sum())
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
-        """The Trainer's loop, plus ``<prefix>_<term>_loss`` and ``<prefix>_teacher_agreement`` over all counted
-        positions of the evaluation set (exact means, gathered across processes)."""
+        """The Trainer's loop, plus ``<prefix>_<term>_loss`` and ``<prefix>_teacher_agreement`` over everything the
+        evaluation set counts (exact means, gathered across processes)."""
         self._eval_stats = {}
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
@@ -388,10 +566,22 @@ class DistillationTrainer(Trainer):
             values = torch.stack([stats[k] for k in keys]).reshape(1, -1)
             totals = self.accelerator.gather(values).sum(dim=0)
             reduced = dict(zip(keys, totals.tolist()))
-            count = max(reduced.pop("count"), 1.0)
+            counts = {key.split(":", 1)[1]: max(reduced.pop(key), 1.0) for key in keys if key.startswith("count:")}
+            units = self._term_units
             for key, value in reduced.items():
-                output.metrics[f"{prefix}_{key}"] = value / count
+                term = key[: -len("_loss")] if key.endswith("_loss") else None
+                output.metrics[f"{prefix}_{key}"] = value / counts[units.get(term, "positions")]
         return output
+
+
+class _ClearSignalModuleGradients(TrainerCallback):
+    """Clears the signal modules' gradients after each optimizer step (the Trainer zeroes only the student's)."""
+
+    def __init__(self, modules: SignalModules) -> None:
+        self.modules = modules
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.modules.zero_gradients()
 
 
 class _preserved_rng:

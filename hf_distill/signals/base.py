@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
+from torch import nn
+
+from ..positions import token_mask
 
 
 @dataclass
@@ -28,6 +31,7 @@ class SignalView:
     student_outputs: Any = None
     teacher_outputs: Any = None
     _counted: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _token_mask: torch.Tensor | None = field(default=None, repr=False)
 
     def counted_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher logits at the counted positions only, each ``[N, V]`` (computed once per batch)."""
@@ -37,18 +41,36 @@ class SignalView:
             self._counted = (self.student_logits[self.mask], self.teacher_logits[self.mask])
         return self._counted
 
+    def token_mask(self) -> torch.Tensor:
+        """Bool ``[B, T]`` mask of the tokens that count for token-level signals (hidden states, attention maps):
+        the attention mask, or every token when the batch has none. Padding never counts."""
+        if self._token_mask is None:
+            self._token_mask = token_mask(self.inputs)
+        return self._token_mask
+
 
 class Signal:
     """One term of the combined loss. Subclasses set `name` and implement `loss_sum`.
 
-    `loss_sum` returns the *sum* of the term over the counted positions of the batch; the trainer divides by the
-    number of positions that count in the whole accumulated (and, in distributed runs, global) batch, which makes
+    `loss_sum` returns the *sum* of the term over the counted positions (or tokens, see `unit`) of the batch; the
+    trainer divides by how many count in the whole accumulated (and, in distributed runs, global) batch, which makes
     gradient accumulation and multi-device training exact. The term is logged as ``<name>_loss``.
     """
 
     name: str = "signal"
     #: whether the teacher must run for this signal
     needs_teacher: bool = True
+    #: what the term is summed over, and so divided by: "positions" (the task's positions: examples, labelled tokens)
+    #: or "tokens" (every token the attention mask keeps)
+    unit: str = "positions"
+    #: whether both models must return `hidden_states` / `attentions` for this signal
+    needs_hidden_states: bool = False
+    needs_attentions: bool = False
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Modules the signal learns with the student (e.g. projections), by name: trained by the student's optimizer,
+        saved in checkpoints, never exported with the student."""
+        return {}
 
     def loss_sum(self, view: SignalView) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -1,0 +1,82 @@
+"""The modules some signals learn alongside the student (projections, discriminators).
+
+They train with the student's optimizer (their own parameter groups), have their gradients averaged across processes
+and clipped with the student's, are saved in every checkpoint as ``hf_distill_modules.safetensors`` and restored on
+resume, and are never part of the exported student.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+#: File holding the signals' modules inside a checkpoint folder.
+MODULES_FILE = "hf_distill_modules.safetensors"
+
+
+class SignalModules(nn.ModuleDict):
+    """All trainable signal modules, by ``<signal>.<module>`` name."""
+
+    @classmethod
+    def from_signals(cls, signals: Iterable[Any]) -> "SignalModules":
+        modules = cls()
+        for signal in signals:
+            for name, module in signal.trainable_modules().items():
+                modules[f"{signal.name}__{name}"] = module
+        return modules
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def add_to_optimizer(
+        self, optimizer: torch.optim.Optimizer, weight_decay: float, decay_names: Callable[[nn.Module], list[str]]
+    ) -> None:
+        """Add the modules' parameters to `optimizer` as two groups (with / without weight decay), once."""
+        present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in present]
+        if not named:
+            return
+        decay = set(decay_names(self))
+        for params, decay_value in (
+            ([p for n, p in named if n in decay], weight_decay),
+            ([p for n, p in named if n not in decay], 0.0),
+        ):
+            if params:
+                optimizer.add_param_group({"params": params, "weight_decay": decay_value})
+
+    def average_gradients_across_processes(self) -> None:
+        """All-reduce (mean) the gradients, as DDP does for the student's parameters."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return
+        for parameter in self.trainable_parameters():
+            if parameter.grad is None:  # keep every process in the same collective sequence
+                parameter.grad = torch.zeros_like(parameter)
+            torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
+            parameter.grad.div_(world)
+
+    def zero_gradients(self) -> None:
+        for parameter in self.parameters():
+            parameter.grad = None
+
+    def save(self, folder: str) -> None:
+        """Write the modules' weights to ``folder/hf_distill_modules.safetensors`` (atomically)."""
+        path = os.path.join(folder, MODULES_FILE)
+        partial = path + ".partial"
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, partial, metadata={"format": "pt"})
+        os.replace(partial, path)
+
+    def load(self, folder: str) -> bool:
+        """Load the modules' weights from a checkpoint folder; `False` when the folder has none."""
+        path = os.path.join(folder, MODULES_FILE)
+        if not os.path.isfile(path):
+            return False
+        self.load_state_dict(load_file(path, device="cpu"), strict=True)
+        return True
