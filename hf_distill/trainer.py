@@ -63,16 +63,16 @@ def _text_config(model: nn.Module | None) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _layer_geometry(model: nn.Module, who: str, weights: str) -> tuple[int, int]:
+def _layer_geometry(model: nn.Module, who: str, weight_names: list[str]) -> tuple[int, int]:
     """(depth, width) of a model from its config, or a clear error for models that declare neither."""
     config = _text_config(model)
     depth = model_depth(config) if config is not None else None
     width = model_width(config) if config is not None else None
     if depth is None or width is None:
         raise ValueError(
-            f"{weights} match layers by index, which needs transformers models whose config declares their depth and "
-            f"width (num_hidden_layers, hidden_size); the {who} {describe(model)} declares none. Set {weights} to 0 "
-            "for plain modules."
+            f"{' and '.join(weight_names)} > 0 match layers by index, which needs transformers models whose configs "
+            f"declare their depth and width (num_hidden_layers, hidden_size); the {who} {describe(model)} declares "
+            f"none. Set {' and '.join(weight_names)} to 0 for plain modules."
         )
     return depth, width
 
@@ -94,9 +94,9 @@ def build_signals(
             )
         )
     if args.hidden_weight > 0 or args.attention_weight > 0:
-        weights = " and ".join(f"{f}={getattr(args, f)}" for f in ("hidden_weight", "attention_weight") if getattr(args, f) > 0)
-        student_depth, student_width = _layer_geometry(student, "student", weights)
-        teacher_depth, teacher_width = _layer_geometry(teacher, "teacher", weights)
+        names = [f for f in ("hidden_weight", "attention_weight") if getattr(args, f) > 0]
+        student_depth, student_width = _layer_geometry(student, "student", names)
+        teacher_depth, teacher_width = _layer_geometry(teacher, "teacher", names)
         distilled_from = getattr(getattr(unwrap(student), "config", None), "distilled_from_layers", None)
         layer_map = resolve_layer_map(args.layer_map, student_depth, teacher_depth, distilled_from)
         if args.hidden_weight > 0:
@@ -184,21 +184,21 @@ class DistillationTrainer(Trainer):
                 f"teacher_model must be an nn.Module (load it with AutoModel*.from_pretrained), got "
                 f"{type(teacher_model).__name__}."
             )
+        super().__init__(model=model, args=args, **kwargs)
+        # Built after the Trainer has seeded the RNGs, so projections start the same way in every run with one seed.
         self.signals = build_signals(args, model, teacher_model)
         if any(signal.needs_attentions for signal, _ in self.signals):
             _check_no_attention_dropout(model)
             _use_eager_attention(model, "student")
             _use_eager_attention(teacher_model, "teacher")
-        self.signal_modules = SignalModules.from_signals(signal for signal, _ in self.signals)
-        if len(self.signal_modules) and (kwargs.get("optimizers") or (None, None))[0] is not None:
-            raise ValueError(
-                f"The active signals learn modules of their own ({', '.join(self.signal_modules.keys())}), which a "
-                "user-built optimizer does not hold. Let the trainer build the optimizer (args.optim, or "
-                "optimizer_cls_and_kwargs=...) instead of passing optimizers=(...)."
-            )
-        super().__init__(model=model, args=args, **kwargs)
-        self.signal_modules.to(self.args.device)
+        self.signal_modules = SignalModules.from_signals(signal for signal, _ in self.signals).to(self.args.device)
         if len(self.signal_modules):
+            if self.optimizer is not None:
+                raise ValueError(
+                    f"The active signals learn modules of their own ({', '.join(self.signal_modules.keys())}), which "
+                    "a user-built optimizer does not hold. Let the trainer build the optimizer (args.optim, or "
+                    "optimizer_cls_and_kwargs=...) instead of passing optimizers=(...)."
+                )
             self.add_callback(_ClearSignalModuleGradients(self.signal_modules))
         # transformers releases without `loss_is_scaled_for_ga` decide from this flag (our loss is already normalised).
         self.model_accepts_loss_kwargs = True
