@@ -10,8 +10,14 @@ from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .positions import PositionUnit
+
+logger = logging.get_logger(__name__)
+
+#: Config attributes holding the attention-probability dropout, by family (BERT-likes, Llama-likes / DistilBERT, GPT-2).
+ATTENTION_DROPOUT_ATTRIBUTES: tuple[str, ...] = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -110,3 +116,40 @@ def describe(model: nn.Module) -> str:
     base = unwrap(model)
     source = getattr(getattr(base, "config", None), "_name_or_path", "") or ""
     return f"{type(base).__name__}" + (f" ({source})" if source else "")
+
+
+def text_config(model: nn.Module | None) -> Any:
+    """The (text) config of a model under its wrappers (DDP, PEFT, compile), or `None` for plain modules."""
+    base = unwrap(model) if model is not None else None
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    config = getattr(base, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def use_eager_attention(model: nn.Module, who: str) -> None:
+    """Attention probabilities come only from eager attention: switch `model` to it, saying so."""
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current in (None, "eager") or not hasattr(base, "set_attn_implementation"):
+        return
+    logger.warning(
+        "attention_weight > 0 needs attention probabilities, which only eager attention returns: switching the %s "
+        "%s from %r to 'eager' attention (slower and more memory on long sequences).", who, describe(model), current
+    )
+    base.set_attn_implementation("eager")
+
+
+def check_no_attention_dropout(student: nn.Module) -> None:
+    """Raise when the student drops attention probabilities in training (its returned maps are then no distributions)."""
+    config = text_config(student)
+    for name in ATTENTION_DROPOUT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and value > 0:
+            raise ValueError(
+                f"attention_weight > 0 compares attention distributions, but the student {describe(student)} has "
+                f"{name}={value}: in training it returns attention maps after dropout, which are not distributions "
+                f"(zeroed entries make the KL infinite). Load the student with {name}=0.0, e.g. "
+                f"AutoModelFor...from_pretrained(path, {name}=0.0) or shrink_model(teacher, "
+                f"config_overrides={{'{name}': 0.0}})."
+            )

@@ -21,19 +21,19 @@ from transformers.utils import logging
 from .config import DistillationConfig
 from .modeling import (
     accepts_input,
+    check_no_attention_dropout,
     declared_output_size,
     describe,
     forward_parameter_names,
     model_inputs,
     output_logits,
     output_loss,
-    unwrap,
+    use_eager_attention,
 )
 from .positions import PositionUnit, count_positions, infer_position_unit, position_mask, token_mask
 from .signal_modules import SignalModules
-from .signals import LogitsSignal, Signal, SignalView, task_loss_sum
-from .signals.hidden import AttentionSignal, HiddenStateSignal, attention_pairs, resolve_layer_map
-from .students import model_depth, model_width
+from .signals import SignalView, task_loss_sum
+from .signals.build import TEACHER_WEIGHT_FIELDS, build_signals
 
 logger = logging.get_logger(__name__)
 
@@ -50,91 +50,6 @@ class _BatchTerms:
     view: SignalView
 
 
-#: The weight fields whose terms compare the student with a teacher.
-TEACHER_WEIGHT_FIELDS: tuple[str, ...] = ("logits_weight", "hidden_weight", "attention_weight")
-#: Config attributes holding the attention-probability dropout, by family (BERT-likes, Llama-likes / DistilBERT, GPT-2).
-ATTENTION_DROPOUT_ATTRIBUTES: tuple[str, ...] = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
-
-
-def _text_config(model: nn.Module | None) -> Any:
-    base = unwrap(model) if model is not None else None
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    config = getattr(base, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _layer_geometry(model: nn.Module, who: str, weight_names: list[str]) -> tuple[int, int]:
-    """(depth, width) of a model from its config, or a clear error for models that declare neither."""
-    config = _text_config(model)
-    depth = model_depth(config) if config is not None else None
-    width = model_width(config) if config is not None else None
-    if depth is None or width is None:
-        raise ValueError(
-            f"{' and '.join(weight_names)} > 0 match layers by index, which needs transformers models whose configs "
-            f"declare their depth and width (num_hidden_layers, hidden_size); the {who} {describe(model)} declares "
-            f"none. Set {' and '.join(weight_names)} to 0 for plain modules."
-        )
-    return depth, width
-
-
-def build_signals(
-    args: DistillationConfig, student: nn.Module | None = None, teacher: nn.Module | None = None
-) -> list[tuple[Signal, float]]:
-    """The active signals with their weights; a signal whose weight is 0 is not built (and costs nothing).
-
-    Layer-matching signals (hidden states, attention) read the depths and widths of `student` and `teacher` from their
-    configs to resolve `args.layer_map` and create projections.
-    """
-    signals: list[tuple[Signal, float]] = []
-    if args.logits_weight > 0:
-        signals.append(
-            (
-                LogitsSignal(args.logits_loss, args.temperature, args.jsd_beta, args.scale_by_temperature_squared),
-                args.logits_weight,
-            )
-        )
-    if args.hidden_weight > 0 or args.attention_weight > 0:
-        names = [f for f in ("hidden_weight", "attention_weight") if getattr(args, f) > 0]
-        student_depth, student_width = _layer_geometry(student, "student", names)
-        teacher_depth, teacher_width = _layer_geometry(teacher, "teacher", names)
-        distilled_from = getattr(getattr(unwrap(student), "config", None), "distilled_from_layers", None)
-        layer_map = resolve_layer_map(args.layer_map, student_depth, teacher_depth, distilled_from)
-        if args.hidden_weight > 0:
-            signal = HiddenStateSignal(args.hidden_loss, layer_map, student_width, teacher_width, args.hidden_projection)
-            signals.append((signal, args.hidden_weight))
-        if args.attention_weight > 0:
-            signals.append((AttentionSignal(attention_pairs(layer_map)), args.attention_weight))
-    return signals
-
-
-def _use_eager_attention(model: nn.Module, who: str) -> None:
-    """Attention probabilities come only from eager attention: switch `model` to it, saying so."""
-    base = unwrap(model)
-    config = getattr(base, "config", None)
-    current = getattr(config, "_attn_implementation", None)
-    if current in (None, "eager") or not hasattr(base, "set_attn_implementation"):
-        return
-    logger.warning(
-        "attention_weight > 0 needs attention probabilities, which only eager attention returns: switching the %s "
-        "%s from %r to 'eager' attention (slower and more memory on long sequences).", who, describe(model), current
-    )
-    base.set_attn_implementation("eager")
-
-
-def _check_no_attention_dropout(student: nn.Module) -> None:
-    config = _text_config(student)
-    for name in ATTENTION_DROPOUT_ATTRIBUTES:
-        value = getattr(config, name, None)
-        if isinstance(value, (int, float)) and value > 0:
-            raise ValueError(
-                f"attention_weight > 0 compares attention distributions, but the student {describe(student)} has "
-                f"{name}={value}: in training it returns attention maps after dropout, which are not distributions "
-                f"(zeroed entries make the KL infinite). Load the student with {name}=0.0, e.g. "
-                f"AutoModelFor...from_pretrained(path, {name}=0.0) or shrink_model(teacher, "
-                f"config_overrides={{'{name}': 0.0}})."
-            )
-
-
 class DistillationTrainer(Trainer):
     """Train a student `model` against a frozen `teacher_model` with the combined distillation loss.
 
@@ -148,6 +63,11 @@ class DistillationTrainer(Trainer):
             `torch.no_grad()`.
         args: a [`DistillationConfig`].
         All other arguments are those of `transformers.Trainer`.
+
+    Signals are built from `args` (one per non-zero weight: logits, hidden states, attention maps); each asks only for
+    what it needs (hidden states and attention maps are requested from the models only when a signal reads them).
+    Modules a signal learns (projections between widths) live in ``trainer.signal_modules``: trained by the student's
+    optimizer, saved in checkpoints, never exported with the student.
 
     Logged: ``loss`` (the weighted total) and ``<term>_loss`` for every active term, each averaged over the logging
     interval; evaluation adds ``eval_<term>_loss`` and ``eval_teacher_agreement`` (top-1 agreement on counted
@@ -188,9 +108,9 @@ class DistillationTrainer(Trainer):
         # Built after the Trainer has seeded the RNGs, so projections start the same way in every run with one seed.
         self.signals = build_signals(args, model, teacher_model)
         if any(signal.needs_attentions for signal, _ in self.signals):
-            _check_no_attention_dropout(model)
-            _use_eager_attention(model, "student")
-            _use_eager_attention(teacher_model, "teacher")
+            check_no_attention_dropout(model)
+            use_eager_attention(model, "student")
+            use_eager_attention(teacher_model, "teacher")
         self.signal_modules = SignalModules.from_signals(signal for signal, _ in self.signals).to(self.args.device)
         if len(self.signal_modules):
             if self.optimizer is not None:

@@ -127,6 +127,24 @@ def test_hidden_cosine_loss_through_the_trainer_matches_a_hand_computation(make_
     torch.testing.assert_close(loss, 0.2 * ce + 0.3 * kl + 0.5 * hidden, rtol=1e-5, atol=1e-6)
 
 
+def test_padding_never_counts(make_args):
+    """Changing the ids under padding changes the hidden states there, but not the hidden or attention losses."""
+    teacher = tiny_bert(layers=2, seed=1)
+    student = _perturbed(shrink_model(teacher, num_layers=1))
+    data = classification_dataset()
+    args = make_args(task_weight=0.0, logits_weight=0.0, hidden_weight=1.0, attention_weight=1.0)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+    batch = _batch(data, 6)
+    padded = batch["attention_mask"] == 0
+    assert padded.any()
+    other = {**batch, "input_ids": torch.where(padded, (batch["input_ids"] + 7) % 60, batch["input_ids"])}
+    states, other_states = _states(student, batch, output_hidden_states=True), _states(student, other,
+                                                                                       output_hidden_states=True)
+    assert not torch.allclose(states.hidden_states[1][padded], other_states.hidden_states[1][padded])
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(student, other), trainer.compute_loss(student, batch))
+
+
 def test_hidden_mse_with_projection_across_widths_matches_a_hand_computation(make_args):
     teacher, student = tiny_bert(layers=4, hidden=32, seed=1), tiny_bert(layers=2, hidden=16, seed=2)
     data = classification_dataset()
