@@ -10,7 +10,17 @@ from .signals.hidden import HIDDEN_LOSSES, HIDDEN_PROJECTIONS, parse_layer_map
 from .signals.logits import LOGITS_LOSSES
 
 #: Weight fields of the combined loss ``L = task_weight * L_task + sum_k weight_k * L_k``. Later signals add theirs.
-WEIGHT_FIELDS: tuple[str, ...] = ("task_weight", "logits_weight", "hidden_weight", "attention_weight")
+WEIGHT_FIELDS: tuple[str, ...] = (
+    "task_weight",
+    "logits_weight",
+    "hidden_weight",
+    "attention_weight",
+    "input_grad_weight",
+    "adversarial_grad_weight",
+    "feature_grad_weight",
+    "similarity_weight",
+)
+ENSEMBLE_MODES = ("mean_probs", "mean_logits")
 
 TEACHER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 VOCAB_MISMATCH_MODES = ("error", "truncate")
@@ -74,6 +84,40 @@ class DistillationConfig(TrainingArguments):
             Weight of attention-distribution matching (MiniLM / TinyBERT): KL(A_t || A_s) per counted query token,
             averaged over heads (over the head-averaged maps when head counts differ) and mapped layers. Needs eager
             attention (both models are switched to it, with a warning) and a student without attention dropout.
+        input_grad_weight (`float`, defaults to 0.0):
+            Sobolev training (Czarnecki et al. 2017): ``mean over elements of (g_t - g_s)^2`` where g is the gradient of
+            the summed per-example task loss (against the labels) with respect to the input, for teacher and student.
+            The input is `input_grad_key` for continuous models, the teacher's input embeddings (fed to both, counted
+            tokens only, projected where widths differ) for token models. Costs extra backward passes only when > 0.
+        input_grad_key (`str`, *optional*):
+            Batch key of the float input to differentiate (default: the only float input other than the labels).
+        adversarial_grad_weight (`float`, defaults to 0.0):
+            GREAT (Sinha et al. 2018): a discriminator D learns to tell teacher input gradients from student ones
+            (binary cross-entropy, its own Adam optimizer); the student term is ``-log D(g_s)``. Logs
+            `discriminator_accuracy`; D and its optimizer are checkpointed, never exported.
+        discriminator_lr (`float`, defaults to 1e-3):
+            Learning rate of GREAT's discriminator.
+        feature_grad_weight (`float`, defaults to 0.0):
+            Like `input_grad_weight`, with respect to an intermediate representation: the output of `feature_layer`,
+            by default the input of the head (the model's last `nn.Linear`), projected where widths differ.
+        feature_layer (`str`, *optional*):
+            Name of the submodule (``model.get_submodule(name)``) whose output is the representation used by
+            `feature_grad_weight` and, for plain modules, `similarity_weight`. Default: the input of the last
+            `nn.Linear`.
+        similarity_weight (`float`, defaults to 0.0):
+            Similarity-preserving KD (Tung & Mori 2019): ``||G_s - G_t||_F^2 / b^2`` with G = F F^T row-L2-normalised,
+            F one vector per example (token models: the mean over counted tokens of the last hidden state; plain
+            modules: the flattened `feature_layer` output). Works across widths.
+        teacher_route (`list[str]`, *optional*):
+            Route-constrained optimisation (Jin et al. 2019): teacher checkpoints, earliest first, used instead of
+            `teacher_model`; anchor k teaches for its share of the steps, one anchor in memory at a time.
+        route_steps (`list[int]`, *optional*):
+            The global steps at which anchors 2, 3, ... take over (len(teacher_route) - 1 increasing values). Default:
+            equal shares of the run's steps.
+        ensemble (`str`, defaults to `"mean_probs"`):
+            With a list of teachers: soft targets are the mean of their temperature-softened probabilities
+            (`"mean_probs"`) or of their logits (`"mean_logits"`; also what `logits_loss="mse"` always uses). Other
+            signals read the first teacher.
     """
 
     temperature: float = field(
@@ -126,6 +170,36 @@ class DistillationConfig(TrainingArguments):
         default=0.0, metadata={"help": "Weight of attention-map KL on mapped layers (0 turns it off; eager attention)."}
     )
 
+    input_grad_weight: float = field(
+        default=0.0, metadata={"help": "Weight of input-gradient matching (Sobolev training); 0 turns it off."}
+    )
+    input_grad_key: str | None = field(
+        default=None, metadata={"help": "Batch key of the float input to differentiate (default: the only one)."}
+    )
+    adversarial_grad_weight: float = field(
+        default=0.0, metadata={"help": "Weight of GREAT's adversarial gradient term -log D(g_s); 0 turns it off."}
+    )
+    discriminator_lr: float = field(default=1e-3, metadata={"help": "Learning rate of GREAT's discriminator."})
+    feature_grad_weight: float = field(
+        default=0.0, metadata={"help": "Weight of feature-gradient matching (w.r.t. the head's input); 0 turns it off."}
+    )
+    feature_layer: str | None = field(
+        default=None, metadata={"help": "Submodule whose output is the feature (default: the head's input)."}
+    )
+    similarity_weight: float = field(
+        default=0.0, metadata={"help": "Weight of similarity-preserving KD (Tung & Mori); 0 turns it off."}
+    )
+    teacher_route: list[str] | None = field(
+        default=None, metadata={"help": "Route-constrained optimisation: teacher checkpoints, earliest first."}
+    )
+    route_steps: list[int] | None = field(
+        default=None, metadata={"help": "Global steps at which route anchors 2, 3, ... take over (default: equal)."}
+    )
+    ensemble: str = field(
+        default="mean_probs",
+        metadata={"help": "How a list of teachers is combined.", "choices": list(ENSEMBLE_MODES)},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate_distillation()
@@ -172,6 +246,19 @@ class DistillationConfig(TrainingArguments):
                 f"Unknown hidden_projection {self.hidden_projection!r}; choose one of {', '.join(HIDDEN_PROJECTIONS)}."
             )
         parse_layer_map(self.layer_map)  # raises with the accepted formats
+        if not self.discriminator_lr > 0:
+            raise ValueError(f"discriminator_lr must be > 0, got {self.discriminator_lr}.")
+        if self.ensemble not in ENSEMBLE_MODES:
+            raise ValueError(f"Unknown ensemble {self.ensemble!r}; choose one of {', '.join(ENSEMBLE_MODES)}.")
+        if self.route_steps is not None:
+            if not self.teacher_route:
+                raise ValueError("route_steps is set but teacher_route is not: give the route's checkpoints too.")
+            steps = list(self.route_steps)
+            if len(steps) != len(self.teacher_route) - 1 or any(b <= a for a, b in zip([0, *steps], steps)):
+                raise ValueError(
+                    f"route_steps={steps} must hold len(teacher_route) - 1 = {len(self.teacher_route) - 1} strictly "
+                    "increasing positive global steps: the steps at which anchors 2, 3, ... take over."
+                )
         if self.vocab_mismatch not in VOCAB_MISMATCH_MODES:
             raise ValueError(
                 f"Unknown vocab_mismatch {self.vocab_mismatch!r}; choose one of {', '.join(VOCAB_MISMATCH_MODES)}."

@@ -18,6 +18,20 @@ from torch import nn
 MODULES_FILE = "hf_distill_modules.safetensors"
 
 
+def average_gradients(parameters: list[nn.Parameter]) -> None:
+    """Average the parameters' gradients over the processes of a distributed run (no-op in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    for parameter in parameters:
+        if parameter.grad is None:  # keep every process in the same collective sequence
+            parameter.grad = torch.zeros_like(parameter)
+        torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
+        parameter.grad.div_(world)
+
+
 class SignalModules(nn.ModuleDict):
     """All trainable signal modules, by ``<signal>.<module>`` name."""
 
@@ -50,16 +64,7 @@ class SignalModules(nn.ModuleDict):
 
     def average_gradients_across_processes(self) -> None:
         """All-reduce (mean) the gradients, as DDP does for the student's parameters."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world = torch.distributed.get_world_size()
-        if world == 1:
-            return
-        for parameter in self.trainable_parameters():
-            if parameter.grad is None:  # keep every process in the same collective sequence
-                parameter.grad = torch.zeros_like(parameter)
-            torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
-            parameter.grad.div_(world)
+        average_gradients(self.trainable_parameters())
 
     def zero_gradients(self) -> None:
         for parameter in self.parameters():

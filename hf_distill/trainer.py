@@ -7,9 +7,11 @@ processes), so gradient accumulation and data parallelism give the same update a
 
 from __future__ import annotations
 
+import gc
+import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,14 +32,18 @@ from .modeling import (
     output_loss,
     use_eager_attention,
 )
-from .positions import PositionUnit, count_positions, infer_position_unit, position_mask, token_mask
+from .positions import PositionUnit, batch_size_of, count_positions, infer_position_unit, position_mask, token_mask
 from .signal_modules import SignalModules
-from .signals import SignalView, task_loss_sum
+from .signals import Signal, SignalView, task_loss_sum
 from .signals.build import TEACHER_WEIGHT_FIELDS, build_signals
+from .signals.gradients import FeatureTap
+from .teachers import TeacherRoute, combine_teacher_logits, load_checkpoint_model
 
 logger = logging.get_logger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: File holding the signals' own training state (e.g. GREAT's discriminator and its optimizer) in a checkpoint.
+SIGNAL_STATE_FILE = "hf_distill_signal_state.pt"
 
 
 @dataclass
@@ -58,9 +64,12 @@ class DistillationTrainer(Trainer):
 
     Args:
         model: the student (any `nn.Module`; a `PreTrainedModel` to save and reload with `from_pretrained`).
-        teacher_model: the teacher, an `nn.Module` with outputs of the student's width. It is put in eval mode,
-            frozen, optionally cast to `args.teacher_dtype`, placed on the student's device, and always run under
-            `torch.no_grad()`.
+        teacher_model: the teacher, an `nn.Module` with outputs of the student's width, or a list of them (an
+            ensemble, combined as `args.ensemble` says). Each is put in eval mode, frozen, optionally cast to
+            `args.teacher_dtype`, placed on the student's device, and run under `torch.no_grad()` (gradient signals
+            differentiate it with respect to its inputs only). `None` with `args.teacher_route` (RCO).
+        route_loader: with `args.teacher_route`, how to load one anchor from its path (default: the transformers
+            class named in the checkpoint's config).
         args: a [`DistillationConfig`].
         All other arguments are those of `transformers.Trainer`.
 
@@ -80,8 +89,9 @@ class DistillationTrainer(Trainer):
     def __init__(
         self,
         model: nn.Module | None = None,
-        teacher_model: nn.Module | None = None,
+        teacher_model: nn.Module | Sequence[nn.Module] | None = None,
         args: DistillationConfig | None = None,
+        route_loader: Callable[[str], nn.Module] | None = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -93,24 +103,28 @@ class DistillationTrainer(Trainer):
             )
         if model is None:
             raise ValueError("DistillationTrainer needs a student `model`.")
+        self.route: TeacherRoute | None = None
+        if args.teacher_route:
+            if teacher_model is not None:
+                raise ValueError(
+                    "teacher_route gives the teachers (one checkpoint per anchor): pass teacher_model=None with it."
+                )
+            self.route = TeacherRoute(args.teacher_route, route_loader or load_checkpoint_model, args.route_steps)
+            teachers = [self.route.load(0)]
+        else:
+            teachers = _as_teacher_list(teacher_model)
         teacher_terms = {f: getattr(args, f) for f in TEACHER_WEIGHT_FIELDS if getattr(args, f) > 0}
-        if teacher_model is None and teacher_terms:
+        if not teachers and teacher_terms:
             raise ValueError(
                 f"{', '.join(f'{k}={v}' for k, v in teacher_terms.items())} compares the student with a teacher, so "
                 "it needs a teacher: pass teacher_model=..., or set it to 0 to train on the task loss alone."
             )
-        if teacher_model is not None and not isinstance(teacher_model, nn.Module):
-            raise TypeError(
-                f"teacher_model must be an nn.Module (load it with AutoModel*.from_pretrained), got "
-                f"{type(teacher_model).__name__}."
-            )
         super().__init__(model=model, args=args, **kwargs)
         # Built after the Trainer has seeded the RNGs, so projections start the same way in every run with one seed.
-        self.signals = build_signals(args, model, teacher_model)
+        self.signals = build_signals(args, model, teachers[0] if teachers else None)
         if any(signal.needs_attentions for signal, _ in self.signals):
             check_no_attention_dropout(model)
             use_eager_attention(model, "student")
-            use_eager_attention(teacher_model, "teacher")
         self.signal_modules = SignalModules.from_signals(signal for signal, _ in self.signals).to(self.args.device)
         if len(self.signal_modules):
             if self.optimizer is not None:
@@ -119,14 +133,15 @@ class DistillationTrainer(Trainer):
                     "a user-built optimizer does not hold. Let the trainer build the optimizer (args.optim, or "
                     "optimizer_cls_and_kwargs=...) instead of passing optimizers=(...)."
                 )
-            self.add_callback(_ClearSignalModuleGradients(self.signal_modules))
+        self.add_callback(_AfterOptimizerStep(self))
         # transformers releases without `loss_is_scaled_for_ga` decide from this flag (our loss is already normalised).
         self.model_accepts_loss_kwargs = True
         if not self.label_names:  # plain nn.Modules: the data collators' name for targets
             self.label_names = ["labels"]
         self._model_unit = infer_position_unit(model)
-        self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        self.teachers = [self._prepare_teacher(teacher) for teacher in teachers]
         self._component_sums: dict[str, torch.Tensor] = {}
+        self._step_logs: dict[str, list[float]] = {}
         self._components_logged_at = 0
         self._eval_stats: dict[str, torch.Tensor] = {}
         self._check_output_sizes()
@@ -139,7 +154,14 @@ class DistillationTrainer(Trainer):
         """The batch key holding the targets (the first of `label_names`)."""
         return self.label_names[0]
 
+    @property
+    def teacher_model(self) -> nn.Module | None:
+        """The (first) teacher: the one every signal but the soft targets reads."""
+        return self.teachers[0] if self.teachers else None
+
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        if any(signal.needs_attentions for signal, _ in self.signals):
+            use_eager_attention(teacher, "teacher")
         dtype = self.args.teacher_dtype
         if dtype not in (None, "auto"):
             teacher = teacher.to(_DTYPES[dtype])
@@ -159,15 +181,16 @@ class DistillationTrainer(Trainer):
 
     def _check_output_sizes(self) -> None:
         """Teacher and student must produce outputs of the same width (checked from configs when they declare it)."""
-        if self.teacher_model is None:
-            return
         unit = self._model_unit
         student_size = declared_output_size(self.model, unit)
-        teacher_size = declared_output_size(self.teacher_model, unit)
-        if student_size is not None and teacher_size is not None:
-            self._check_sizes(student_size, teacher_size, unit)
+        for teacher in self.teachers:
+            teacher_size = declared_output_size(teacher, unit)
+            if student_size is not None and teacher_size is not None:
+                self._check_sizes(student_size, teacher_size, unit, teacher)
 
-    def _check_sizes(self, student_size: int, teacher_size: int, unit: PositionUnit) -> None:
+    def _check_sizes(
+        self, student_size: int, teacher_size: int, unit: PositionUnit, teacher: nn.Module | None = None
+    ) -> None:
         if student_size == teacher_size:
             return
         if self.args.vocab_mismatch == "truncate" and unit.is_token_level:
@@ -180,7 +203,7 @@ class DistillationTrainer(Trainer):
             else "Give the student the teacher's label set (num_labels / id2label)."
         )
         raise ValueError(
-            f"Teacher and student output sizes differ: the teacher {describe(self.teacher_model)} has "
+            f"Teacher and student output sizes differ: the teacher {describe(teacher or self.teacher_model)} has "
             f"{teacher_size} ({what}), the student {describe(self.model)} has {student_size}. {hint}"
         )
 
@@ -235,6 +258,8 @@ class DistillationTrainer(Trainer):
         counts = {"positions": count_positions(inputs, self._position_unit(inputs), self.label_name)}
         if "tokens" in self._units:
             counts["tokens"] = token_mask(inputs).sum()
+        if "examples" in self._units:
+            counts["examples"] = torch.tensor(batch_size_of(inputs))
         return counts
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
@@ -286,7 +311,11 @@ class DistillationTrainer(Trainer):
         pass_labels = want_task and accepts_input(model, self.label_name)
         drop = () if pass_labels else self.label_names
         options = self._forward_options()
-        student_outputs = model(**model_inputs(model, inputs, drop=drop), **options)
+        feature_layer = self.args.feature_layer
+        want_features = any(s.needs_features for s, _ in self.signals)
+        with FeatureTap(model, feature_layer) if want_features else _nothing() as tap:
+            student_outputs = model(**model_inputs(model, inputs, drop=drop), **options)
+        cache = {"student_features": tap.value} if want_features else {}
         student_logits = output_logits(student_outputs)
         if mask.shape != student_logits.shape[:-1]:
             raise ValueError(
@@ -300,22 +329,35 @@ class DistillationTrainer(Trainer):
             not training or any(signal.needs_teacher for signal, _ in self.signals)
         )
         if need_teacher:
-            with torch.no_grad():
-                teacher_inputs = model_inputs(self.teacher_model, inputs, drop=self.label_names)
-                teacher_outputs = self.teacher_model(**teacher_inputs, **options)
-            teacher_logits = output_logits(teacher_outputs).detach()
+            all_logits = []
+            for index, teacher in enumerate(self.teachers):
+                with torch.no_grad(), FeatureTap(teacher, feature_layer) if want_features and index == 0 else _nothing() as tap:
+                    outputs = teacher(**model_inputs(teacher, inputs, drop=self.label_names), **options)
+                if index == 0:
+                    teacher_outputs = outputs
+                    if want_features:
+                        cache["teacher_features"] = tap.value
+                all_logits.append(output_logits(outputs).detach())
+            soft = self.args.logits_loss != "mse"
+            teacher_logits = combine_teacher_logits(all_logits, self.args.ensemble, self.args.temperature, soft)
         shared_student, teacher_logits = self._shared_vocabulary(student_logits, teacher_logits, unit)
 
         sums: dict[str, torch.Tensor] = {}
         if want_task:
             model_loss = output_loss(student_outputs) if pass_labels else None
             sums["task"] = task_loss_sum(student_logits, labels, mask, unit, model_loss=model_loss)
-        view = SignalView(shared_student, teacher_logits, mask, inputs, student_outputs, teacher_outputs)
+        view = SignalView(
+            shared_student, teacher_logits, mask, inputs, student_outputs, teacher_outputs,
+            student_model=model, teacher_model=self.teacher_model, labels=labels, unit=unit, training=training,
+            label_names=tuple(self.label_names), cache=cache,
+        )
         for signal, _ in self.signals:
             sums[signal.name] = signal.loss_sum(view)
         counts = {"positions": mask.sum()}
         if "tokens" in self._units:
             counts["tokens"] = view.token_mask().sum()
+        if "examples" in self._units:
+            counts["examples"] = torch.tensor(batch_size_of(inputs), device=mask.device)
         return _BatchTerms(sums=sums, counts=counts, student_outputs=student_outputs, view=view)
 
     def _shared_vocabulary(
@@ -398,6 +440,8 @@ class DistillationTrainer(Trainer):
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """The Trainer's step; on the last micro-batch of an optimizer step, the signal modules' gradients are
         averaged across processes (DDP does it for the student)."""
+        if self.route is not None:
+            self._follow_route()
         loss = super().training_step(model, inputs, num_items_in_batch)
         if len(self.signal_modules) and self.accelerator.sync_gradients:
             self.signal_modules.average_gradients_across_processes()
@@ -413,15 +457,56 @@ class DistillationTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if len(self.signal_modules) and self.args.should_save:
+        if not self.args.should_save:
+            return
+        if len(self.signal_modules):
             self.signal_modules.save(output_dir)
+        states = {signal.name: signal.checkpoint_state() for signal, _ in self.signals}
+        states = {name: state for name, state in states.items() if state}
+        if states:
+            path = os.path.join(output_dir, SIGNAL_STATE_FILE)
+            torch.save(states, path + ".partial")
+            os.replace(path + ".partial", path)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and len(self.signal_modules) and not self.signal_modules.load(checkpoint):
+        if checkpoint is None:
+            return
+        if len(self.signal_modules) and not self.signal_modules.load(checkpoint):
             logger.warning(
                 "Checkpoint %s has no %s: the signals' projections start afresh.", checkpoint, "hf_distill_modules.safetensors"
             )
+        path = os.path.join(checkpoint, SIGNAL_STATE_FILE)
+        stateful = [signal for signal, _ in self.signals if type(signal).checkpoint_state is not Signal.checkpoint_state]
+        if stateful and not os.path.isfile(path):
+            logger.warning("Checkpoint %s has no %s: the signals' own state starts afresh.", checkpoint, SIGNAL_STATE_FILE)
+        elif stateful:
+            states = torch.load(path, map_location=self.args.device, weights_only=True)
+            for signal in stateful:
+                signal.load_checkpoint_state(states.get(signal.name, {}))
+
+    # ---- teachers: checkpoint routes ---------------------------------------------------------------------------------
+
+    def _follow_route(self) -> None:
+        """Load the route anchor that teaches at this global step (one teacher in memory at a time)."""
+        route = self.route
+        if route.boundaries is None or getattr(route, "_planned_steps", None) != self.state.max_steps:
+            route.plan(self.state.max_steps)
+            route._planned_steps = self.state.max_steps
+        anchor = route.anchor_for(self.state.global_step)
+        if anchor == route.current:
+            return
+        self.teachers = []
+        gc.collect()
+        logger.info("Route: anchor %d (%s) teaches from step %d.", anchor, route.paths[anchor], self.state.global_step)
+        self.teachers = [self._prepare_teacher(route.load(anchor))]
+        self._check_output_sizes()
+
+    def _after_optimizer_step(self) -> None:
+        """Signals with their own training state (GREAT's discriminator) update once per optimizer step."""
+        for signal, _ in self.signals:
+            for key, value in signal.after_optimizer_step().items():
+                self._step_logs.setdefault(key, []).append(value)
 
     # ---- logging ---------------------------------------------------------------------------------------------------
 
@@ -434,6 +519,12 @@ class DistillationTrainer(Trainer):
                 logs[f"{name}_loss"] = gathered.item() / steps
             self._component_sums = {}
             self._components_logged_at = self.state.global_step
+        if "loss" in logs:
+            for key, values in self._step_logs.items():
+                logs[key] = float(np.mean(values))
+            self._step_logs = {}
+            if self.route is not None and self.route.current is not None:
+                logs["teacher_anchor"] = self.route.current
         super().log(logs, *args, **kwargs)
 
     # ---- evaluation ---------------------------------------------------------------------------------------------------
@@ -494,14 +585,43 @@ class DistillationTrainer(Trainer):
         return output
 
 
-class _ClearSignalModuleGradients(TrainerCallback):
-    """Clears the signal modules' gradients after each optimizer step (the Trainer zeroes only the student's)."""
+class _AfterOptimizerStep(TrainerCallback):
+    """After each optimizer step: clear the signal modules' gradients (the Trainer zeroes only the student's) and let
+    stateful signals update (GREAT's discriminator)."""
 
-    def __init__(self, modules: SignalModules) -> None:
-        self.modules = modules
+    def __init__(self, trainer: "DistillationTrainer") -> None:
+        self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.modules.zero_gradients()
+        self.trainer.signal_modules.zero_gradients()
+        self.trainer._after_optimizer_step()
+
+
+def _as_teacher_list(teacher_model: Any) -> list[nn.Module]:
+    if teacher_model is None:
+        return []
+    teachers = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
+    for teacher in teachers:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(
+                f"teacher_model must be an nn.Module or a list of them (load each with AutoModel*.from_pretrained), "
+                f"got {type(teacher).__name__}."
+            )
+    if not teachers:
+        raise ValueError("teacher_model=[] holds no teacher: pass at least one, or None to train on the task alone.")
+    return teachers
+
+
+class _nothing:
+    """A context manager that does nothing and yields an object with `value = None`."""
+
+    value = None
+
+    def __enter__(self) -> "_nothing":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 class _preserved_rng:

@@ -22,6 +22,12 @@ class SignalView:
             counts when the label of t + 1 is not -100).
         inputs: the batch as the trainer received it.
         student_outputs / teacher_outputs: the raw model outputs (for signals that need more than logits).
+        student_model / teacher_model: the models themselves (for signals that run extra passes, e.g. gradients;
+            the teacher is the first one of an ensemble).
+        labels: the batch's targets (or `None`); unit: how output positions are counted; training: whether the
+            student is training (signals keep graphs for the student's update only then).
+        label_names: batch keys that are targets (dropped from extra forward passes).
+        cache: per-batch results that several signals share (e.g. input gradients for Sobolev and GREAT).
     """
 
     student_logits: torch.Tensor
@@ -30,6 +36,13 @@ class SignalView:
     inputs: Mapping[str, Any]
     student_outputs: Any = None
     teacher_outputs: Any = None
+    student_model: Any = None
+    teacher_model: Any = None
+    labels: Any = None
+    unit: Any = None
+    training: bool = True
+    label_names: tuple[str, ...] = ("labels",)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
     _counted: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _token_mask: torch.Tensor | None = field(default=None, repr=False)
 
@@ -61,16 +74,30 @@ class Signal:
     #: whether the teacher must run for this signal
     needs_teacher: bool = True
     #: what the term is summed over, and so divided by: "positions" (the task's positions: examples, labelled tokens)
-    #: or "tokens" (every token the attention mask keeps)
+    #: "tokens" (every token the attention mask keeps) or "examples" (rows of the batch)
     unit: str = "positions"
     #: whether both models must return `hidden_states` / `attentions` for this signal
     needs_hidden_states: bool = False
     needs_attentions: bool = False
+    #: whether the trainer must capture each model's feature (`feature_layer` output / head input) in the main forward
+    needs_features: bool = False
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules the signal learns with the student (e.g. projections), by name: trained by the student's optimizer,
         saved in checkpoints, never exported with the student."""
         return {}
+
+    # Signals with a training state of their own (e.g. GREAT's discriminator and its optimizer) override these.
+    def after_optimizer_step(self) -> dict[str, float]:
+        """Called once per optimizer step, after the student's update; returns values to log."""
+        return {}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """State to save in checkpoints besides `trainable_modules` (restored by `load_checkpoint_state`)."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what `checkpoint_state` returned."""
 
     def loss_sum(self, view: SignalView) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -8,11 +8,38 @@ from ..config import DistillationConfig
 from ..modeling import describe, text_config, unwrap
 from ..students import model_depth, model_width
 from .base import Signal
+from .gradients import AdversarialGradientSignal, FeatureGradientSignal, InputGradientSignal, feature_width
 from .hidden import AttentionSignal, HiddenStateSignal, attention_pairs, resolve_layer_map
 from .logits import LogitsSignal
+from .relational import SimilaritySignal
 
 #: The weight fields whose terms compare the student with a teacher.
-TEACHER_WEIGHT_FIELDS: tuple[str, ...] = ("logits_weight", "hidden_weight", "attention_weight")
+TEACHER_WEIGHT_FIELDS: tuple[str, ...] = (
+    "logits_weight",
+    "hidden_weight",
+    "attention_weight",
+    "input_grad_weight",
+    "adversarial_grad_weight",
+    "feature_grad_weight",
+    "similarity_weight",
+)
+
+
+def is_token_model(model: nn.Module | None) -> bool:
+    """Whether the model reads token ids through input embeddings (a transformers model with an embedding table)."""
+    base = unwrap(model) if model is not None else None
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    getter = getattr(base, "get_input_embeddings", None)
+    try:
+        return getter is not None and isinstance(getter(), nn.Embedding)
+    except (NotImplementedError, AttributeError):
+        return False
+
+
+def _embedding_width(model: nn.Module) -> int:
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return int(base.get_input_embeddings().embedding_dim)
 
 
 def _layer_geometry(model: nn.Module, who: str, weight_names: list[str]) -> tuple[int, int]:
@@ -56,4 +83,20 @@ def build_signals(
             signals.append((signal, args.hidden_weight))
         if args.attention_weight > 0:
             signals.append((AttentionSignal(attention_pairs(layer_map)), args.attention_weight))
+    if args.input_grad_weight > 0 or args.adversarial_grad_weight > 0:
+        embeddings = args.input_grad_key is None and is_token_model(student) and is_token_model(teacher)
+        widths = (_embedding_width(teacher), _embedding_width(student)) if embeddings else (None, None)
+        input_gradient = InputGradientSignal(args.input_grad_key, embeddings, *widths)
+        if args.input_grad_weight > 0:
+            signals.append((input_gradient, args.input_grad_weight))
+        if args.adversarial_grad_weight > 0:
+            adversarial = AdversarialGradientSignal(args.input_grad_key, embeddings, args.discriminator_lr,
+                                                    input_gradient)
+            adversarial.owns_projection = args.input_grad_weight == 0
+            signals.append((adversarial, args.adversarial_grad_weight))
+    if args.feature_grad_weight > 0:
+        widths = feature_width(student, args.feature_layer), feature_width(teacher, args.feature_layer)
+        signals.append((FeatureGradientSignal(args.feature_layer, *widths), args.feature_grad_weight))
+    if args.similarity_weight > 0:
+        signals.append((SimilaritySignal(is_token_model(student) and is_token_model(teacher)), args.similarity_weight))
     return signals
