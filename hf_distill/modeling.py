@@ -126,16 +126,24 @@ def text_config(model: nn.Module | None) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def use_eager_attention(model: nn.Module, who: str) -> None:
-    """Attention probabilities come only from eager attention: switch `model` to it, saying so."""
+#: Why a signal needs eager attention, by reason key (said in the warning when a model is switched).
+EAGER_REASONS = {
+    "attention_maps": "attention_weight > 0 needs attention probabilities, which only eager attention returns",
+    "double_backward": "input-gradient terms differentiate the student twice through its attention, and the fused "
+    "SDPA / flash kernels have no double backward",
+}
+
+
+def use_eager_attention(model: nn.Module, who: str, reason: str = "attention_maps") -> None:
+    """Switch `model` to eager attention when a signal needs it (see `EAGER_REASONS`), saying so."""
     base = unwrap(model)
     config = getattr(base, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if current in (None, "eager") or not hasattr(base, "set_attn_implementation"):
         return
     logger.warning(
-        "attention_weight > 0 needs attention probabilities, which only eager attention returns: switching the %s "
-        "%s from %r to 'eager' attention (slower and more memory on long sequences).", who, describe(model), current
+        "%s: switching the %s %s from %r to 'eager' attention (slower and more memory on long sequences).",
+        EAGER_REASONS[reason], who, describe(model), current,
     )
     base.set_attn_implementation("eager")
 

@@ -125,6 +125,8 @@ class DistillationTrainer(Trainer):
         if any(signal.needs_attentions for signal, _ in self.signals):
             check_no_attention_dropout(model)
             use_eager_attention(model, "student")
+        if any(getattr(signal, "differentiates_twice", False) for signal, _ in self.signals):
+            use_eager_attention(model, "student", reason="double_backward")
         self.signal_modules = SignalModules.from_signals(signal for signal, _ in self.signals).to(self.args.device)
         if len(self.signal_modules):
             if self.optimizer is not None:

@@ -97,6 +97,8 @@ class InputGradientSignal(Signal):
         self.key = key
         self.embeddings = embeddings
         self.unit = "tokens" if embeddings else "positions"
+        #: the student's input gradient is differentiated again: its attention must support double backward (eager)
+        self.differentiates_twice = embeddings
         self.projection = (
             nn.Linear(teacher_width, student_width)
             if embeddings and teacher_width and student_width and teacher_width != student_width
@@ -123,6 +125,7 @@ class AdversarialGradientSignal(Signal):
         self.key = key
         self.embeddings = embeddings
         self.unit = "tokens" if embeddings else "positions"
+        self.differentiates_twice = embeddings
         self.lr = lr
         self.hidden = hidden
         self.input_gradient = input_gradient  # shares its projection and the per-batch gradients
@@ -265,6 +268,8 @@ class FeatureGradientSignal(Signal):
 
     def __init__(self, feature_layer: str | None, student_width: int | None, teacher_width: int | None) -> None:
         self.feature_layer = feature_layer
+        # a feature inside the layer stack is differentiated through later attention layers, twice
+        self.differentiates_twice = feature_layer is not None
         self.projection = (
             nn.Linear(student_width, teacher_width)
             if student_width and teacher_width and student_width != teacher_width

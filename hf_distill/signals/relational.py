@@ -11,7 +11,8 @@ from .hidden import output_field
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     """``G = F F^T`` over one feature vector per example (flattened), each row L2-normalised (Tung & Mori, eq. 2)."""
-    flat = features.reshape(features.shape[0], -1).float()
+    flat = features.reshape(features.shape[0], -1)
+    flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
     return F.normalize(flat @ flat.T, p=2, dim=1)
 
 
