@@ -42,6 +42,8 @@ from .teachers import TeacherRoute, combine_teacher_logits, load_checkpoint_mode
 logger = logging.get_logger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Weights whose terms need labels: the task loss, and the gradient signals (they differentiate the task loss).
+LABEL_WEIGHT_FIELDS = ("task_weight", "input_grad_weight", "adversarial_grad_weight", "feature_grad_weight")
 #: File holding the signals' own training state (e.g. GREAT's discriminator and its optimizer) in a checkpoint.
 SIGNAL_STATE_FILE = "hf_distill_signal_state.pt"
 
@@ -210,9 +212,11 @@ class DistillationTrainer(Trainer):
         )
 
     def _check_labels_available(self) -> None:
-        """With the task loss on, a collated training batch must contain labels (checked on two examples)."""
+        """With the task loss or a gradient signal on, a collated training batch must contain labels (checked on two
+        examples)."""
         dataset = self.train_dataset
-        if self.args.task_weight == 0 or dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+        needing = {f: getattr(self.args, f) for f in LABEL_WEIGHT_FIELDS if getattr(self.args, f) > 0}
+        if not needing or dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
             return
         try:
             n = min(2, len(dataset))
@@ -234,11 +238,12 @@ class DistillationTrainer(Trainer):
             logger.info("Could not collate a sample batch to check for labels (%s); checking at the first step.", error)
             return
         if not any(name in batch for name in (*self.label_names, "label", "label_ids")):
+            named = ", ".join(f"{k}={v}" for k, v in needing.items())
             raise ValueError(
-                f"task_weight={self.args.task_weight} turns the task loss on, but the training batches have no "
-                f"`{self.label_name}` (batch keys: {sorted(batch.keys())}). Add a label column (or a collator that "
-                "makes labels, e.g. DataCollatorForLanguageModeling), or set task_weight=0 to learn from the teacher "
-                "alone."
+                f"{named} need(s) labels (the task loss, or the task-loss gradients the gradient signals compare), but "
+                f"the training batches have no `{self.label_name}` (batch keys: {sorted(batch.keys())}). Add a label "
+                "column (or a collator that makes labels, e.g. DataCollatorForLanguageModeling), or set these weights "
+                "to 0 to learn from the teacher alone."
             )
 
     def _set_signature_columns_if_needed(self) -> None:

@@ -58,8 +58,11 @@ def test_plain_modules_with_different_widths_fail_at_the_first_step_before_any_u
 
 def test_task_loss_on_without_labels(make_args):
     data = classification_dataset().remove_columns("labels")
-    with pytest.raises(ValueError, match=r"task_weight=0.5 turns the task loss on.*no `labels`.*task_weight=0"):
+    with pytest.raises(ValueError, match=r"task_weight=0.5 need\(s\) labels.*no `labels`.*set these weights to 0"):
         DistillationTrainer(model=tiny_bert(layers=1), teacher_model=tiny_bert(), args=make_args(), train_dataset=data)
+    with pytest.raises(ValueError, match=r"input_grad_weight=1.0 need\(s\) labels"):  # gradients of the task loss
+        DistillationTrainer(model=tiny_bert(layers=1), teacher_model=tiny_bert(), train_dataset=data,
+                            args=make_args(task_weight=0.0, input_grad_weight=1.0))
     # the same data is fine when only the teacher teaches
     DistillationTrainer(model=tiny_bert(layers=1), teacher_model=tiny_bert(), args=make_args(task_weight=0.0),
                         train_dataset=data)

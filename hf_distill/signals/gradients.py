@@ -64,7 +64,8 @@ def input_gradients(
     cached = view.cache.get("input_gradients")
     if cached is not None:
         return cached
-    student, teacher = view.student_model, view.teacher_model
+    # the bare modules: extra passes must not go through a DDP wrapper's once-per-step bookkeeping
+    student, teacher = unwrap(view.student_model), unwrap(view.teacher_model)
     drop = tuple(view.label_names)
     if embeddings:
         with torch.no_grad():
@@ -285,7 +286,7 @@ class FeatureGradientSignal(Signal):
         return gradient.reshape(gradient.shape[0], -1)
 
     def loss_sum(self, view: SignalView) -> torch.Tensor:
-        student, teacher = view.student_model, view.teacher_model
+        student, teacher = unwrap(view.student_model), unwrap(view.teacher_model)
         drop = tuple(view.label_names)
         with torch.enable_grad():
             with FeatureTap(teacher, self.feature_layer, leaf=True) as tap:
