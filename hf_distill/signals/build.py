@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import DistillationConfig
+from ..config import WEIGHT_FIELDS, DistillationConfig
 from ..modeling import describe, text_config, unwrap
 from ..students import model_depth, model_width
 from .base import Signal
@@ -13,16 +13,8 @@ from .hidden import AttentionSignal, HiddenStateSignal, attention_pairs, resolve
 from .logits import LogitsSignal
 from .relational import SimilaritySignal
 
-#: The weight fields whose terms compare the student with a teacher.
-TEACHER_WEIGHT_FIELDS: tuple[str, ...] = (
-    "logits_weight",
-    "hidden_weight",
-    "attention_weight",
-    "input_grad_weight",
-    "adversarial_grad_weight",
-    "feature_grad_weight",
-    "similarity_weight",
-)
+#: The weight fields whose terms compare the student with a teacher: all but the task loss's.
+TEACHER_WEIGHT_FIELDS: tuple[str, ...] = tuple(f for f in WEIGHT_FIELDS if f != "task_weight")
 
 
 def is_token_model(model: nn.Module | None) -> bool:
