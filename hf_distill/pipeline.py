@@ -85,34 +85,34 @@ def regression_metrics(prediction) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, trainer: Trainer, task: str) -> dict[str, float]:
     """The task metric of `model` on the trainer's evaluation set, computed the same way for teacher and student:
-    accuracy, MSE, or perplexity = exp(mean token cross-entropy)."""
+    accuracy, MSE, or perplexity = exp(mean token cross-entropy). Per-example sums are gathered across processes
+    (without the padding duplicates of distributed sampling)."""
     model.eval()
     device = trainer.args.device
-    hits = count = 0
-    squared = 0.0
-    nll = 0.0
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of the per-example values, count)
     for batch in trainer.get_eval_dataloader():
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         if task == "sequence-classification":
-            hits += int((logits.argmax(-1) == labels).sum())
-            count += labels.numel()
+            values, counts = (logits.argmax(-1) == labels).double(), torch.ones_like(labels, dtype=torch.float64)
         elif task == "regression":
-            squared += float(((logits.reshape(-1) - labels.float()) ** 2).sum())
-            count += labels.numel()
+            values = (logits.reshape(-1) - labels.float()).double() ** 2
+            counts = torch.ones_like(values)
         else:
             if task == "causal-lm":
                 logits, labels = logits[:, :-1], labels[:, 1:]
             mask = labels != -100
-            nll += float(torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum"))
-            count += int(mask.sum())
-    count = max(count, 1)
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+            values, counts = (losses * mask).sum(-1).double(), mask.sum(-1).double()
+        gathered = trainer.accelerator.gather_for_metrics(torch.stack([values, counts], dim=-1))
+        totals += gathered.reshape(-1, 2).sum(dim=0)
+    mean = float(totals[0] / totals[1].clamp_min(1))
     if task == "sequence-classification":
-        return {"accuracy": hits / count}
+        return {"accuracy": mean}
     if task == "regression":
-        return {"mse": squared / count}
-    return {"perplexity": math.exp(nll / count)}
+        return {"mse": mean}
+    return {"perplexity": math.exp(mean)}
 
 
 @torch.no_grad()
