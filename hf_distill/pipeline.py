@@ -162,8 +162,10 @@ def write_report(folder: str, rows: list[tuple[str, Any, Any]], log_history: lis
     for term in ["loss", *terms]:
         points = [(row["step"], row[term]) for row in steps if term in row]
         if points:
-            left.plot(*zip(*points), label=term)
-    left.set_xlabel("step"), left.set_title("training loss components"), left.legend()
+            left.plot(*zip(*points), label=term, marker="." if len(points) < 3 else None)
+    left.set_xlabel("step"), left.set_title("training loss components")
+    if steps:
+        left.legend()
     numeric = [(n, t, s) for n, t, s in rows if _number(t) is not None and _number(s) is not None]
     if numeric:
         positions = np.arange(len(numeric))

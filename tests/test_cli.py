@@ -225,3 +225,25 @@ def test_push_to_hub_uploads_the_student_and_its_card_only(tiny_run, tmp_path, m
     assert {"config.json", "model.safetensors", "README.md"} <= set(uploaded)
     assert not any(f.startswith(("_report", "checkpoint-")) for f in uploaded)  # the report stays local
     assert "- distillation" in card and "keeping teacher layers [0, 2]" in card and "| accuracy |" in card
+
+
+def test_distill_script_runs_as_two_processes(tiny_run, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 scripts/distill.py ...` on CPU (gloo): one student, one report,
+    held-out metrics over the whole evaluation set."""
+    from .test_distributed import _free_port
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    if not launcher.exists():
+        pytest.skip("accelerate's launcher is not installed next to this Python")
+    command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               str(ROOT / "scripts" / "distill.py"), *tiny_run]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "student"
+    assert (out / "model.safetensors").is_file() and (out / "_report" / "report.md").is_file()
+    assert result.stdout.count("| held-out accuracy") == 1  # only the main process prints and writes
+    eval_accuracy = float(result.stdout.split("'eval_accuracy': '")[1].split("'")[0])
+    student_row = next(line for line in result.stdout.splitlines() if line.startswith("| held-out accuracy"))
+    assert float(student_row.split("|")[3]) == pytest.approx(eval_accuracy, abs=1e-3)  # gathered over both processes
