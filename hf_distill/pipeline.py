@@ -298,7 +298,9 @@ def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code
 def train_teacher_main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """``scripts/train_teacher.py`` / ``hf-distill train-teacher``: fine-tune `--teacher` (a backbone) on the task
     with the plain Trainer; saves model and tokenizer to `--output_dir`."""
-    model_args, data_args, args = parse_distill_args(argv, (ModelArguments, DataArguments, TrainingArguments))
+    # DistillationConfig is a TrainingArguments: the recipes of `distill` work here too (their distillation fields are
+    # simply unused by the plain Trainer)
+    model_args, data_args, args = parse_distill_args(argv)
     set_seed(args.seed)
     tokenizer, data = prepare_inputs(model_args, data_args, args)
     model = load_model(model_args.teacher, model_args.task, data, model_args.teacher_gguf_file,
