@@ -74,12 +74,15 @@ class TeacherRoute:
         self.paths = list(paths)
         self.loader = loader
         self.route_steps = route_steps
-        self.boundaries = route_boundaries(len(self.paths), 1, route_steps) if route_steps else None
+        self.boundaries: list[int] | None = None
+        self.planned_for: int | None = None  # the run length the boundaries were computed for
         self.current: int | None = None
 
     def plan(self, total_steps: int) -> None:
-        """Fix the switching steps once the run's length is known."""
-        self.boundaries = route_boundaries(len(self.paths), total_steps, self.route_steps)
+        """Fix the switching steps for a run of `total_steps` optimizer steps (once per run length)."""
+        if self.planned_for != total_steps:
+            self.boundaries = route_boundaries(len(self.paths), total_steps, self.route_steps)
+            self.planned_for = total_steps
 
     def anchor_for(self, step: int) -> int:
         return anchor_at(step, self.boundaries) if self.boundaries else 0

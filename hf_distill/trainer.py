@@ -500,9 +500,7 @@ class DistillationTrainer(Trainer):
     def _follow_route(self) -> None:
         """Load the route anchor that teaches at this global step (one teacher in memory at a time)."""
         route = self.route
-        if route.boundaries is None or getattr(route, "_planned_steps", None) != self.state.max_steps:
-            route.plan(self.state.max_steps)
-            route._planned_steps = self.state.max_steps
+        route.plan(self.state.max_steps)
         anchor = route.anchor_for(self.state.global_step)
         if anchor == route.current:
             return
