@@ -43,6 +43,21 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow models whose code lives on the Hub (off by default)."}
     )
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters on the student. Without --student/--student_layers the student is the "
+                          "teacher model itself and its adapter-free base is the teacher (self-distillation)."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt (default: all linear layers but the head)."}
+    )
+    merge_adapters: bool = field(
+        default=False, metadata={"help": "Also save the student with its adapters merged, as a plain model, in "
+                                         "<output_dir>/merged."}
+    )
 
 
 def _option_names(dataclass_types: Sequence[type]) -> set[str]:

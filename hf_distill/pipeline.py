@@ -133,6 +133,9 @@ def folder_size(path: str | None) -> int | None:
 
 
 def parameters(model: torch.nn.Module) -> int:
+    """Parameter count; a self-distillation teacher counts its (shared) base model without the adapters."""
+    if getattr(model, "is_self_distillation_teacher", False):
+        return sum(p.numel() for n, p in model.student.named_parameters() if "lora_" not in n)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -221,19 +224,25 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     tokenizer, data = prepare_inputs(model_args, data_args, args)
     task = model_args.task
     teacher = load_model(model_args.teacher, task, data, model_args.teacher_gguf_file, model_args.trust_remote_code)
+    peft_config = lora_config(model_args) if model_args.use_peft else None
     if model_args.student:
         student = load_model(model_args.student, task, data, trust_remote_code=model_args.trust_remote_code)
         check_same_vocabulary(tokenizer, model_args.student, model_args.trust_remote_code)
     elif model_args.student_layers:
         student = shrink_model(teacher, num_layers=model_args.student_layers, strategy=model_args.shrink_strategy)
+    elif model_args.use_peft:  # self-distillation: LoRA on the teacher, whose adapter-free base teaches
+        student, teacher = teacher, None
     else:
-        raise ValueError("Give the student: --student (Hub id / folder) or --student_layers N (cut from the teacher).")
+        raise ValueError("Give the student: --student (Hub id / folder), --student_layers N (cut from the teacher), "
+                         "or --use_peft alone (LoRA self-distillation).")
 
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=data.train, eval_dataset=data.eval,
+        model=student, teacher_model=teacher, args=args, peft_config=peft_config,
+        train_dataset=data.train, eval_dataset=data.eval,
         processing_class=tokenizer, data_collator=collator_for(task, tokenizer, args.seed),
         compute_metrics={"sequence-classification": accuracy_metrics, "regression": regression_metrics}.get(task),
     )
+    student, teacher = trainer.model, trainer.teacher_model
     trainer.card_info = CardInfo(
         teacher=model_args.teacher, student_source=model_args.student,
         kept_layers=getattr(student.config, "distilled_from_layers", None) if not model_args.student else None,
@@ -278,7 +287,24 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         print(f"\nstudent, tokenizer and model card in {args.output_dir}; report in {summary['report'][0]}")
     if args.push_to_hub:
         trainer.push_to_hub()
+    if model_args.merge_adapters and hasattr(trainer.model, "merge_and_unload") and trainer.is_world_process_zero():
+        merged_dir = os.path.join(args.output_dir, "merged")
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+        summary["merged"] = merged_dir
+        print(f"student with merged adapters (a plain model) in {merged_dir}")
     return summary
+
+
+def lora_config(model_args: ModelArguments):
+    """The LoRA config of `--use_peft`: rank, alpha, dropout and target modules ("all-linear" by default)."""
+    from peft import LoraConfig, TaskType
+
+    task_type = {"sequence-classification": TaskType.SEQ_CLS, "regression": TaskType.SEQ_CLS,
+                 "causal-lm": TaskType.CAUSAL_LM}.get(model_args.task)
+    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules=model_args.lora_target_modules or "all-linear", task_type=task_type)
 
 
 def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code: bool) -> None:

@@ -90,3 +90,34 @@ class TeacherRoute:
     def load(self, index: int) -> nn.Module:
         self.current = index
         return self.loader(self.paths[index])
+
+
+class AdapterDisabledTeacher(nn.Module):
+    """Self-distillation from the base model: the PEFT student itself with its adapters disabled, in eval mode, for
+    the teacher's forward pass. One copy of the weights in memory.
+
+    The student is held as a plain attribute, not a submodule, so that what the trainer does to "the teacher" (freeze,
+    cast, move) never touches the student.
+    """
+
+    is_self_distillation_teacher = True
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(peft_model, "disable_adapter"):
+            raise TypeError("Self-distillation needs a PEFT student (a model with disable_adapter()).")
+        object.__setattr__(self, "student", peft_model)
+
+    @property
+    def config(self):
+        return self.student.config
+
+    def forward(self, *args, **kwargs):
+        """``student(...)`` with adapters disabled and dropout off; the student's train/eval mode is restored."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with self.student.disable_adapter():
+                return self.student(*args, **kwargs)
+        finally:
+            self.student.train(was_training)

@@ -38,7 +38,7 @@ from .signal_modules import SignalModules
 from .signals import Signal, SignalView, task_loss_sum
 from .signals.build import TEACHER_WEIGHT_FIELDS, build_signals
 from .signals.gradients import FeatureTap
-from .teachers import TeacherRoute, combine_teacher_logits, load_checkpoint_model
+from .teachers import AdapterDisabledTeacher, TeacherRoute, combine_teacher_logits, load_checkpoint_model
 
 logger = logging.get_logger(__name__)
 
@@ -73,6 +73,9 @@ class DistillationTrainer(Trainer):
             differentiate it with respect to its inputs only). `None` with `args.teacher_route` (RCO).
         route_loader: with `args.teacher_route`, how to load one anchor from its path (default: the transformers
             class named in the checkpoint's config).
+        peft_config: a `peft` config (e.g. `LoraConfig`): the student is wrapped with `get_peft_model` and only its
+            adapters train. With no teacher, the teacher is the student's base model with its adapters disabled
+            (self-distillation, one copy of the weights).
         args: a [`DistillationConfig`].
         All other arguments are those of `transformers.Trainer`.
 
@@ -95,6 +98,7 @@ class DistillationTrainer(Trainer):
         teacher_model: nn.Module | Sequence[nn.Module] | None = None,
         args: DistillationConfig | None = None,
         route_loader: Callable[[str], nn.Module] | None = None,
+        peft_config: Any | None = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -116,7 +120,20 @@ class DistillationTrainer(Trainer):
             teachers = [self.route.load(0)]
         else:
             teachers = _as_teacher_list(teacher_model)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
         teacher_terms = {f: getattr(args, f) for f in TEACHER_WEIGHT_FIELDS if getattr(args, f) > 0}
+        if not teachers and teacher_terms and hasattr(model, "disable_adapter"):
+            unsupported = [f for f in LABEL_WEIGHT_FIELDS[1:] + ("similarity_weight",) if getattr(args, f) > 0]
+            if unsupported:
+                raise ValueError(
+                    f"Self-distillation (a PEFT student without a teacher) supports the output, hidden-state and "
+                    f"attention signals; {', '.join(unsupported)} need a separate teacher_model."
+                )
+            logger.info("Self-distillation: the teacher is the student's base model with its adapters disabled.")
+            teachers = [AdapterDisabledTeacher(model)]
         if not teachers and teacher_terms:
             raise ValueError(
                 f"{', '.join(f'{k}={v}' for k, v in teacher_terms.items())} compares the student with a teacher, so "
@@ -167,6 +184,8 @@ class DistillationTrainer(Trainer):
         return self.teachers[0] if self.teachers else None
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        if getattr(teacher, "is_self_distillation_teacher", False):
+            return teacher  # the student itself: never frozen, cast or wrapped here
         if any(signal.needs_attentions for signal, _ in self.signals):
             use_eager_attention(teacher, "teacher")
         dtype = self.args.teacher_dtype

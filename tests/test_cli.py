@@ -247,3 +247,19 @@ def test_distill_script_runs_as_two_processes(tiny_run, tmp_path):
     eval_accuracy = float(result.stdout.split("'eval_accuracy': '")[1].split("'")[0])
     student_row = next(line for line in result.stdout.splitlines() if line.startswith("| held-out accuracy"))
     assert float(student_row.split("|")[3]) == pytest.approx(eval_accuracy, abs=1e-3)  # gathered over both processes
+
+
+def test_lora_self_distillation_from_the_command_line(tiny_run, tmp_path):
+    from hf_distill.pipeline import distill_main
+
+    argv = [a for a in tiny_run]
+    i = argv.index("--student_layers")
+    del argv[i: i + 2]
+    argv[argv.index("--hidden_weight") + 1] = "0.0"
+    summary = distill_main([*argv, "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "query", "value",
+                            "--merge_adapters", "true"])
+    out = tmp_path / "student"
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(out))
+    merged = AutoModelForSequenceClassification.from_pretrained(summary["merged"])
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert next(float(t) for n, t, s in summary["rows"] if n == "held-out accuracy") >= 0
