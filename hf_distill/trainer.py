@@ -33,7 +33,7 @@ from .modeling import (
     output_loss,
     use_eager_attention,
 )
-from .positions import PositionUnit, batch_size_of, count_positions, infer_position_unit, position_mask, token_mask
+from .positions import PositionUnit, batch_size_of, infer_position_unit, position_mask, token_mask
 from .signal_modules import SignalModules
 from .signals import Signal, SignalView, task_loss_sum
 from .signals.build import TEACHER_WEIGHT_FIELDS, build_signals
@@ -283,12 +283,17 @@ class DistillationTrainer(Trainer):
         """The denominators in use: "positions" always, "tokens" when a token-level signal is on."""
         return ("positions", *sorted({s.unit for s, _ in self.signals if s.unit != "positions"}))
 
-    def _count_units(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        counts = {"positions": count_positions(inputs, self._position_unit(inputs), self.label_name)}
+    def _count_units(
+        self, inputs: dict[str, Any], mask: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """What each unit in use counts in a batch (`mask` / `tokens`: the batch's masks when already computed)."""
+        if mask is None:
+            mask = position_mask(inputs, self._position_unit(inputs), self.label_name)
+        counts = {"positions": mask.sum()}
         if "tokens" in self._units:
-            counts["tokens"] = token_mask(inputs).sum()
+            counts["tokens"] = (tokens if tokens is not None else token_mask(inputs)).sum()
         if "examples" in self._units:
-            counts["examples"] = torch.tensor(batch_size_of(inputs))
+            counts["examples"] = torch.tensor(batch_size_of(inputs), device=mask.device)
         return counts
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
@@ -382,11 +387,7 @@ class DistillationTrainer(Trainer):
         )
         for signal, _ in self.signals:
             sums[signal.name] = signal.loss_sum(view)
-        counts = {"positions": mask.sum()}
-        if "tokens" in self._units:
-            counts["tokens"] = view.token_mask().sum()
-        if "examples" in self._units:
-            counts["examples"] = torch.tensor(batch_size_of(inputs), device=mask.device)
+        counts = self._count_units(inputs, mask, view.token_mask() if "tokens" in self._units else None)
         return _BatchTerms(sums=sums, counts=counts, student_outputs=student_outputs, view=view)
 
     def _shared_vocabulary(
