@@ -631,10 +631,15 @@ class DistillationTrainer(Trainer):
 
 class _AfterOptimizerStep(TrainerCallback):
     """After each optimizer step: clear the signal modules' gradients (the Trainer zeroes only the student's) and let
-    stateful signals update (GREAT's discriminator)."""
+    stateful signals update (GREAT's discriminator). At the start of training: reset the term averages' origin."""
 
     def __init__(self, trainer: "DistillationTrainer") -> None:
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # term averages start at the step training starts from (a resumed run does not start at 0)
+        self.trainer._components_logged_at = state.global_step
+        self.trainer._component_sums, self.trainer._step_logs = {}, {}
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.signal_modules.zero_gradients()
