@@ -142,6 +142,11 @@ class DistillationTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         # Built after the Trainer has seeded the RNGs, so projections start the same way in every run with one seed.
         self.signals = build_signals(args, model, teachers[0] if teachers else None)
+        # Per term (the task and each signal): its weight and the unit it is counted in; fixed for the run. `_units`:
+        # the denominators in use ("positions" always, "tokens" / "examples" when a signal counts those).
+        self._term_weights = {"task": args.task_weight, **{signal.name: weight for signal, weight in self.signals}}
+        self._term_units = {"task": "positions", **{signal.name: signal.unit for signal, _ in self.signals}}
+        self._units = ("positions", *sorted(set(self._term_units.values()) - {"positions"}))
         if any(signal.needs_attentions for signal, _ in self.signals):
             check_no_attention_dropout(model)
             use_eager_attention(model, "student")
@@ -278,11 +283,6 @@ class DistillationTrainer(Trainer):
 
     # ---- counting ----------------------------------------------------------------------------------------------------
 
-    @property
-    def _units(self) -> tuple[str, ...]:
-        """The denominators in use: "positions" always, "tokens" when a token-level signal is on."""
-        return ("positions", *sorted({s.unit for s, _ in self.signals if s.unit != "positions"}))
-
     def _count_units(
         self, inputs: dict[str, Any], mask: torch.Tensor | None = None, tokens: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -409,12 +409,7 @@ class DistillationTrainer(Trainer):
 
     def _weighted_total(self, sums: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> torch.Tensor:
         """``sum_k w_k * S_k * scale[unit_k]`` over the terms of one batch."""
-        weights = {"task": self.args.task_weight, **{signal.name: weight for signal, weight in self.signals}}
-        return sum(weights[name] * value * scales[self._term_units[name]] for name, value in sums.items())
-
-    @property
-    def _term_units(self) -> dict[str, str]:
-        return {"task": "positions", **{signal.name: signal.unit for signal, _ in self.signals}}
+        return sum(self._term_weights[name] * value * scales[self._term_units[name]] for name, value in sums.items())
 
     def _scales(self, counts: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None) -> dict[str, torch.Tensor]:
         """1 / denominator per unit: the whole step's count when the Trainer passes `num_items_in_batch` (from
