@@ -139,11 +139,20 @@ def parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def write_report(folder: str, rows: list[tuple[str, Any, Any]], log_history: list[dict[str, Any]]) -> list[str]:
+#: One line of the summary: label, teacher value, student value (None: unknown), display format.
+Row = tuple[str, Any, Any, str]
+
+
+def displayed(rows: list[Row]) -> list[tuple[str, str, str]]:
+    """The rows as text: each value in its row's format, "-" where unknown."""
+    return [(n, *("-" if v is None else fmt.format(v) for v in (t, s))) for n, t, s, fmt in rows]
+
+
+def write_report(folder: str, rows: list[Row], log_history: list[dict[str, Any]]) -> list[str]:
     """``folder/report.md`` (the summary table and the loss components over steps) and, when matplotlib is
     installed, ``folder/report.png`` (loss components over steps; teacher vs student bars). Returns written files."""
     os.makedirs(folder, exist_ok=True)
-    table = ["| | teacher | student |", "|---|---|---|"] + [f"| {n} | {t} | {s} |" for n, t, s in rows]
+    table = ["| | teacher | student |", "|---|---|---|"] + [f"| {n} | {t} | {s} |" for n, t, s in displayed(rows)]
     terms = sorted({k for row in log_history for k in row
                     if k.endswith("_loss") and not k.startswith(("eval_", "train_"))})
     steps = [row for row in log_history if "loss" in row and "step" in row]
@@ -169,11 +178,11 @@ def write_report(folder: str, rows: list[tuple[str, Any, Any]], log_history: lis
     left.set_xlabel("step"), left.set_title("training loss components")
     if steps:
         left.legend()
-    numeric = [(n, t, s) for n, t, s in rows if _number(t) is not None and _number(s) is not None]
+    numeric = [(n, t, s) for n, t, s, _ in rows if t is not None and s is not None]
     if numeric:
         positions = np.arange(len(numeric))
-        teacher_values = [_number(t) for _, t, _ in numeric]
-        student_values = [_number(s) for _, _, s in numeric]
+        teacher_values = [float(t) for _, t, _ in numeric]
+        student_values = [float(s) for _, _, s in numeric]
         scale = [max(abs(a), abs(b), 1e-12) for a, b in zip(teacher_values, student_values)]
         right.bar(positions - 0.2, [a / m for a, m in zip(teacher_values, scale)], 0.4, label="teacher")
         right.bar(positions + 0.2, [b / m for b, m in zip(student_values, scale)], 0.4, label="student")
@@ -184,13 +193,6 @@ def write_report(folder: str, rows: list[tuple[str, Any, Any]], log_history: lis
     figure.savefig(written[-1], dpi=100)
     plt.close(figure)
     return written
-
-
-def _number(value: Any) -> float | None:
-    try:
-        return float(str(value).rstrip("M").replace("MB", ""))
-    except ValueError:
-        return None
 
 
 def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
@@ -266,21 +268,22 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     teacher_size = folder_size(resolve_source(model_args.teacher) if not model_args.teacher_gguf_file else None)
     student_size = folder_size(args.output_dir)
     device = args.device.type
-    rows = [
-        ("layers", model_depth(teacher.config), model_depth(student.config)),
-        ("parameters", f"{parameters(teacher) / 1e6:.1f}M", f"{parameters(student) / 1e6:.1f}M"),
-        ("size on disk", f"{teacher_size / 1e6:.1f}MB" if teacher_size else "-",
-         f"{student_size / 1e6:.1f}MB" if student_size else "-"),
-        *[(f"held-out {k}", f"{teacher_scores[k]:.4f}", f"{student_scores[k]:.4f}") for k in teacher_scores],
+    megabytes = {k: v / 1e6 if v else None for k, v in (("teacher", teacher_size), ("student", student_size))}
+    rows: list[Row] = [
+        ("layers", model_depth(teacher.config), model_depth(student.config), "{:d}"),
+        ("parameters", parameters(teacher) / 1e6, parameters(student) / 1e6, "{:.1f}M"),
+        ("size on disk", megabytes["teacher"], megabytes["student"], "{:.1f}MB"),
+        *[(f"held-out {k}", teacher_scores[k], student_scores[k], "{:.4f}") for k in teacher_scores],
     ]
     if "eval_teacher_agreement" in student_eval:
-        rows.append(("teacher agreement", "1.0000", f"{student_eval['eval_teacher_agreement']:.4f}"))
+        rows.append(("teacher agreement", 1.0, student_eval["eval_teacher_agreement"], "{:.4f}"))
     rows.append((f"{device.upper()} examples/s (batch {len(next(iter(batch.values())))})",
-                 f"{speed['teacher']:.0f}", f"{speed['student']:.0f}"))
-    summary = {"rows": rows, "teacher": teacher_scores, "student": student_scores, "eval": student_eval}
+                 speed["teacher"], speed["student"], "{:.0f}"))
+    shown = displayed(rows)
+    summary = {"rows": shown, "teacher": teacher_scores, "student": student_scores, "eval": student_eval}
     if trainer.is_world_process_zero():
         table = ["", f"| {'':<30} | {'teacher':>10} | {'student':>10} |", f"|{'-' * 32}|{'-' * 12}|{'-' * 12}|"]
-        table += [f"| {n:<30} | {t!s:>10} | {s!s:>10} |" for n, t, s in rows]
+        table += [f"| {n:<30} | {t:>10} | {s:>10} |" for n, t, s in shown]
         print("\n".join(table))
         # the report sits in `_report`, which the Hub upload skips (only student files are pushed)
         summary["report"] = write_report(os.path.join(args.output_dir, "_report"), rows, trainer.state.log_history)
