@@ -118,6 +118,12 @@ class DistillationConfig(TrainingArguments):
             With a list of teachers: soft targets are the mean of their temperature-softened probabilities
             (`"mean_probs"`) or of their logits (`"mean_logits"`; also what `logits_loss="mse"` always uses). Other
             signals read the first teacher.
+        logits_chunk_size (`str` or `int`, defaults to `"auto"`):
+            Causal LMs: compute the logits term and the task cross-entropy from the final hidden states and the output
+            layer, this many counted tokens at a time, so no full ``[tokens, vocab]`` logits tensor exists (same loss
+            and gradients as the plain path). `"auto"`: chunks of ``2**24 // vocab`` tokens where the models allow it
+            (transformers causal LMs with a plain `lm_head`, every other active signal reading no logits), the plain
+            path otherwise; an integer > 0 insists (an error says why it cannot); 0: always the plain full-logits path.
     """
 
     temperature: float = field(
@@ -200,6 +206,11 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "How a list of teachers is combined.", "choices": list(ENSEMBLE_MODES)},
     )
 
+    logits_chunk_size: str = field(
+        default="auto",
+        metadata={"help": "Causal LMs: tokens per chunk of the chunked logits/CE loss; 'auto', or 0 for full logits."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate_distillation()
@@ -259,7 +270,23 @@ class DistillationConfig(TrainingArguments):
                     f"route_steps={steps} must hold len(teacher_route) - 1 = {len(self.teacher_route) - 1} strictly "
                     "increasing positive global steps: the steps at which anchors 2, 3, ... take over."
                 )
+        self.logits_chunk_size = parse_chunk_size(self.logits_chunk_size)
         if self.vocab_mismatch not in VOCAB_MISMATCH_MODES:
             raise ValueError(
                 f"Unknown vocab_mismatch {self.vocab_mismatch!r}; choose one of {', '.join(VOCAB_MISMATCH_MODES)}."
             )
+
+
+def parse_chunk_size(value: str | int) -> str | int:
+    """`logits_chunk_size` as "auto" or an int >= 0 (the command line passes strings)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = None
+    if size is None or size < 0 or (isinstance(value, float) and value != size):
+        raise ValueError(
+            f"logits_chunk_size must be 'auto', 0 (full logits) or a positive number of tokens, got {value!r}."
+        )
+    return size

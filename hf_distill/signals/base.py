@@ -28,6 +28,8 @@ class SignalView:
             student is training (signals keep graphs for the student's update only then).
         label_names: batch keys that are targets (dropped from extra forward passes).
         cache: per-batch results that several signals share (e.g. input gradients for Sobolev and GREAT).
+        cached_targets: an offline teacher's top-k targets for the counted positions (a `CachedTargets`), when the
+            teacher comes from a cache instead of a live model.
     """
 
     student_logits: torch.Tensor
@@ -43,6 +45,7 @@ class SignalView:
     training: bool = True
     label_names: tuple[str, ...] = ("labels",)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    cached_targets: Any = None
     _counted: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _token_mask: torch.Tensor | None = field(default=None, repr=False)
 
@@ -79,6 +82,9 @@ class Signal:
     #: whether both models must return `hidden_states` / `attentions` for this signal
     needs_hidden_states: bool = False
     needs_attentions: bool = False
+    #: whether `loss_sum` reads the full logits (`view.student_logits` / `counted_logits`): when no active signal
+    #: but the logits term does, causal LMs can use the chunked logits path (`logits_chunk_size`)
+    reads_logits: bool = True
     #: whether the trainer must capture each model's feature (`feature_layer` output / head input) in the main forward
     needs_features: bool = False
 

@@ -144,6 +144,7 @@ class HiddenStateSignal(Signal):
 
     name = "hidden"
     unit = "tokens"
+    reads_logits = False
     needs_hidden_states = True
 
     def __init__(
@@ -195,6 +196,7 @@ class AttentionSignal(Signal):
 
     name = "attention"
     unit = "tokens"
+    reads_logits = False
     needs_attentions = True
 
     def __init__(self, layer_pairs: LayerMap) -> None:

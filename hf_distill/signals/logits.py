@@ -116,6 +116,12 @@ class LogitsSignal(Signal):
         self.scale_by_temperature_squared = scale_by_temperature_squared
 
     def loss_sum(self, view: SignalView) -> torch.Tensor:
+        if view.cached_targets is not None:
+            targets = view.cached_targets
+            return bucket_divergence(
+                view.student_logits[view.mask], targets.ids, targets.log_probs, targets.tail_log_prob, self.kind,
+                self.temperature, self.jsd_beta, self.scale_by_temperature_squared,
+            ).sum()
         student, teacher = view.counted_logits()
         if self.kind in SOFT_LOSSES and student.shape[-1] == 1:
             raise ValueError(
@@ -126,3 +132,41 @@ class LogitsSignal(Signal):
             student, teacher, self.kind, self.temperature, self.jsd_beta, self.scale_by_temperature_squared
         )
         return values.sum()
+
+
+def topk_bucket_log_probs(student_logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The student's log-probabilities over k + 1 buckets: the k ids given per row, then everything else (the tail):
+    ``[log p_s[ids], log sum_{j not in ids} p_s[j]]`` with ``p_s = softmax(z / T)``; the tail is a logsumexp over the
+    non-top-k entries (exact even when the tail mass is tiny)."""
+    log_p = _log_softmax(student_logits, temperature)
+    top = log_p.gather(-1, ids)
+    tail = log_p.scatter(-1, ids, float("-inf")).logsumexp(dim=-1, keepdim=True)
+    return torch.cat([top, tail], dim=-1)
+
+
+def bucket_divergence(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_tail_log_prob: torch.Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    scale_by_temperature_squared: bool = True,
+) -> torch.Tensor:
+    """The `kind` divergence per row between teacher and student distributions coarsened to the teacher's top-k ids
+    plus one tail bucket (an offline top-k teacher cache): D(P_t || P_s) with
+    ``P = [p[id_1], ..., p[id_k], 1 - sum_i p[id_i]]``, teacher log-probabilities stored at temperature T (the
+    stored values are renormalised over the k + 1 buckets). A proper divergence of the coarsened distributions: zero
+    when the student's distribution equals the teacher's. Times T^2 when `scale_by_temperature_squared`."""
+    if kind not in SOFT_LOSSES:
+        raise ValueError(
+            f"logits_loss={kind!r} compares raw logits, which a top-k teacher cache does not hold: use one of "
+            f"{', '.join(sorted(SOFT_LOSSES))}."
+        )
+    student = topk_bucket_log_probs(student_logits, teacher_ids.long(), temperature)
+    teacher = torch.cat([teacher_log_probs.float(), teacher_tail_log_prob.float().unsqueeze(-1)], dim=-1)
+    teacher = teacher.to(student.dtype)
+    # Both are already log-probabilities at T: compare them at temperature 1 (log_softmax renormalises).
+    values = logits_divergence(student, teacher, kind, 1.0, jsd_beta, scale_by_temperature_squared=False)
+    return values * (temperature**2) if scale_by_temperature_squared else values

@@ -35,6 +35,7 @@ class SimilaritySignal(Signal):
 
     name = "similarity"
     unit = "examples"
+    reads_logits = False
 
     def __init__(self, token_model: bool) -> None:
         self.token_model = token_model

@@ -1,0 +1,269 @@
+"""Chunked output losses: the logits signal and the task cross-entropy computed from final hidden states and the
+output layer, a chunk of positions at a time, so that no ``[positions, vocab]`` tensor ever exists whole.
+
+For a causal LM the logits are ``z = softcap(h W^T + b)`` with h the decoder's final hidden state. For each chunk
+of counted positions the forward computes z for the student (and the teachers), the terms of the chunk, and, when a
+gradient is needed, ``dL/dz`` with autograd over the chunk alone; it turns that into ``dL/dh = dL/dz W`` and adds
+``dL/dW = (dL/dz)^T h`` (Liger-style: the gradient is formed in the forward, chunk by chunk, and the backward only
+scales it). Peak memory is a few ``[chunk, vocab]`` tensors plus one output-layer-sized gradient; the matmuls are
+those of the plain path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modeling import accepts_input, unwrap
+
+#: Elements of one ``[chunk, vocab]`` float32 tensor that "auto" aims at (64 MB): chunk = 2**24 // vocab.
+AUTO_CHUNK_ELEMENTS = 2**24
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """The chunk length "auto" picks: ``max(16, 2**24 // vocab)`` positions (64 at Gemma 3's 262,144)."""
+    return max(16, AUTO_CHUNK_ELEMENTS // max(int(vocab_size), 1))
+
+
+@dataclass
+class OutputHead:
+    """A model's output layer as plain tensors: ``z = softcap(h W^T + b)``, softcap(x) = c * tanh(x / c)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``softcap(h W^T + b)`` for hidden states of any leading shape."""
+        z = F.linear(hidden, self.weight.to(hidden.dtype), None if self.bias is None else self.bias.to(hidden.dtype))
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    base = unwrap(model)
+    return base.get_base_model() if hasattr(base, "get_base_model") else base
+
+
+def chunking_obstacle(model: nn.Module) -> str | None:
+    """Why the chunked path cannot run on `model` (None when it can): it needs a transformers causal LM whose forward
+    takes `logits_to_keep`, with a plain linear output layer on top of a decoder (its `base_model`)."""
+    lm = _causal_lm(model)
+    if not accepts_input(model, "logits_to_keep"):
+        return f"{type(lm).__name__}.forward takes no `logits_to_keep`"
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
+        return f"{type(lm).__name__} has no linear output layer (get_output_embeddings)"
+    if type(head) is not nn.Linear:
+        return f"its output layer is a {type(head).__name__} (e.g. a LoRA-wrapped lm_head), not a plain nn.Linear"
+    decoder = getattr(lm, "base_model", None)
+    if decoder is None or decoder is lm:
+        return f"{type(lm).__name__} has no separate decoder (`base_model`) whose output feeds the output layer"
+    if getattr(getattr(lm, "config", None), "logit_scale", None) not in (None, 1, 1.0):
+        return f"{type(lm).__name__} scales its logits (config.logit_scale)"
+    return None
+
+
+def output_head(model: nn.Module) -> OutputHead:
+    """The output layer of a causal LM (see `chunking_obstacle`), with the config's `final_logit_softcapping`."""
+    lm = _causal_lm(model)
+    head = lm.get_output_embeddings()
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    return OutputHead(head.weight, head.bias, getattr(config, "final_logit_softcapping", None))
+
+
+class FinalHiddenTap:
+    """Context manager capturing the decoder's final hidden state ``[B, T, H]`` (the output layer's input) during a
+    forward of the whole causal LM, so the forward still goes through every wrapper (DDP, PEFT)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.decoder = _causal_lm(model).base_model
+        self.value: torch.Tensor | None = None
+        self._handle = None
+
+    def __enter__(self) -> "FinalHiddenTap":
+        def hook(_module, _args, output):
+            if isinstance(output, (tuple, list)):
+                self.value = output[0]
+            elif hasattr(output, "last_hidden_state"):
+                self.value = output.last_hidden_state
+            else:
+                self.value = output["last_hidden_state"] if isinstance(output, dict) else output
+
+        self._handle = self.decoder.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+
+def check_head_reproduces_logits(head: OutputHead, hidden: torch.Tensor, logits: torch.Tensor, who: str) -> None:
+    """The model returned the logits of its last position (``logits_to_keep=1``): recomputing them from the captured
+    hidden state must agree, else the model does something to its logits that the chunked path would miss."""
+    ours = head.logits(hidden[:, -1:, :]).float()
+    theirs = logits[:, -1:, :].float()
+    scale = theirs.abs().max().clamp_min(1e-6)
+    error = ((ours - theirs).abs().max() / scale).item()
+    if error > 1e-3:
+        raise ValueError(
+            f"The chunked logits loss recomputes the {who}'s logits from its final hidden state and output layer, but "
+            f"they differ from the model's own logits (max relative difference {error:.2e}): this model changes its "
+            "logits in a way the chunked path does not know. Set logits_chunk_size=0 to use the full logits."
+        )
+
+
+#: terms_fn(z, start, end) -> {term: sum over the chunk's rows}; z the student's ``[chunk, vocab]`` logits.
+TermsFn = Callable[[torch.Tensor, int, int], dict[str, torch.Tensor]]
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """``total = sum_k c_k * S_k`` with ``S_k = sum over chunks of terms_fn(z_chunk)[k]``, z = head(hidden); returns
+    (total, S as a vector in `names` order, non-differentiable). Gradients are formed in the forward, per chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head_softcap, terms_fn, names, coefficients, chunk_size):
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        want_grad = needs_hidden or needs_weight or needs_bias
+        n = hidden.shape[0]
+        dtype = hidden.dtype
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias else None
+        sums = torch.zeros(len(names), dtype=torch.float64, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h = hidden[start:end]
+            with torch.enable_grad():
+                z = F.linear(h, w, b).detach().requires_grad_(want_grad)
+                capped = torch.tanh(z / head_softcap) * head_softcap if head_softcap is not None else z
+                terms = terms_fn(capped, start, end)
+                weighted = sum(coefficients[k] * terms[k].float() for k in names)
+                if want_grad and weighted.requires_grad:
+                    (grad_z,) = torch.autograd.grad(weighted, z)
+                else:
+                    grad_z = None
+            total += weighted.detach()
+            sums += torch.stack([terms[k].detach().double() for k in names])
+            if grad_z is None:
+                continue
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_z.to(dtype) @ w
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_z.float().T, h.float())
+            if grad_bias is not None:
+                grad_bias += grad_z.float().sum(dim=0)
+        ctx.save_for_backward(
+            grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+        )
+        ctx.mark_non_differentiable(sums)
+        return total, sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_sums):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_total
+
+        def scaled(g):
+            return None if g is None else g * scale.to(g.dtype)
+
+        return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None, None, None, None
+
+
+def chunked_head_losses(
+    hidden: torch.Tensor,
+    head: OutputHead,
+    terms_fn: TermsFn,
+    coefficients: dict[str, float | torch.Tensor],
+    chunk_size: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Chunk by chunk over the rows of `hidden` (``[N, H]``, the counted positions): ``S_k = sum_rows terms_k(z)``
+    with ``z = head(hidden)``. Returns ``(sum_k c_k * S_k, {k: S_k})``: the first carries the gradient with respect
+    to `hidden` and the head's parameters, the sums are detached (for logs)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    names = tuple(coefficients)
+    total, sums = _ChunkedHeadLoss.apply(
+        hidden, head.weight, head.bias, head.softcap, terms_fn, names, coefficients, int(chunk_size)
+    )
+    return total, {name: sums[i].float() for i, name in enumerate(names)}
+
+
+@dataclass
+class CachedTargets:
+    """An offline teacher's targets for the counted positions, one row each: top-k ids ``[N, k]``, their
+    log-probabilities at the cache's temperature ``[N, k]``, and the log of the remaining mass ``[N]``."""
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+    tail_log_prob: torch.Tensor
+
+    def rows(self, start: int, end: int) -> "CachedTargets":
+        return CachedTargets(self.ids[start:end], self.log_probs[start:end], self.tail_log_prob[start:end])
+
+
+@dataclass
+class OutputTerms:
+    """What `terms_fn` computes from a chunk of student logits ``z`` (rows ``start:end`` of the counted positions):
+
+    - ``task``: ``sum_rows -log softmax(z)[label]`` when `labels` (``[N]``, aligned with the rows) is given;
+    - ``logits``: ``sum_rows D(z_s, z_t)`` with `signal` (a `LogitsSignal`), the teacher logits from each of
+      `teacher_heads` applied to its `teacher_hidden` rows (combined by `combine`), or from `cached` top-k targets;
+    - ``agreement``: the number of rows whose student and teacher top-1 agree (evaluation).
+    `shared_vocab` cuts both to the first ids for the teacher comparison (vocab_mismatch="truncate").
+    """
+
+    labels: torch.Tensor | None = None
+    signal: Any = None
+    teacher_heads: tuple[OutputHead, ...] = ()
+    teacher_hidden: tuple[torch.Tensor, ...] = ()
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+    cached: CachedTargets | None = None
+    shared_vocab: int | None = None
+    agreement: bool = False
+
+    def __call__(self, z: torch.Tensor, start: int, end: int) -> dict[str, torch.Tensor]:
+        from .logits import bucket_divergence, logits_divergence
+
+        out: dict[str, torch.Tensor] = {}
+        if self.labels is not None:
+            out["task"] = F.cross_entropy(z.float(), self.labels[start:end].long(), reduction="sum")
+        if self.signal is None and not self.agreement:
+            return out
+        student = z if self.shared_vocab is None else z[:, : self.shared_vocab]
+        signal = self.signal
+        if self.cached is not None:
+            rows = self.cached.rows(start, end)
+            teacher_top1 = rows.ids[:, 0]
+            if signal is not None:
+                out["logits"] = bucket_divergence(
+                    student, rows.ids, rows.log_probs, rows.tail_log_prob, signal.kind, signal.temperature,
+                    signal.jsd_beta, signal.scale_by_temperature_squared,
+                ).sum()
+        else:
+            with torch.no_grad():
+                each = [head.logits(h[start:end]) for head, h in zip(self.teacher_heads, self.teacher_hidden)]
+                teacher = self.combine(each) if self.combine is not None else each[0]
+                if self.shared_vocab is not None:
+                    teacher = teacher[:, : self.shared_vocab]
+            teacher_top1 = teacher.argmax(dim=-1)
+            if signal is not None:
+                out["logits"] = logits_divergence(
+                    student, teacher, signal.kind, signal.temperature, signal.jsd_beta,
+                    signal.scale_by_temperature_squared,
+                ).sum()
+        if self.agreement:
+            out["agreement"] = (student.detach().argmax(dim=-1) == teacher_top1).sum()
+        return out
