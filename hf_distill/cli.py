@@ -60,6 +60,27 @@ class ModelArguments:
     )
 
 
+@dataclass
+class CacheArguments:
+    """Where the offline teacher cache goes and what it keeps (`hf-distill cache-teacher`)."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the cache (created; a cache there with the same settings is "
+                                        "resumed). Required."}
+    )
+    top_k: int = field(default=32, metadata={"help": "Teacher tokens kept per position (6k + 4 bytes each)."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "The cache stores log softmax(z / temperature): distil at the same one."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Examples per teacher forward pass."})
+    shard_size: int = field(default=1024, metadata={"help": "Examples per shard (the unit of resuming)."})
+    seed: int = field(
+        default=42, metadata={"help": "The --seed of the distillation run: it draws the held-out split, so the "
+                                      "cached training rows are the ones distill trains on."}
+    )
+    device: str | None = field(default=None, metadata={"help": "Where the teacher runs (default: cuda if available)."})
+
+
 def _option_names(dataclass_types: Sequence[type]) -> set[str]:
     return {f.name for cls in dataclass_types for f in fields(cls) if f.init}
 
@@ -122,12 +143,13 @@ def parse_distill_args(
 COMMANDS = {
     "distill": "distill a teacher into a student (scripts/distill.py)",
     "train-teacher": "fine-tune a teacher on the task first (scripts/train_teacher.py)",
+    "cache-teacher": "store the teacher's top-k outputs on the training set (scripts/cache_teacher.py)",
     "assets": "fetch the offline real models and datasets: hf-distill assets fetch NAME [NAME ...] | list",
 }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``hf-distill COMMAND ...``: distill, train-teacher, assets."""
+    """``hf-distill COMMAND ...``: distill, train-teacher, cache-teacher, assets."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<14} {text}" for name, text in COMMANDS.items()]
@@ -144,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from .pipeline import train_teacher_main
 
         train_teacher_main(rest)
+    elif command == "cache-teacher":
+        from .pipeline import cache_teacher_main
+
+        cache_teacher_main(rest)
     else:
         from .assets import assets_main
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,11 +23,12 @@ from transformers import (
     set_seed,
 )
 
-from .cli import ModelArguments, parse_distill_args
+from .cli import CacheArguments, ModelArguments, parse_distill_args
 from .config import DistillationConfig
 from .data import DataArguments, PreparedData, load_raw, prepare_datasets, split_dataset
 from .hub import CardInfo
 from .students import model_depth, shrink_model
+from .teacher_cache import CACHE_COLUMNS, build_teacher_cache, load_teacher_cache, read_cache_manifest
 from .trainer import DistillationTrainer
 
 AUTO_CLASSES = {
@@ -195,8 +197,9 @@ def write_report(folder: str, rows: list[Row], log_history: list[dict[str, Any]]
     return written
 
 
-def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
-    """Tokenizer and tokenised splits for a job (the teacher's tokenizer)."""
+def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments | CacheArguments):
+    """Tokenizer and tokenised splits for a job (the teacher's tokenizer); `args` gives the seed of the held-out
+    split (and, for training jobs, `main_process_first`)."""
     if model_args.teacher is None:
         raise ValueError("--teacher is required: a Hub id, a local folder, or asset:NAME.")
     if data_args.dataset is None:
@@ -210,7 +213,8 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
     raw = load_raw(resolve_source(data_args.dataset) if data_args.dataset.startswith("asset:") else data_args.dataset,
                    data_args.dataset_config)
     train, held_out = split_dataset(raw, data_args, args.seed)
-    with args.main_process_first(desc="tokenising"):
+    first = args.main_process_first(desc="tokenising") if hasattr(args, "main_process_first") else nullcontext()
+    with first:
         prepared = prepare_datasets(model_args.task, train, held_out, tokenizer, data_args)
     return tokenizer, prepared
 
@@ -346,3 +350,37 @@ def train_teacher_main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if trainer.is_world_process_zero():
         print(f"teacher saved to {args.output_dir}; held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
+
+
+def cache_teacher_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``scripts/cache_teacher.py`` / ``hf-distill cache-teacher``: the teacher's top-k log-probabilities on the
+    training split, tokenised and collated as `distill` does with the same flags (see `build_teacher_cache`); prints
+    where the cache is, its size on disk and bytes per counted token."""
+    model_args, data_args, cache_args = parse_distill_args(argv, (ModelArguments, DataArguments, CacheArguments))
+    if cache_args.output_dir is None:
+        raise ValueError("--output_dir is required: the folder the cache goes to.")
+    if model_args.task == "masked-lm":
+        raise ValueError("--task masked-lm cannot be cached: its collator masks other tokens every time, so the "
+                         "counted positions change between caching and training. Use a live teacher.")
+    tokenizer, data = prepare_inputs(model_args, data_args, cache_args)
+    teacher = load_model(model_args.teacher, model_args.task, data, model_args.teacher_gguf_file,
+                         model_args.trust_remote_code)
+    teacher.to(cache_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = build_teacher_cache(
+        teacher, data.train, cache_args.output_dir, tokenizer=tokenizer, top_k=cache_args.top_k,
+        temperature=cache_args.temperature, batch_size=cache_args.batch_size, shard_size=cache_args.shard_size,
+        data_collator=collator_for(model_args.task, tokenizer, cache_args.seed), teacher_id=model_args.teacher,
+    )
+    cache = load_teacher_cache(path, tokenizer)
+    positions = int(read_cache_manifest(path)["counted_positions"])
+    on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    teacher_bytes = sum(buffer.size for name in CACHE_COLUMNS for chunk in cache.data.table.column(name).chunks
+                        for buffer in chunk.buffers() if buffer is not None)  # values + row offsets
+    summary = {"path": path, "examples": len(cache), "counted_positions": positions, "bytes_on_disk": on_disk,
+               "bytes_per_position": on_disk / max(positions, 1),
+               "teacher_bytes_per_position": teacher_bytes / max(positions, 1)}
+    size = f"{on_disk / 1e6:.1f} MB" if on_disk >= 1e6 else f"{on_disk / 1e3:.1f} kB"
+    print(f"teacher cache in {path}: {len(cache)} examples, {positions} counted tokens, {size} on disk = "
+          f"{summary['bytes_per_position']:.0f} B per counted token (teacher columns "
+          f"{summary['teacher_bytes_per_position']:.0f} B at top_k={cache_args.top_k})")
+    return summary

@@ -21,6 +21,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
 from .config import DistillationConfig
+from .engines import prepare_frozen_teacher
 from .hub import CardInfo, write_model_card
 from .modeling import (
     accepts_input,
@@ -33,11 +34,22 @@ from .modeling import (
     output_loss,
     use_eager_attention,
 )
-from .positions import PositionUnit, batch_size_of, infer_position_unit, position_mask, token_mask
+from .positions import PositionUnit, align_labels, batch_size_of, infer_position_unit, position_mask, token_mask
 from .signal_modules import SignalModules
 from .signals import Signal, SignalView, task_loss_sum
 from .signals.build import TEACHER_WEIGHT_FIELDS, build_signals
+from .signals.chunked import (
+    CachedTargets,
+    FinalHiddenTap,
+    OutputTerms,
+    auto_chunk_size,
+    check_head_reproduces_logits,
+    chunked_head_losses,
+    chunking_obstacle,
+    output_head,
+)
 from .signals.gradients import FeatureTap
+from .teacher_cache import CACHE_COLUMNS, TeacherCacheCollator, cache_manifest, tokenizer_hash
 from .teachers import AdapterDisabledTeacher, TeacherRoute, combine_teacher_logits, load_checkpoint_model
 
 logger = logging.get_logger(__name__)
@@ -57,6 +69,21 @@ class _BatchTerms:
     counts: dict[str, torch.Tensor]  # by unit: "positions", and "tokens" when a token-level signal is on
     student_outputs: Any
     view: SignalView
+    scales: dict[str, torch.Tensor]  # 1 / denominator per unit (see `_scales`)
+    #: the chunked path: ``sum_k w_k * S_k * scale_k`` over the terms in `fused_terms`, carrying their gradient (their
+    #: entries in `sums` are detached, for logs)
+    fused: torch.Tensor | None = None
+    fused_terms: frozenset[str] = frozenset()
+    agreement: torch.Tensor | None = None  # counted positions where student and teacher top-1 agree (chunked / cached)
+
+    def total(self, weights: dict[str, float], units: dict[str, str]) -> torch.Tensor:
+        """The weighted loss of the batch: ``sum_k w_k * S_k * scale[unit_k]`` (+ the fused terms)."""
+        total = sum(
+            weights[name] * value * self.scales[units[name]]
+            for name, value in self.sums.items()
+            if name not in self.fused_terms
+        )
+        return total + self.fused if self.fused is not None else total
 
 
 class DistillationTrainer(Trainer):
@@ -120,12 +147,16 @@ class DistillationTrainer(Trainer):
             teachers = [self.route.load(0)]
         else:
             teachers = _as_teacher_list(teacher_model)
+        #: the manifest of the offline teacher cache the training set carries (`hf-distill cache-teacher`), if any
+        self.teacher_cache = cache_manifest(kwargs.get("train_dataset")) if not teachers and self.route is None else None
         if peft_config is not None:
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
         teacher_terms = {f: getattr(args, f) for f in TEACHER_WEIGHT_FIELDS if getattr(args, f) > 0}
-        if not teachers and teacher_terms and hasattr(model, "disable_adapter"):
+        if self.teacher_cache is not None:
+            _check_cache_settings(self.teacher_cache, args, teacher_terms, kwargs.get("processing_class"))
+        elif not teachers and teacher_terms and hasattr(model, "disable_adapter"):
             unsupported = [f for f in LABEL_WEIGHT_FIELDS[1:] + ("similarity_weight",) if getattr(args, f) > 0]
             if unsupported:
                 raise ValueError(
@@ -134,7 +165,7 @@ class DistillationTrainer(Trainer):
                 )
             logger.info("Self-distillation: the teacher is the student's base model with its adapters disabled.")
             teachers = [AdapterDisabledTeacher(model)]
-        if not teachers and teacher_terms:
+        if not teachers and teacher_terms and self.teacher_cache is None:
             raise ValueError(
                 f"{', '.join(f'{k}={v}' for k, v in teacher_terms.items())} compares the student with a teacher, so "
                 "it needs a teacher: pass teacher_model=..., or set it to 0 to train on the task loss alone."
@@ -173,6 +204,11 @@ class DistillationTrainer(Trainer):
         self._step_logs: dict[str, list[float]] = {}
         self._components_logged_at = 0
         self._eval_stats: dict[str, torch.Tensor] = {}
+        if self.teacher_cache is not None:
+            self.data_collator = TeacherCacheCollator(self.data_collator)
+        #: tokens per chunk of the chunked logits / CE path, or None for the plain full-logits path
+        self.logits_chunk_size = self._plan_chunking()
+        self._heads_checked: set[int] = set()
         self._check_output_sizes()
         self._check_labels_available()
 
@@ -198,12 +234,10 @@ class DistillationTrainer(Trainer):
             teacher = teacher.to(_DTYPES[dtype])
         teacher.eval()
         teacher.requires_grad_(False)
-        prepared = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        # The teacher is not part of the training state: keep it out of the accelerator's model list, which the Trainer
-        # reads to decide whether the student still needs preparing (evaluate() before train()).
-        if prepared in self.accelerator._models:
-            self.accelerator._models.remove(prepared)
-        return prepared
+        # Placed, sharded (FSDP) or wrapped (DeepSpeed) for inference only. It is not part of the training state: it
+        # stays out of the accelerator's model list, which the Trainer reads to decide whether the student still needs
+        # preparing (evaluate() before train()), and never reaches the optimizer.
+        return prepare_frozen_teacher(teacher, self.accelerator)
 
     def _position_unit(self, inputs: dict[str, Any]) -> PositionUnit:
         if self._model_unit is not PositionUnit.EXAMPLE:
@@ -214,6 +248,13 @@ class DistillationTrainer(Trainer):
         """Teacher and student must produce outputs of the same width (checked from configs when they declare it)."""
         unit = self._model_unit
         student_size = declared_output_size(self.model, unit)
+        cached_size = (self.teacher_cache or {}).get("vocab_size")
+        if student_size is not None and cached_size is not None and int(cached_size) != student_size:
+            raise ValueError(
+                f"The teacher cache was made by a teacher with {cached_size} outputs, the student "
+                f"{describe(self.model)} has {student_size}: rebuild the cache with a teacher of the student's "
+                "vocabulary (the same tokenizer)."
+            )
         for teacher in self.teachers:
             teacher_size = declared_output_size(teacher, unit)
             if student_size is not None and teacher_size is not None:
@@ -280,6 +321,8 @@ class DistillationTrainer(Trainer):
             if self.teacher_model is not None:
                 extra = [c for c in forward_parameter_names(self.teacher_model) if c not in self._signature_columns]
                 self._signature_columns = list(self._signature_columns) + extra
+            if self.teacher_cache is not None:
+                self._signature_columns = list(self._signature_columns) + list(CACHE_COLUMNS)
 
     # ---- counting ----------------------------------------------------------------------------------------------------
 
@@ -331,8 +374,16 @@ class DistillationTrainer(Trainer):
             options["output_attentions"] = True
         return options
 
-    def _batch_terms(self, model: nn.Module, inputs: dict[str, Any], training: bool) -> _BatchTerms:
-        """Run student and teacher on one batch and return every active term as a sum over what it counts."""
+    def _batch_terms(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        training: bool,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        allow_chunked: bool = True,
+    ) -> _BatchTerms:
+        """Run student and teacher on one batch and return every active term as a sum over what it counts (the
+        chunked path for causal LMs when `logits_chunk_size` allows it)."""
         unit = self._position_unit(inputs)
         labels = inputs.get(self.label_name)
         mask = position_mask(inputs, unit, self.label_name)
@@ -342,8 +393,18 @@ class DistillationTrainer(Trainer):
                 f"task_weight={self.args.task_weight} turns the task loss on, but this batch has no "
                 f"`{self.label_name}` (keys: {sorted(inputs)}). Add labels to the dataset, or set task_weight=0."
             )
+        cached = self._cached_targets(inputs, mask)
+        need_teacher = cached is None and self.teacher_model is not None and (
+            not training or any(signal.needs_teacher for signal, _ in self.signals)
+        )
+        counts = self._count_units(inputs, mask, token_mask(inputs) if "tokens" in self._units else None)
+        scales = self._scales(counts, num_items_in_batch)
+        if self.logits_chunk_size is not None and allow_chunked:
+            return self._chunked_batch_terms(
+                model, inputs, training, unit, mask, labels if want_task else None, cached, need_teacher, counts, scales
+            )
         pass_labels = want_task and accepts_input(model, self.label_name)
-        drop = () if pass_labels else self.label_names
+        drop = CACHE_COLUMNS if pass_labels else (*self.label_names, *CACHE_COLUMNS)
         options = self._forward_options()
         feature_layer = self.args.feature_layer
         want_features = any(s.needs_features for s, _ in self.signals)
@@ -359,14 +420,11 @@ class DistillationTrainer(Trainer):
             )
 
         teacher_logits = teacher_outputs = None
-        need_teacher = self.teacher_model is not None and (
-            not training or any(signal.needs_teacher for signal, _ in self.signals)
-        )
         if need_teacher:
             all_logits = []
             for index, teacher in enumerate(self.teachers):
                 with torch.no_grad(), FeatureTap(teacher, feature_layer) if want_features and index == 0 else _nothing() as tap:
-                    outputs = teacher(**model_inputs(teacher, inputs, drop=self.label_names), **options)
+                    outputs = teacher(**model_inputs(teacher, inputs, drop=self._teacher_drop), **options)
                 if index == 0:
                     teacher_outputs = outputs
                     if want_features:
@@ -383,12 +441,147 @@ class DistillationTrainer(Trainer):
         view = SignalView(
             shared_student, teacher_logits, mask, inputs, student_outputs, teacher_outputs,
             student_model=model, teacher_model=self.teacher_model, labels=labels, unit=unit, training=training,
-            label_names=tuple(self.label_names), cache=cache,
+            label_names=tuple(self.label_names), cache=cache, cached_targets=cached,
         )
         for signal, _ in self.signals:
+            if signal.needs_teacher and teacher_logits is None and cached is None:
+                continue  # an evaluation batch without the teacher cache: no teacher terms
             sums[signal.name] = signal.loss_sum(view)
-        counts = self._count_units(inputs, mask, view.token_mask() if "tokens" in self._units else None)
-        return _BatchTerms(sums=sums, counts=counts, student_outputs=student_outputs, view=view)
+        agreement = None
+        if cached is not None and student_logits.shape[-1] > 1:
+            agreement = (student_logits[mask].argmax(dim=-1) == cached.ids[:, 0]).sum()
+        return _BatchTerms(sums, counts, student_outputs, view, scales, agreement=agreement)
+
+    @property
+    def _teacher_drop(self) -> tuple[str, ...]:
+        """Batch keys never fed to a teacher: the targets and the teacher-cache columns."""
+        return (*self.label_names, *CACHE_COLUMNS)
+
+    def _cached_targets(self, inputs: dict[str, Any], mask: torch.Tensor) -> CachedTargets | None:
+        """The offline teacher's targets of this batch (collated by `TeacherCacheCollator`), checked against `mask`."""
+        if self.teacher_cache is None or CACHE_COLUMNS[0] not in inputs:
+            return None
+        ids, log_probs, tail = (inputs[name] for name in CACHE_COLUMNS)
+        counted = int(mask.sum())
+        if ids.shape[0] != counted:
+            raise ValueError(
+                f"The teacher cache holds {ids.shape[0]} positions for this batch, but the batch counts {counted}: the "
+                "cache was built from other data, labels or collation. Rebuild it with `hf-distill cache-teacher` on "
+                "the training data as tokenised for this run."
+            )
+        return CachedTargets(ids.long(), log_probs, tail)
+
+    def _plan_chunking(self) -> int | None:
+        """The chunk size of the chunked logits / CE path, or None for the plain path (`logits_chunk_size`)."""
+        setting = self.args.logits_chunk_size
+        if setting == 0:
+            return None
+        reasons = []
+        if self._model_unit is not PositionUnit.NEXT_TOKEN:
+            reasons.append(f"the student {describe(self.model)} is not a causal LM")
+        else:
+            for who, model in (("student", self.model), *(("teacher", t) for t in self.teachers)):
+                obstacle = chunking_obstacle(model)
+                if obstacle:
+                    reasons.append(f"the {who}: {obstacle}")
+        readers = [signal.name for signal, _ in self.signals if signal.reads_logits and signal.name != "logits"]
+        if readers:
+            reasons.append(f"the {', '.join(readers)} signal(s) read the full logits")
+        if self.accelerator.distributed_type.value not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU"):
+            reasons.append(f"{self.accelerator.distributed_type.value} shards the output layer")
+        if reasons:
+            if setting == "auto":
+                logger.info("Logits loss on full logits (not chunked): %s.", "; ".join(reasons))
+                return None
+            raise ValueError(
+                f"logits_chunk_size={setting} asks for the chunked logits loss, but {'; '.join(reasons)}. Set "
+                "logits_chunk_size=0 for the full-logits path, or 'auto' to chunk only where possible."
+            )
+        if setting == "auto":
+            return auto_chunk_size(output_head(self.model).vocab_size)
+        return int(setting)
+
+    def _chunked_batch_terms(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        training: bool,
+        unit: PositionUnit,
+        mask: torch.Tensor,
+        task_labels: torch.Tensor | None,
+        cached: CachedTargets | None,
+        need_teacher: bool,
+        counts: dict[str, torch.Tensor],
+        scales: dict[str, torch.Tensor],
+    ) -> _BatchTerms:
+        """The causal-LM path without full logits: each model returns its last position's logits only
+        (``logits_to_keep=1``, checked once against our head) and its final hidden states; the task and logits terms
+        are computed from those, chunk by chunk (`chunked_head_losses`)."""
+        options = self._forward_options()
+        drop = (*self.label_names, *CACHE_COLUMNS)  # labels would make the model compute a full-vocabulary loss
+        with FinalHiddenTap(model) as tap:
+            student_outputs = model(**model_inputs(model, inputs, drop=drop), logits_to_keep=1, **options)
+        student_head = output_head(model)
+        self._check_head(model, student_head, tap.value, student_outputs, "student")
+        student_rows = tap.value[mask]
+
+        teacher_outputs, heads, hidden = None, [], []
+        if need_teacher:
+            for index, teacher in enumerate(self.teachers):
+                with torch.no_grad(), FinalHiddenTap(teacher) as teacher_tap:
+                    outputs = teacher(**model_inputs(teacher, inputs, drop=self._teacher_drop), logits_to_keep=1,
+                                      **options)
+                head = output_head(teacher)
+                self._check_head(teacher, head, teacher_tap.value, outputs, "teacher")
+                teacher_outputs = outputs if index == 0 else teacher_outputs
+                heads.append(head)
+                hidden.append(teacher_tap.value[mask])
+        logits_signal = next((signal for signal, _ in self.signals if signal.name == "logits"), None)
+        has_teacher = cached is not None or need_teacher
+        shared = None
+        if heads:
+            sizes = {student_head.vocab_size, *(head.vocab_size for head in heads)}
+            if len(sizes) > 1:
+                self._check_sizes(student_head.vocab_size, heads[0].vocab_size, unit)  # raises unless truncating
+                shared = min(sizes)
+        soft = self.args.logits_loss != "mse"
+        terms = OutputTerms(
+            labels=None if task_labels is None else align_labels(task_labels, unit)[mask],
+            signal=logits_signal if has_teacher else None,
+            teacher_heads=tuple(heads),
+            teacher_hidden=tuple(hidden),
+            combine=lambda each: combine_teacher_logits(each, self.args.ensemble, self.args.temperature, soft),
+            cached=cached,
+            shared_vocab=shared,
+            agreement=has_teacher and not training,
+        )
+        coefficients: dict[str, Any] = {}
+        if terms.labels is not None:
+            coefficients["task"] = self._term_weights["task"] * scales["positions"]
+        if terms.signal is not None:
+            coefficients["logits"] = self._term_weights["logits"] * scales[self._term_units["logits"]]
+        if terms.agreement:
+            coefficients["agreement"] = 0.0
+        fused, sums = chunked_head_losses(student_rows, student_head, terms, coefficients, self.logits_chunk_size)
+        agreement = sums.pop("agreement", None)
+        view = SignalView(
+            None, None, mask, inputs, student_outputs, teacher_outputs,
+            student_model=model, teacher_model=self.teacher_model, labels=inputs.get(self.label_name), unit=unit,
+            training=training, label_names=tuple(self.label_names), cached_targets=cached,
+        )
+        for signal, _ in self.signals:
+            if signal.name == "logits" or (signal.needs_teacher and teacher_outputs is None):
+                continue
+            sums[signal.name] = signal.loss_sum(view)
+        fused_terms = frozenset(name for name in coefficients if name != "agreement")
+        return _BatchTerms(sums, counts, student_outputs, view, scales, fused, fused_terms, agreement)
+
+    def _check_head(self, model: nn.Module, head, hidden: torch.Tensor, outputs: Any, who: str) -> None:
+        """Once per model: our output layer reproduces the logits the model returned for its last position."""
+        if id(model) in self._heads_checked:
+            return
+        check_head_reproduces_logits(head, hidden.detach(), output_logits(outputs).detach(), who)
+        self._heads_checked.add(id(model))
 
     def _shared_vocabulary(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, unit: PositionUnit
@@ -406,10 +599,6 @@ class DistillationTrainer(Trainer):
         self._check_sizes(student_size, teacher_size, unit)  # raises unless truncation is allowed
         shared = min(student_size, teacher_size)
         return student_logits[..., :shared], teacher_logits[..., :shared]
-
-    def _weighted_total(self, sums: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``sum_k w_k * S_k * scale[unit_k]`` over the terms of one batch."""
-        return sum(self._term_weights[name] * value * scales[self._term_units[name]] for name, value in sums.items())
 
     def _scales(self, counts: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None) -> dict[str, torch.Tensor]:
         """1 / denominator per unit: the whole step's count when the Trainer passes `num_items_in_batch` (from
@@ -443,13 +632,12 @@ class DistillationTrainer(Trainer):
         `num_items_in_batch`; this batch's own counts when `None`). Under data parallelism with global counts the loss
         is multiplied by the number of processes, undoing the gradient averaging, as transformers does for
         `average_tokens_across_devices`."""
-        terms = self._batch_terms(model, inputs, training=model.training)
-        scales = self._scales(terms.counts, num_items_in_batch)
-        loss = self._weighted_total(terms.sums, scales)
+        terms = self._batch_terms(model, inputs, training=model.training, num_items_in_batch=num_items_in_batch)
+        loss = terms.total(self._term_weights, self._term_units)
         if model.training:
             units = self._term_units
             for name, value in terms.sums.items():
-                scaled = (value.detach() * scales[units[name]]).float()
+                scaled = (value.detach() * terms.scales[units[name]]).float()
                 self._component_sums[name] = self._component_sums.get(name, 0.0) + scaled
         return (loss, terms.student_outputs) if return_outputs else loss
 
@@ -578,11 +766,13 @@ class DistillationTrainer(Trainer):
         """Distillation loss of one evaluation batch; accumulates per-term sums and teacher agreement."""
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get(self.label_name)
+        # logits are returned for compute_metrics: the chunked path (no full logits) only when nobody reads them
+        loss_only = prediction_loss_only or (self.compute_metrics is None and self.preprocess_logits_for_metrics is None)
         with torch.no_grad(), self.compute_loss_context_manager():
-            terms = self._batch_terms(model, inputs, training=False)
-        loss = self._weighted_total(terms.sums, self._scales(terms.counts, None))
+            terms = self._batch_terms(model, inputs, training=False, allow_chunked=loss_only)
+        loss = terms.total(self._term_weights, self._term_units)
         self._record_eval(terms)
-        if prediction_loss_only:
+        if loss_only:
             return loss.detach(), None, None
         logits = output_logits(terms.student_outputs).detach()
         return loss.detach(), logits, labels.detach() if torch.is_tensor(labels) else None
@@ -599,7 +789,9 @@ class DistillationTrainer(Trainer):
         for name, value in terms.sums.items():
             add(f"{name}_loss", value.detach())
         view = terms.view
-        if view.teacher_logits is not None and view.student_logits.shape[-1] > 1:
+        if terms.agreement is not None:
+            add("teacher_agreement", terms.agreement)
+        elif view.teacher_logits is not None and view.student_logits.shape[-1] > 1:
             student, teacher = view.counted_logits()
             add("teacher_agreement", (student.argmax(-1) == teacher.argmax(-1)).sum())
 
@@ -639,6 +831,43 @@ class _AfterOptimizerStep(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.signal_modules.zero_gradients()
         self.trainer._after_optimizer_step()
+
+
+def _check_cache_settings(
+    manifest: dict[str, Any], args: DistillationConfig, teacher_terms: dict[str, float], processing_class: Any
+) -> None:
+    """A teacher cache serves the output-distribution term only, at the temperature and tokenizer it was made for."""
+    others = {name: weight for name, weight in teacher_terms.items() if name != "logits_weight"}
+    if others:
+        raise ValueError(
+            f"The training set is an offline teacher cache, which holds the teacher's top-k output distributions only; "
+            f"{', '.join(f'{k}={v}' for k, v in others.items())} need(s) the live teacher's internals. Pass "
+            "teacher_model=... (and the plain tokenised dataset), or set these weights to 0."
+        )
+    if args.logits_loss == "mse":
+        raise ValueError(
+            "logits_loss='mse' compares raw logits, which a top-k teacher cache does not hold: use forward_kl, "
+            "reverse_kl, jsd or tvd with a cache."
+        )
+    made_at = float(manifest.get("temperature", 1.0))
+    if abs(made_at - args.temperature) > 1e-9:
+        raise ValueError(
+            f"The teacher cache holds log-probabilities at temperature {made_at}, but temperature={args.temperature}: "
+            f"set temperature={made_at}, or rebuild the cache with --temperature {args.temperature}."
+        )
+    expected = manifest.get("tokenizer_hash")
+    if processing_class is not None and expected and hasattr(processing_class, "get_vocab"):
+        if tokenizer_hash(processing_class) != expected:
+            raise ValueError(
+                f"The teacher cache was made for another tokenizer (teacher {manifest.get('teacher_id')!r}): its token "
+                "ids mean other tokens for this student. Rebuild the cache with the student's tokenizer "
+                "(`hf-distill cache-teacher`), or distil from the live teacher."
+            )
+    elif processing_class is None:
+        logger.warning(
+            "Training from a teacher cache without processing_class: the cache's tokenizer cannot be checked against "
+            "the student's. Pass processing_class=tokenizer to check it."
+        )
 
 
 def _as_teacher_list(teacher_model: Any) -> list[nn.Module]:

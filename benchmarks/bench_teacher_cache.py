@@ -1,0 +1,167 @@
+"""Benchmark 3: distilling from an offline top-k teacher cache vs from the live teacher.
+
+Teacher SmolLM2-135M (packaged asset), student its 15-layer shrink (`shrink_model`, same initialisation for both
+runs), NewsArticles packed into blocks of --block_size tokens. Steps, batch, optimizer, seed and data order are the
+same for both students; the loss is ``task_weight * CE + logits_weight * T^2 * KL`` over the teacher's full
+distribution (live) or its top-k ids plus one tail bucket (cached).
+
+Reported, side by side in one run: training throughput (tokens/s over the steps after --warmup), the cache's bytes
+per counted token (the teacher columns alone, and the whole cache folder with the token ids), the one-off cost of
+building the cache, and held-out perplexity (exp of the mean next-token CE on the held-out blocks) of both students
+after the same steps, with the teacher's beside.
+
+Targets (issue 6): >= 2x throughput, <= 200 bytes/token at k = 32, perplexity within 3% of the live-teacher student.
+
+    HF_DISTILL_ASSETS=... python benchmarks/bench_teacher_cache.py [--steps 40 --batch_size 8 --block_size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, TrainerCallback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_logits_loss import machine  # noqa: E402
+
+from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
+from hf_distill.cli import ModelArguments  # noqa: E402
+from hf_distill.data import DataArguments  # noqa: E402
+from hf_distill.pipeline import prepare_inputs, resolve_source  # noqa: E402
+from hf_distill.teacher_cache import CACHE_COLUMNS, build_teacher_cache, load_teacher_cache  # noqa: E402
+
+
+class StepClock(TrainerCallback):
+    """Wall time of the optimizer steps after the first `warmup` ones."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            self.start = time.perf_counter()
+        elif state.global_step > self.warmup:
+            self.end, self.steps = time.perf_counter(), state.global_step - self.warmup
+
+
+def perplexity(trainer: DistillationTrainer, dataset) -> float:
+    """exp(mean next-token CE over the held-out blocks), from the trainer's exact per-term evaluation."""
+    metrics = trainer.evaluate(eval_dataset=dataset)
+    return math.exp(metrics["eval_task_loss"])
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="asset:smollm2-135m")
+    parser.add_argument("--dataset", default="asset:news-articles")
+    parser.add_argument("--student_layers", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--eval_blocks", type=int, default=64)
+    parser.add_argument("--top_k", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--task_weight", type=float, default=0.5)
+    parser.add_argument("--logits_weight", type=float, default=0.5)
+    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--cache_dir", default=None, help="where the cache goes (default: a temporary folder)")
+    parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    options = parser.parse_args()
+    torch.manual_seed(0)
+
+    workdir = tempfile.mkdtemp(prefix="bench_cache_")
+    model_args = ModelArguments(teacher=options.teacher, task="causal-lm")
+    data_args = DataArguments(dataset=options.dataset, block_size=options.block_size,
+                              max_train_samples=options.steps * options.batch_size, max_eval_samples=options.eval_blocks)
+    base = DistillationConfig(output_dir=workdir, report_to=[], use_cpu=True, seed=0)
+    tokenizer, data = prepare_inputs(model_args, data_args, base)
+    train = data.train.select(range(min(len(data.train), options.steps * options.batch_size)))
+    held_out = data.eval.select(range(min(len(data.eval), options.eval_blocks)))
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_source(options.teacher), dtype=torch.float32)
+    teacher.eval()
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+    cache_dir = options.cache_dir or os.path.join(workdir, "cache")
+    start = time.perf_counter()
+    build_teacher_cache(teacher, train, cache_dir, tokenizer=tokenizer, top_k=options.top_k,
+                        temperature=options.temperature, batch_size=options.batch_size, data_collator=collator)
+    build_seconds = time.perf_counter() - start
+    cached = load_teacher_cache(cache_dir, tokenizer=tokenizer)
+    counted = sum(len(row) for row in cached[CACHE_COLUMNS[2]])
+    teacher_bytes = sum(cached.data.column(name).nbytes for name in CACHE_COLUMNS)
+
+    def run(name: str, teacher_model, dataset) -> dict:
+        torch.manual_seed(0)
+        student = shrink_model(teacher, num_layers=options.student_layers)
+        args = DistillationConfig(
+            output_dir=os.path.join(workdir, name), report_to=[], use_cpu=True, seed=0, max_steps=options.steps,
+            per_device_train_batch_size=options.batch_size, per_device_eval_batch_size=options.batch_size,
+            learning_rate=options.learning_rate, lr_scheduler_type="constant", logging_steps=options.steps,
+            save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+            temperature=options.temperature, task_weight=options.task_weight, logits_weight=options.logits_weight,
+        )
+        clock = StepClock(options.warmup)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=args, train_dataset=dataset,
+                                      data_collator=collator, processing_class=tokenizer, callbacks=[clock])
+        trainer.train()
+        tokens = clock.steps * options.batch_size * options.block_size
+        last_log = next(log for log in reversed(trainer.state.log_history) if "logits_loss" in log)
+        result = {"tokens_per_second": tokens / (clock.end - clock.start), "final_logits_loss": last_log["logits_loss"],
+                  "perplexity": perplexity(trainer, held_out)}
+        print(f"  {name}: {result}", file=sys.stderr, flush=True)
+        return result
+
+    live = run("live", teacher, train)
+    from_cache = run("cached", None, cached)
+    teacher_trainer = DistillationTrainer(
+        model=teacher, args=DistillationConfig(output_dir=os.path.join(workdir, "teacher"), report_to=[],
+                                               use_cpu=True, task_weight=1.0, logits_weight=0.0,
+                                               per_device_eval_batch_size=options.batch_size),
+        data_collator=collator, processing_class=tokenizer)
+    teacher_ppl = perplexity(teacher_trainer, held_out)
+
+    results = {
+        "live": live, "cached": from_cache, "teacher_perplexity": teacher_ppl,
+        "cache": {"build_seconds": build_seconds, "counted_tokens": counted,
+                  "teacher_bytes_per_token": teacher_bytes / counted,
+                  "folder_bytes_per_token": folder_bytes(cache_dir) / counted, "top_k": options.top_k},
+    }
+    speed = from_cache["tokens_per_second"] / live["tokens_per_second"]
+    gap = from_cache["perplexity"] / live["perplexity"] - 1
+    print("\n### Cached vs live teacher (SmolLM2-135M -> 15-layer student)\n")
+    print("| teacher | tokens/s | ratio | held-out perplexity | vs live |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| live | {live['tokens_per_second']:.0f} | 1.00 | {live['perplexity']:.2f} | |")
+    print(f"| cached (top-{options.top_k} + tail) | {from_cache['tokens_per_second']:.0f} | {speed:.2f} "
+          f"| {from_cache['perplexity']:.2f} | {gap:+.1%} |")
+    print(f"| (the teacher itself) | | | {teacher_ppl:.2f} | |")
+    cache = results["cache"]
+    print(f"\nCache: {cache['counted_tokens']:,} counted tokens, {cache['teacher_bytes_per_token']:.1f} bytes/token for "
+          f"the teacher's targets, {cache['folder_bytes_per_token']:.1f} bytes/token for the whole folder (with the "
+          f"token ids), built in {build_seconds:.0f} s (one teacher pass).")
+    settings = {k: v for k, v in vars(options).items() if k not in ("output", "cache_dir")}
+    info = machine("cpu")
+    print(f"\nMachine: {json.dumps(info)}\nSettings: {json.dumps(settings)}")
+    if options.output:
+        os.makedirs(os.path.dirname(options.output) or ".", exist_ok=True)
+        with open(options.output, "w") as f:
+            json.dump({"machine": info, "settings": settings, "results": results}, f, indent=1)
+    if options.cache_dir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

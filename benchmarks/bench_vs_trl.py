@@ -1,0 +1,405 @@
+"""Benchmark 2: end-to-end distillation throughput and peak memory, TRL's `GKDTrainer` vs our `DistillationTrainer`.
+
+What runs: the same logit-distillation job three ways, each for --warmup + --steps optimizer steps:
+
+- ``trl``: `trl.experimental.gkd.GKDTrainer` with ``lmbda=0`` (never generates: every batch is the dataset's own),
+  ``seq_kd=False`` and ``beta``: generalized JSD on the full ``[batch, seq, vocab]`` logits of both models.
+- ``ours``: `hf_distill.DistillationTrainer` with ``logits_loss="jsd", jsd_beta=beta, task_weight=0,
+  logits_weight=1`` and ``logits_chunk_size`` left at its default ``"auto"`` (the loss computed chunk by chunk from the
+  final hidden states, no full logits) or --chunk_size.
+- ``ours-plain``: the same with ``logits_chunk_size=0`` (our full-logits path). Both ``logits_chunk_size`` settings
+  are passed only when `DistillationConfig` has that field; without it the two "ours" rows run the same code.
+
+Same for every row: teacher SmolLM2-135M (asset ``smollm2-135m``, 30 layers, vocabulary 49,152), student its 15-layer
+shrink (``shrink_model(teacher, num_layers=15)``, built after the same seed), data the ``news-articles`` asset tokenised
+and packed into blocks of --seq_len tokens, read in order (``train_sampling_strategy="sequential"``, so step k sees the
+same batch in every row), one collator (``DataCollatorForLanguageModeling(mlm=False)``: labels = input_ids), per-device
+batch size, AdamW (torch) at a constant learning rate, ``max_grad_norm``, no gradient checkpointing, fp32 (``--bf16``
+turns on bf16 autocast for all rows, GPU only), no evaluation, no checkpoints, no logging. GKD is fed the tokenised
+blocks directly: ``dataset_kwargs={"skip_prepare_dataset": True}`` (SFTTrainer neither re-tokenises nor packs),
+``remove_unused_columns=False``, ``packing=False``, ``padding_free=False`` and our collator instead of its default
+`DataCollatorForChatML`. Its loss covers the same positions as ours (shifted ``labels != -100``) and is normalised the
+same way (the sum divided by the step's counted tokens, `num_items_in_batch`), so at step 1 both losses are the same
+number when T = 1. TRL's `compute_loss` never passes ``temperature`` to its loss (it only affects sampling), and ours
+multiplies the soft term by T^2: at T != 1 the values differ but the work does not.
+
+How it is measured: every row runs in its own subprocess (``--worker trl|ours|ours-plain``), so memory is its own.
+- Tokens/s: the tokens of the timed steps (after --warmup warm-up steps) over their wall time, from
+  ``time.perf_counter()`` taken at `on_step_end` by a `TrainerCallback` (after a CUDA synchronize on GPU); set-up and
+  warm-up are excluded.
+- Peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the worker at the end (the whole process). RSS increase:
+  the resident-set high-water mark during training (``VmHWM`` after resetting it through ``/proc/self/clear_refs``
+  just before ``train()``; ``ru_maxrss`` when that reset is refused) minus the RSS just before ``train()``: models
+  and data are in the baseline, optimizer state, gradients, activations and logits in the increase.
+- CUDA: ``torch.cuda.max_memory_allocated`` over the run (models included) and its increase during training.
+- Loss: the training loss of step 1 and of the last step (per counted token, as each trainer returns it).
+
+Targets (issue): ours >= 1.25x TRL's tokens/s and <= 0.6x its peak memory, at the default settings.
+
+    HF_DISTILL_ASSETS=/path/to/assets python benchmarks/bench_vs_trl.py                # 20 timed steps, 4 x 512, CPU
+    python benchmarks/bench_vs_trl.py --device cuda --bf16 --output docs/results/bench_vs_trl.json
+    python benchmarks/bench_vs_trl.py --steps 3 --warmup 1 --batch_size 2 --seq_len 64   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+
+TRAINERS = ("trl", "ours", "ours-plain")
+#: Marks the worker's result line on stdout (libraries may print there too).
+RESULT_MARK = "BENCH_VS_TRL_RESULT "
+
+
+def _status_kb(key: str) -> int | None:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``), or None where there is no procfs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's resident-set high-water mark (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---- worker: one trainer in this process -----------------------------------------------------------------------------
+
+
+def packed_blocks(tokenizer, csv_path: str, seq_len: int, blocks: int) -> dict[str, list[list[int]]]:
+    """The first `blocks` blocks of `seq_len` tokens of the articles, tokenised and concatenated in file order."""
+    ids: list[int] = []
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            text = row["text"]
+            if text and text.strip():
+                ids.extend(tokenizer(text)["input_ids"])
+            if len(ids) >= seq_len * blocks:
+                break
+    if len(ids) < seq_len * blocks:
+        raise ValueError(f"news-articles holds {len(ids)} tokens, fewer than {blocks} blocks of {seq_len}.")
+    rows = [ids[i * seq_len: (i + 1) * seq_len] for i in range(blocks)]
+    return {"input_ids": rows, "attention_mask": [[1] * seq_len for _ in rows]}
+
+
+def worker(which: str, opts: argparse.Namespace) -> dict:
+    import datasets
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, TrainerCallback
+
+    from hf_distill.assets import fetch
+    from hf_distill.students import shrink_model
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    cuda = opts.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but torch sees no GPU.")
+    transformers.set_seed(opts.seed)
+
+    model_dir = str(fetch("smollm2-135m"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    total_steps = opts.warmup + opts.steps
+    train = datasets.Dataset.from_dict(
+        packed_blocks(tokenizer, str(fetch("news-articles")), opts.seq_len, total_steps * opts.batch_size))
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    transformers.set_seed(opts.seed)
+    student = shrink_model(teacher, num_layers=opts.student_layers)
+
+    output_dir = tempfile.mkdtemp(prefix=f"bench_vs_trl_{which}_")
+    common = dict(
+        output_dir=output_dir, max_steps=total_steps, per_device_train_batch_size=opts.batch_size,
+        gradient_accumulation_steps=1, learning_rate=opts.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, optim="adamw_torch", max_grad_norm=opts.max_grad_norm, seed=opts.seed, data_seed=opts.seed,
+        bf16=opts.bf16, fp16=False, gradient_checkpointing=False, use_cpu=not cuda,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, remove_unused_columns=False,
+        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+    )
+    chunk_setting = None
+    if which == "trl":
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        args = GKDConfig(
+            **common, lmbda=0.0, seq_kd=False, beta=opts.beta, temperature=opts.temperature,
+            max_length=opts.seq_len, packing=False, padding_free=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        )
+        base = GKDTrainer
+    else:
+        from hf_distill import DistillationConfig, DistillationTrainer
+
+        extra = {}
+        if "logits_chunk_size" in {f.name for f in dataclasses.fields(DistillationConfig)}:
+            chunk_setting = 0 if which == "ours-plain" else (opts.chunk_size or "auto")
+            extra["logits_chunk_size"] = chunk_setting
+        args = DistillationConfig(
+            **common, logits_loss="jsd", jsd_beta=opts.beta, task_weight=0.0, logits_weight=1.0,
+            temperature=opts.temperature, **extra,
+        )
+        base = DistillationTrainer
+
+    class Clock(TrainerCallback):
+        """``time.perf_counter()`` at the start of training and at the end of every optimizer step."""
+
+        def __init__(self) -> None:
+            self.start: float | None = None
+            self.ends: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    class Recorded(base):
+        """The trainer as is, keeping each step's loss (a detached tensor: no sync) and token count."""
+
+        step_losses: list = []
+        step_tokens: list = []
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.step_tokens.append(int(inputs["input_ids"].numel()))
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.step_losses.append(loss.detach())
+            return loss
+
+    clock = Clock()
+    trainer = Recorded(model=student, teacher_model=teacher, args=args, train_dataset=train, data_collator=collator,
+                       processing_class=tokenizer, callbacks=[clock])
+    del teacher, student  # the trainer holds them
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_before = torch.cuda.memory_allocated()
+    rss_before_kb = _status_kb("VmRSS")
+    maxrss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm_reset = _reset_peak_rss()
+    trainer.train()
+    hwm_train_kb = _status_kb("VmHWM") if hwm_reset else None
+    maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    if len(clock.ends) != total_steps:
+        raise RuntimeError(f"expected {total_steps} optimizer steps, the callback saw {len(clock.ends)}")
+    timed_from = clock.ends[opts.warmup - 1] if opts.warmup > 0 else clock.start
+    seconds = clock.ends[-1] - timed_from
+    tokens = sum(trainer.step_tokens[opts.warmup:])
+    losses = [float(loss) for loss in trainer.step_losses]
+    train_peak_kb = hwm_train_kb if hwm_train_kb is not None else maxrss_kb
+    result = {
+        "trainer": which,
+        "class": base.__name__,
+        "logits_chunk_size": chunk_setting,
+        "chunk_in_use": getattr(trainer, "logits_chunk_size", None) if which != "trl" else None,
+        "steps_timed": opts.steps, "warmup": opts.warmup, "tokens_timed": tokens, "seconds_timed": seconds,
+        "tokens_per_s": tokens / seconds,
+        "seconds_per_step": seconds / max(opts.steps, 1),
+        "setup_to_first_step_s": clock.ends[0] - clock.start,
+        "peak_rss_mb": maxrss_kb / 1024,
+        "peak_rss_before_train_mb": maxrss_before_kb / 1024,
+        "rss_before_train_mb": rss_before_kb / 1024 if rss_before_kb is not None else None,
+        "peak_rss_during_train_mb": train_peak_kb / 1024,
+        "rss_increase_mb": (train_peak_kb - rss_before_kb) / 1024 if rss_before_kb is not None else None,
+        "rss_peak_source": "VmHWM reset before train()" if hwm_train_kb is not None else "ru_maxrss",
+        "losses": losses,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "parameters": {"student": sum(p.numel() for p in trainer.model.parameters()),
+                       "teacher": sum(p.numel() for p in trainer.teacher_model.parameters())},
+        "torch_threads": torch.get_num_threads(),
+    }
+    if cuda:
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_increase_mb"] = (torch.cuda.max_memory_allocated() - cuda_before) / 2**20
+        result["gpu"] = torch.cuda.get_device_name(0)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return result
+
+
+# ---- parent: run the workers, print the table ------------------------------------------------------------------------
+
+
+def machine(device: str, results: list[dict]) -> dict:
+    import platform
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(),
+            "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "python": platform.python_version()}
+    for package in ("torch", "transformers", "trl", "accelerate", "datasets"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = None
+    threads = {r.get("torch_threads") for r in results if "torch_threads" in r}
+    if threads:
+        info["torch_threads"] = sorted(threads)[0] if len(threads) == 1 else sorted(threads)
+    gpus = {r["gpu"] for r in results if "gpu" in r}
+    if device == "cuda":
+        info["gpu"] = ", ".join(sorted(gpus)) or "unknown"
+    return info
+
+
+def run_worker(which: str, opts: argparse.Namespace) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", which]
+    for name in ("steps", "warmup", "batch_size", "seq_len", "beta", "temperature", "device", "lr", "max_grad_norm",
+                 "seed", "student_layers", "chunk_size", "threads"):
+        value = getattr(opts, name)
+        if value is not None:
+            command += [f"--{name}", str(value)]
+    if opts.bf16:
+        command.append("--bf16")
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if done.returncode != 0 or not lines:
+        err = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        tail = err[-1] if err else f"exit code {done.returncode} (killed: out of memory?)"
+        if opts.verbose and err:
+            print("\n".join(err[-30:]), file=sys.stderr)
+        return {"trainer": which, "error": tail, "worker_wall_s": wall}
+    result = json.loads(lines[-1][len(RESULT_MARK):])
+    result["worker_wall_s"] = wall
+    return result
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    return f"{value / reference:.2f}x" if value is not None and reference else ""
+
+
+def table(results: list[dict], cuda: bool) -> str:
+    reference = next((r for r in results if r["trainer"] == "trl" and "error" not in r), None)
+    ref = (lambda key: reference.get(key)) if reference else (lambda key: None)
+    head = ["trainer", "chunk", "tokens/s", "vs TRL", "peak RSS MB", "vs TRL", "RSS increase MB", "vs TRL"]
+    if cuda:
+        head += ["CUDA peak MB", "vs TRL"]
+    head += ["loss step 1", "loss last step"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['trainer']} | | error: {r['error']} |" + " |" * (len(head) - 3))
+            continue
+        chunk = "" if r["trainer"] == "trl" else ("full logits" if r.get("chunk_in_use") is None
+                                                 else f"{r['chunk_in_use']} tokens")
+        cells = [r["trainer"], chunk, f"{r['tokens_per_s']:,.1f}", _ratio(r["tokens_per_s"], ref("tokens_per_s")),
+                 f"{r['peak_rss_mb']:,.0f}", _ratio(r["peak_rss_mb"], ref("peak_rss_mb")),
+                 f"{r['rss_increase_mb']:,.0f}" if r.get("rss_increase_mb") is not None else "",
+                 _ratio(r.get("rss_increase_mb"), ref("rss_increase_mb"))]
+        if cuda:
+            cells += [f"{r['cuda_peak_mb']:,.0f}", _ratio(r["cuda_peak_mb"], ref("cuda_peak_mb"))]
+        cells += [f"{r['loss_first']:.6f}", f"{r['loss_last']:.6f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    parser.add_argument("--batch_size", type=int, default=4, help="per-device batch size (blocks)")
+    parser.add_argument("--seq_len", type=int, default=512, help="tokens per block")
+    parser.add_argument("--beta", type=float, default=0.5, help="generalized JSD beta (GKD's beta, our jsd_beta)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every row (GPU)")
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--student_layers", type=int, default=15)
+    parser.add_argument("--chunk_size", type=int, default=None,
+                        help="logits_chunk_size of the 'ours' row (default 'auto'); 'ours-plain' always uses 0")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every worker")
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
+    parser.add_argument("--output", default=None, help="also write everything as JSON here")
+    parser.add_argument("--verbose", action="store_true", help="print a failed worker's stderr tail")
+    parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.steps < 1 or opts.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if opts.bf16 and opts.device == "cpu":
+        parser.error("--bf16 is for --device cuda (the CPU rows are fp32)")
+    if opts.worker:
+        print(RESULT_MARK + json.dumps(worker(opts.worker, opts)), flush=True)
+        return
+
+    results = []
+    for which in opts.trainers:
+        print(f"running {which} ...", file=sys.stderr, flush=True)
+        result = run_worker(which, opts)
+        shown = {k: v for k, v in result.items() if k != "losses"}
+        print(f"  {which}: {json.dumps(shown)}", file=sys.stderr, flush=True)
+        results.append(result)
+
+    cuda = opts.device == "cuda"
+    settings = {
+        "steps_timed": opts.steps, "warmup": opts.warmup, "batch_size": opts.batch_size, "seq_len": opts.seq_len,
+        "tokens_per_step": opts.batch_size * opts.seq_len, "beta": opts.beta, "temperature": opts.temperature,
+        "device": opts.device, "precision": "bf16 autocast" if opts.bf16 else "fp32", "optimizer": "adamw_torch",
+        "lr": opts.lr, "lr_scheduler": "constant", "max_grad_norm": opts.max_grad_norm, "seed": opts.seed,
+        "teacher": "asset:smollm2-135m (30 layers)",
+        "student": f"shrink_model(teacher, num_layers={opts.student_layers})",
+        "data": f"asset:news-articles packed into {opts.seq_len}-token blocks, sequential order",
+        "ours_logits_chunk_size": opts.chunk_size or "auto", "ours_plain_logits_chunk_size": 0,
+        "trl": "GKDTrainer(lmbda=0, seq_kd=False, skip_prepare_dataset, DataCollatorForLanguageModeling)",
+    }
+    info = machine(opts.device, results)
+    print(f"\n### End-to-end distillation: TRL GKDTrainer vs DistillationTrainer ({opts.device}, "
+          f"{settings['precision']}, batch {opts.batch_size} x {opts.seq_len} tokens, {opts.steps} timed steps)\n")
+    print(table(results, cuda))
+    ok = {r["trainer"]: r for r in results if "error" not in r}
+    if "trl" in ok:
+        for name in ("ours", "ours-plain"):
+            if name in ok:
+                a, b = ok["trl"]["loss_first"], ok[name]["loss_first"]
+                print(f"\nstep-1 loss, {name} vs trl: {b:.6f} vs {a:.6f} (relative difference "
+                      f"{abs(b - a) / max(abs(a), 1e-12):.1e})", end="")
+        print()
+    if any(r["trainer"] != "trl" and r.get("logits_chunk_size") is None for r in ok.values()):
+        print("\nNote: this DistillationConfig has no `logits_chunk_size` field: 'ours' and 'ours-plain' ran the same "
+              "(full-logits) code.")
+    print("\nTargets: ours >= 1.25x TRL tokens/s, <= 0.6x TRL peak memory.")
+    print(f"\nMachine: {json.dumps(info)}\nSettings: {json.dumps(settings)}")
+    if opts.output:
+        os.makedirs(os.path.dirname(opts.output) or ".", exist_ok=True)
+        with open(opts.output, "w") as f:
+            json.dump({"machine": info, "settings": settings, "rows": results}, f, indent=1)
+        print(f"\nwritten to {opts.output}")
+
+
+if __name__ == "__main__":
+    main()

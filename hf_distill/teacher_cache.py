@@ -1,0 +1,383 @@
+"""The offline teacher cache: the tokenised training set plus, for every counted position, the teacher's top-k
+log-probabilities and the log of the mass outside them, so a student can be distilled without the teacher in memory.
+
+Layout: shards ``output_dir/shard-00000/`` ... (each a `datasets.Dataset` saved with ``save_to_disk``: the rows of
+the training set, every original column kept, plus `CACHE_COLUMNS`) and ``output_dir/manifest.json`` (the settings,
+the shards written so far, whether the cache is complete). Per example, over its n counted positions (the trainer's
+`position_mask`, in increasing order) the cache columns are flat lists: ``n * k`` int32 ids (top-k, most probable
+first, position-major), ``n * k`` float16 ``log softmax(z / T)`` at those ids, and ``n`` float32 tail log-masses, i.e.
+``6k + 4`` bytes per counted token (196 B at k = 32) plus Arrow's per-row offsets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from .modeling import accepts_input, declared_output_size, model_inputs, output_logits, unwrap
+from .positions import infer_position_unit, position_mask
+
+#: The columns a cache adds to each row: top-k ids, their log-probabilities, the log of the remaining mass.
+CACHE_COLUMNS: tuple[str, str, str] = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
+CACHE_FORMAT_VERSION = 1
+#: Prefix of the manifest JSON in a loaded cache's ``info.description`` (read back by `cache_manifest`).
+MANIFEST_MARKER = "hf_distill.teacher_cache:"
+MANIFEST_FILE = "manifest.json"
+PARTIAL_SUFFIX = ".partial"
+CACHE_FEATURES = datasets.Features({
+    CACHE_COLUMNS[0]: datasets.Sequence(datasets.Value("int32")),
+    CACHE_COLUMNS[1]: datasets.Sequence(datasets.Value("float16")),
+    CACHE_COLUMNS[2]: datasets.Sequence(datasets.Value("float32")),
+})
+#: Manifest entries that must be equal for a build to continue an existing cache.
+SETTINGS: tuple[str, ...] = ("format_version", "teacher_id", "tokenizer_hash", "vocab_size", "top_k", "temperature",
+                             "dataset_fingerprint", "num_examples", "shard_size")
+#: Elements of one ``[rows, vocab]`` float32 block of log-probabilities (256 MB): rows = 2**26 // vocab.
+BLOCK_ELEMENTS = 2**26
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """``sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True))`` as hex: equal for tokenizers mapping the same
+    tokens to the same ids, whatever their class (slow / fast)."""
+    vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(vocab.encode("utf-8")).hexdigest()
+
+
+def topk_targets(logits: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, ...]:
+    """For rows of logits ``z`` ``[N, V]``: ids of the k largest ``p = softmax(z / T)`` (most probable first),
+    ``log p`` at them, and the tail ``log sum_{j not in top k} p_j = logsumexp_{j not in top k} log p_j``.
+
+    Returns int32 ``[N, k]``, float32 ``[N, k]``, float32 ``[N]`` (on the logits' device), in blocks of rows so no
+    more than `BLOCK_ELEMENTS` float32 log-probabilities exist at once.
+    """
+    rows = max(1, BLOCK_ELEMENTS // max(int(logits.shape[-1]), 1))
+    ids, values, tails = [], [], []
+    for start in range(0, logits.shape[0], rows):
+        log_probs = torch.log_softmax(logits[start: start + rows].float() / temperature, dim=-1)
+        top_values, top_ids = log_probs.topk(top_k, dim=-1, sorted=True)
+        tail = log_probs.scatter_(-1, top_ids, float("-inf")).logsumexp(dim=-1)
+        ids.append(top_ids.to(torch.int32))
+        values.append(top_values)
+        tails.append(tail)
+    if not ids:
+        empty = logits.new_zeros((0, top_k), dtype=torch.float32)
+        return empty.to(torch.int32), empty, logits.new_zeros(0, dtype=torch.float32)
+    return torch.cat(ids), torch.cat(values), torch.cat(tails)
+
+
+def _teacher_id(teacher_model: nn.Module, teacher_id: str | None) -> str | None:
+    return teacher_id or getattr(getattr(unwrap(teacher_model), "config", None), "_name_or_path", None) or None
+
+
+def _collatable(teacher_model: nn.Module, label_name: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """What of a row goes to the collator: like the Trainer's `remove_unused_columns`, the teacher's forward
+    arguments and the labels (every column when the forward takes ``**kwargs``)."""
+    keep = {label_name: True, "label": True, "label_ids": True}
+
+    def select(row: Mapping[str, Any]) -> dict[str, Any]:
+        for key in row:
+            if key not in keep:
+                keep[key] = accepts_input(teacher_model, key)
+        return {k: v for k, v in row.items() if keep[k]}
+
+    return select
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(iter(model.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def _batch_targets(teacher_model: nn.Module, batch: Mapping[str, Any], label_name: str, top_k: int,
+                   temperature: float, device: torch.device
+                   ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example counted-position numbers and the top-k targets of one collated batch, rows in ``logits[mask]``
+    order (example by example, positions increasing)."""
+    unit = infer_position_unit(teacher_model, batch, label_name)
+    mask = position_mask(batch, unit, label_name)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    logits = output_logits(teacher_model(**model_inputs(teacher_model, inputs, drop=("labels", label_name))))
+    mask = mask.to(logits.device)
+    if logits.shape[: mask.dim()] != mask.shape:
+        raise ValueError(
+            f"The teacher's logits {tuple(logits.shape)} do not line up with the counted positions "
+            f"{tuple(mask.shape)} ({unit.value} unit): cache a model whose outputs have one row per position."
+        )
+    counts = mask.reshape(mask.shape[0], -1).sum(dim=1).tolist()
+    ids, log_probs, tail = topk_targets(logits[mask], top_k, temperature)
+    return counts, ids.cpu(), log_probs.cpu(), tail.cpu()
+
+
+def _output_width(teacher_model: nn.Module, first_batch: Mapping[str, Any], label_name: str,
+                  device: torch.device) -> int:
+    """The teacher's number of outputs: as its config declares, else from one forward pass."""
+    unit = infer_position_unit(teacher_model, first_batch, label_name)
+    declared = declared_output_size(teacher_model, unit)
+    if declared is not None:
+        return declared
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in first_batch.items()}
+    with torch.no_grad():
+        logits = output_logits(teacher_model(**model_inputs(teacher_model, inputs, drop=("labels", label_name))))
+    return int(logits.shape[-1])
+
+
+def _list_column(values: np.ndarray, lengths: Sequence[int], arrow_type: pa.DataType) -> pa.Array:
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"A shard holds {offsets[-1]} cache values, over Arrow's 2**31 per list column: lower "
+                         "shard_size.")
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=arrow_type))
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No `datasets` progress bars inside (the build shows its own)."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_enabled = not are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            enable_progress_bars()
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write `payload` to `path` atomically: ``path.partial`` first, then ``os.replace``."""
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    partial.write_text(json.dumps(payload, indent=2))
+    os.replace(partial, path)
+
+
+def read_cache_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the cache in folder `path` (``path/manifest.json``)."""
+    file = Path(path) / MANIFEST_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{path} is no teacher cache (it has no {MANIFEST_FILE}): build one with `hf-distill cache-teacher`."
+        )
+    return json.loads(file.read_text())
+
+
+def _check_same_settings(existing: dict[str, Any], wanted: dict[str, Any], output_dir: Path) -> None:
+    differing = [f"{key}: cache {existing.get(key)!r}, this run {wanted[key]!r}"
+                 for key in SETTINGS if existing.get(key) != wanted[key]]
+    if differing:
+        raise ValueError(
+            f"{output_dir} holds a teacher cache made with other settings ({'; '.join(differing)}). Build this one "
+            "into another output_dir (the existing cache is left untouched), or rerun with the cache's settings to "
+            "finish it."
+        )
+
+
+def build_teacher_cache(
+    teacher_model: nn.Module,
+    dataset: datasets.Dataset,
+    output_dir: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    top_k: int = 32,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+    teacher_id: str | None = None,
+    label_name: str = "labels",
+    progress: bool = True,
+) -> str:
+    """Run the teacher over `dataset` (in order) and store, per counted position, the top-k ``log softmax(z / T)``
+    and the tail ``log sum_{j not in top k} softmax(z / T)_j``; returns `output_dir`.
+
+    Positions are counted as the trainer does (the collator's batch, `infer_position_unit`, `position_mask`), so the
+    cache lines up with training on the same rows and collator. Written shard by shard (`shard_size` rows each, saved
+    as ``shard-NNNNN.partial`` and renamed when whole) with the manifest rewritten after each: an interrupted build
+    resumes from the next shard when rerun with the same settings; a complete cache is returned at once.
+    """
+    from tqdm.auto import tqdm
+    from transformers import DataCollatorForLanguageModeling, default_data_collator
+
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}: pass e.g. top_k=32.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}: pass the distillation temperature, e.g. 1.0.")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}.")
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: there is nothing to cache.")
+    if data_collator is None:
+        data_collator = (DataCollatorForLanguageModeling(tokenizer, mlm=False) if tokenizer is not None
+                         else default_data_collator)
+    output = Path(output_dir)
+    device = _device_of(teacher_model)
+    select = _collatable(teacher_model, label_name)
+    rows = dataset.with_format(None)  # python rows for the collator, as the Trainer's dataloader gives them
+
+    def collate(start: int, end: int) -> dict[str, Any]:
+        columns = rows[start:end]
+        return data_collator([select(dict(zip(columns, values))) for values in zip(*columns.values())])
+
+    vocab_size = _output_width(teacher_model, collate(0, min(batch_size, len(dataset))), label_name, device)
+    if top_k >= vocab_size:
+        raise ValueError(
+            f"top_k={top_k} must be smaller than the teacher's {vocab_size} outputs (the tail is the mass outside the "
+            f"top k): pass a smaller top_k, e.g. {min(32, max(1, vocab_size - 1))}."
+        )
+    manifest: dict[str, Any] = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "teacher_id": _teacher_id(teacher_model, teacher_id),
+        "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
+        "vocab_size": vocab_size,
+        "top_k": top_k,
+        "temperature": float(temperature),
+        "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+        "num_examples": len(dataset),
+        "shard_size": shard_size,
+        "shards": [],
+        "complete": False,
+        "counted_positions": 0,
+    }
+    manifest_file = output / MANIFEST_FILE
+    if manifest_file.is_file():
+        existing = read_cache_manifest(output)
+        _check_same_settings(existing, manifest, output)
+        manifest["shards"] = existing.get("shards", [])
+        for shard in manifest["shards"]:
+            if not (output / shard["name"]).is_dir():
+                raise ValueError(
+                    f"{output} lists shard {shard['name']} in its manifest but the folder is gone: the cache is "
+                    "damaged; build it again into a new output_dir."
+                )
+        if existing.get("complete"):
+            return str(output)
+        listed = {shard["name"] for shard in manifest["shards"]}
+        for leftover in output.iterdir():  # half-written shards, and whole ones the manifest did not record yet
+            if leftover.name.endswith(PARTIAL_SUFFIX) or (leftover.name.startswith("shard-") and
+                                                            leftover.name not in listed):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    elif output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(
+            f"{output} exists and is not an (empty) teacher-cache folder (no {MANIFEST_FILE}); refusing to write "
+            "into it: pass a new or empty output_dir."
+        )
+    output.mkdir(parents=True, exist_ok=True)
+    manifest["counted_positions"] = sum(int(shard["num_positions"]) for shard in manifest["shards"])
+    _write_json(manifest_file, manifest)
+
+    done = sum(int(shard["num_examples"]) for shard in manifest["shards"])
+    teacher_was_training = teacher_model.training
+    teacher_model.eval()
+    bar = tqdm(total=len(dataset), initial=done, disable=not progress, desc="caching teacher", unit="ex")
+    try:
+        while done < len(dataset):
+            start, end = done, min(done + shard_size, len(dataset))
+            counts: list[int] = []
+            ids, log_probs, tails = [], [], []
+            for batch_start in range(start, end, batch_size):
+                batch_end = min(batch_start + batch_size, end)
+                c, i, p, t = _batch_targets(teacher_model, collate(batch_start, batch_end), label_name, top_k,
+                                            temperature, device)
+                counts += c
+                ids.append(i.reshape(-1).numpy())
+                log_probs.append(p.to(torch.float16).reshape(-1).numpy())
+                tails.append(t.numpy())
+                bar.update(batch_end - batch_start)
+            table = dataset.with_format("arrow")[start:end]
+            lengths = [n * top_k for n in counts]
+            for column, values, sizes, arrow_type in (
+                (CACHE_COLUMNS[0], ids, lengths, pa.int32()), (CACHE_COLUMNS[1], log_probs, lengths, pa.float16()),
+                (CACHE_COLUMNS[2], tails, counts, pa.float32()),
+            ):
+                table = table.append_column(column, _list_column(np.concatenate(values), sizes, arrow_type))
+            features = datasets.Features({**dataset.features, **CACHE_FEATURES})
+            shard = datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+            name = f"shard-{len(manifest['shards']):05d}"
+            partial = output / (name + PARTIAL_SUFFIX)
+            with _quiet_datasets():
+                shard.save_to_disk(str(partial))
+            os.replace(partial, output / name)
+            manifest["shards"].append({"name": name, "num_examples": end - start, "num_positions": sum(counts)})
+            manifest["counted_positions"] += sum(counts)
+            done = end
+            manifest["complete"] = done == len(dataset)
+            _write_json(manifest_file, manifest)
+    finally:
+        bar.close()
+        teacher_model.train(teacher_was_training)
+    return str(output)
+
+
+def load_teacher_cache(path: str | os.PathLike, tokenizer: Any = None) -> datasets.Dataset:
+    """The cache in folder `path` as one memory-mapped `datasets.Dataset` (the shards concatenated, nothing copied),
+    its manifest kept in ``info.description`` (see `cache_manifest`). With `tokenizer`, checks it is the cache's."""
+    manifest = read_cache_manifest(path)
+    if manifest.get("format_version") != CACHE_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is a teacher cache of format {manifest.get('format_version')}, this hf_distill reads format "
+            f"{CACHE_FORMAT_VERSION}: rebuild it with this version's `hf-distill cache-teacher`."
+        )
+    if not manifest.get("complete"):
+        written = sum(int(shard["num_examples"]) for shard in manifest.get("shards", []))
+        raise ValueError(
+            f"The teacher cache in {path} is incomplete ({written} of {manifest.get('num_examples')} examples): "
+            "rerun cache-teacher with the same arguments to finish it."
+        )
+    if tokenizer is not None and manifest.get("tokenizer_hash") not in (None, tokenizer_hash(tokenizer)):
+        raise ValueError(
+            f"The teacher cache in {path} was made for another tokenizer (teacher {manifest.get('teacher_id')!r}): "
+            "its token ids would mean other tokens. Rebuild the cache with the student's tokenizer."
+        )
+    shards = [datasets.load_from_disk(str(Path(path) / shard["name"])) for shard in manifest["shards"]]
+    dataset = shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)
+    dataset.info.description = MANIFEST_MARKER + json.dumps(manifest)
+    return dataset
+
+
+def cache_manifest(dataset: Any) -> dict[str, Any] | None:
+    """The manifest a loaded teacher cache carries in ``info.description``; None for any other dataset."""
+    description = getattr(getattr(dataset, "info", None), "description", None)
+    if not isinstance(description, str) or not description.startswith(MANIFEST_MARKER):
+        return None
+    return json.loads(description[len(MANIFEST_MARKER):])
+
+
+class TeacherCacheCollator:
+    """Collates cache rows: `base_collator` on the rest of each row, plus the cache columns of the batch concatenated
+    in example order, ``teacher_topk_ids`` long ``[N, k]``, ``teacher_topk_logprobs`` float32 ``[N, k]`` and
+    ``teacher_tail_logprob`` float32 ``[N]`` (N = the batch's counted positions). Rows without them pass through."""
+
+    def __init__(self, base_collator: Callable[[list[dict[str, Any]]], Any]):
+        self.base_collator = base_collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        if not features or CACHE_COLUMNS[0] not in features[0]:
+            return self.base_collator(features)
+        rest = [{k: v for k, v in feature.items() if k not in CACHE_COLUMNS} for feature in features]
+        batch = self.base_collator(rest)
+        ids = [torch.as_tensor(f[CACHE_COLUMNS[0]], dtype=torch.long).reshape(-1) for f in features]
+        log_probs = [torch.as_tensor(f[CACHE_COLUMNS[1]], dtype=torch.float32).reshape(-1) for f in features]
+        tails = [torch.as_tensor(f[CACHE_COLUMNS[2]], dtype=torch.float32).reshape(-1) for f in features]
+        total = sum(len(t) for t in tails)
+        k = sum(len(i) for i in ids) // total if total else 0
+        for i, (a, b, c) in enumerate(zip(ids, log_probs, tails)):
+            if len(a) != k * len(c) or len(b) != len(a):
+                raise ValueError(
+                    f"Teacher-cache row {i} of the batch holds {len(a)} ids and {len(b)} log-probabilities for "
+                    f"{len(c)} positions (expected {k} each): the cache is damaged; rebuild it."
+                )
+        batch[CACHE_COLUMNS[0]] = torch.cat(ids).reshape(total, k)
+        batch[CACHE_COLUMNS[1]] = torch.cat(log_probs).reshape(total, k)
+        batch[CACHE_COLUMNS[2]] = torch.cat(tails)
+        return batch
