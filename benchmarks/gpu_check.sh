@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GPU checks, for a machine with NVIDIA GPUs (run from the repository root; not part of the test suite):
+#   1. a tiny distillation (task + logits + hidden states through a learned projection) under each Accelerate engine:
+#      DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (skipped, and said so, when deepspeed is not installed), with
+#      benchmarks/engine_check.py: losses finite, the teacher never in the optimizer and unchanged, the projection
+#      trained with the student, the saved student reloads, only the main process wrote files;
+#   2. benchmark 1 of docs/performance.md (output loss alone, plain vs chunked) on the GPU in bfloat16.
+# Needs torch with CUDA, transformers, accelerate, datasets (and optionally deepspeed) importable, e.g. after
+# `pip install -e .[dev]`; the package is taken from this checkout either way.
+#
+#   bash benchmarks/gpu_check.sh [OUTPUT_DIR]      # results: OUTPUT_DIR/<engine>.json, OUTPUT_DIR/gpu_check.md
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTPUT_DIR=${1:-${OUT:-gpu_check_results}}
+mkdir -p "$OUTPUT_DIR"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_DISABLED=true
+PYTHON=${PYTHON:-python3}
+NGPU=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
+if [ "${NGPU:-0}" -lt 1 ]; then echo "No CUDA GPU visible to torch: nothing to check."; exit 1; fi
+SUMMARY="$OUTPUT_DIR/gpu_check.md"
+{
+  echo "# GPU check $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /'
+  $PYTHON -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
+  echo
+  echo "| engine | processes | result |"
+  echo "|---|---:|---|"
+} > "$SUMMARY"
+
+status=0
+for engine in ddp fsdp2 deepspeed-zero2 deepspeed-zero3; do
+  case $engine in
+    ddp) config=configs/accelerate/ddp-gpu.yaml ;;
+    *) config=configs/accelerate/$engine.yaml ;;
+  esac
+  if [[ $engine == deepspeed* ]] && ! $PYTHON -c "import deepspeed" 2>/dev/null; then
+    echo "| $engine | | skipped: deepspeed is not installed |" >> "$SUMMARY"; continue
+  fi
+  port=$((29500 + RANDOM % 1000))
+  echo "== $engine ($NGPU process(es))"
+  if $PYTHON -m accelerate.commands.launch --config_file "$config" --num_processes "$NGPU" --main_process_port "$port" \
+      benchmarks/engine_check.py "$OUTPUT_DIR" "$engine" > "$OUTPUT_DIR/$engine.log" 2>&1 \
+      && $PYTHON -c "import json,sys; sys.exit(0 if json.load(open('$OUTPUT_DIR/$engine.json'))['ok'] else 1)"; then
+    echo "| $engine | $NGPU | ok |" >> "$SUMMARY"
+  else
+    status=1
+    echo "| $engine | $NGPU | FAILED: $(grep -E 'Error|error' "$OUTPUT_DIR/$engine.log" | tail -1 | cut -c1-200) |" >> "$SUMMARY"
+  fi
+  tail -3 "$OUTPUT_DIR/$engine.log"
+done
+
+echo "== benchmark 1 on the GPU (bfloat16)"
+$PYTHON benchmarks/bench_logits_loss.py --device cuda --dtype bfloat16 --tokens 512 1024 2048 4096 --repeats 3 \
+  --output "$OUTPUT_DIR/bench_logits_loss_cuda.json" >> "$SUMMARY" 2> "$OUTPUT_DIR/bench_logits_loss_cuda.log" || status=1
+cat "$SUMMARY"
+exit $status
