@@ -36,7 +36,7 @@ from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # 
 from hf_distill.cli import ModelArguments  # noqa: E402
 from hf_distill.data import DataArguments  # noqa: E402
 from hf_distill.pipeline import prepare_inputs, resolve_source  # noqa: E402
-from hf_distill.teacher_cache import CACHE_COLUMNS, build_teacher_cache, load_teacher_cache  # noqa: E402
+from hf_distill.teacher_cache import build_teacher_cache, cache_size, load_teacher_cache  # noqa: E402
 
 
 class StepClock(TrainerCallback):
@@ -56,10 +56,6 @@ def perplexity(trainer: DistillationTrainer, dataset) -> float:
     """exp(mean next-token CE over the held-out blocks), from the trainer's exact per-term evaluation."""
     metrics = trainer.evaluate(eval_dataset=dataset)
     return math.exp(metrics["eval_task_loss"])
-
-
-def folder_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
 
 
 def main() -> None:
@@ -100,8 +96,8 @@ def main() -> None:
                         temperature=options.temperature, batch_size=options.batch_size, data_collator=collator)
     build_seconds = time.perf_counter() - start
     cached = load_teacher_cache(cache_dir, tokenizer=tokenizer)
-    counted = sum(len(row) for row in cached[CACHE_COLUMNS[2]])
-    teacher_bytes = sum(cached.data.column(name).nbytes for name in CACHE_COLUMNS)
+    sizes = cache_size(cache_dir, cached)
+    counted = sizes["counted_positions"]
 
     def run(name: str, teacher_model, dataset) -> dict:
         torch.manual_seed(0)
@@ -136,8 +132,8 @@ def main() -> None:
     results = {
         "live": live, "cached": from_cache, "teacher_perplexity": teacher_ppl,
         "cache": {"build_seconds": build_seconds, "counted_tokens": counted,
-                  "teacher_bytes_per_token": teacher_bytes / counted,
-                  "folder_bytes_per_token": folder_bytes(cache_dir) / counted, "top_k": options.top_k},
+                  "teacher_bytes_per_token": sizes["teacher_bytes"] / counted,
+                  "folder_bytes_per_token": sizes["bytes_on_disk"] / counted, "top_k": options.top_k},
     }
     speed = from_cache["tokens_per_second"] / live["tokens_per_second"]
     gap = from_cache["perplexity"] / live["perplexity"] - 1

@@ -28,7 +28,7 @@ from .config import DistillationConfig
 from .data import DataArguments, PreparedData, load_raw, prepare_datasets, split_dataset
 from .hub import CardInfo
 from .students import model_depth, shrink_model
-from .teacher_cache import CACHE_COLUMNS, build_teacher_cache, load_teacher_cache, read_cache_manifest
+from .teacher_cache import build_teacher_cache, cache_size, load_teacher_cache
 from .trainer import DistillationTrainer
 
 AUTO_CLASSES = {
@@ -372,10 +372,8 @@ def cache_teacher_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data_collator=collator_for(model_args.task, tokenizer, cache_args.seed), teacher_id=model_args.teacher,
     )
     cache = load_teacher_cache(path, tokenizer)
-    positions = int(read_cache_manifest(path)["counted_positions"])
-    on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    teacher_bytes = sum(buffer.size for name in CACHE_COLUMNS for chunk in cache.data.table.column(name).chunks
-                        for buffer in chunk.buffers() if buffer is not None)  # values + row offsets
+    sizes = cache_size(path, cache)
+    positions, on_disk, teacher_bytes = sizes["counted_positions"], sizes["bytes_on_disk"], sizes["teacher_bytes"]
     summary = {"path": path, "examples": len(cache), "counted_positions": positions, "bytes_on_disk": on_disk,
                "bytes_per_position": on_disk / max(positions, 1),
                "teacher_bytes_per_position": teacher_bytes / max(positions, 1)}

@@ -345,6 +345,20 @@ def load_teacher_cache(path: str | os.PathLike, tokenizer: Any = None) -> datase
     return dataset
 
 
+def cache_size(path: str | os.PathLike, dataset: datasets.Dataset | None = None) -> dict[str, int]:
+    """What the cache in folder `path` costs: ``bytes_on_disk`` (every file), ``teacher_bytes`` (the arrow buffers of
+    the `CACHE_COLUMNS`, values and row offsets; ``ListArray.nbytes`` undercounts the offsets) and
+    ``counted_positions``. `dataset`: the loaded cache, to avoid loading it again."""
+    dataset = load_teacher_cache(path) if dataset is None else dataset
+    teacher_bytes = sum(buffer.size for name in CACHE_COLUMNS for chunk in dataset.data.table.column(name).chunks
+                        for buffer in chunk.buffers() if buffer is not None)
+    return {
+        "bytes_on_disk": sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()),
+        "teacher_bytes": teacher_bytes,
+        "counted_positions": int(read_cache_manifest(path)["counted_positions"]),
+    }
+
+
 def cache_manifest(dataset: Any) -> dict[str, Any] | None:
     """The manifest a loaded teacher cache carries in ``info.description``; None for any other dataset."""
     description = getattr(getattr(dataset, "info", None), "description", None)
