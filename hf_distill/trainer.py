@@ -397,11 +397,13 @@ class DistillationTrainer(Trainer):
         need_teacher = cached is None and self.teacher_model is not None and (
             not training or any(signal.needs_teacher for signal, _ in self.signals)
         )
-        counts = self._count_units(inputs, mask, token_mask(inputs) if "tokens" in self._units else None)
+        tokens = token_mask(inputs) if "tokens" in self._units else None
+        counts = self._count_units(inputs, mask, tokens)
         scales = self._scales(counts, num_items_in_batch)
         if self.logits_chunk_size is not None and allow_chunked:
             return self._chunked_batch_terms(
-                model, inputs, training, unit, mask, labels if want_task else None, cached, need_teacher, counts, scales
+                model, inputs, training, unit, mask, labels if want_task else None, cached, need_teacher, counts, scales,
+                tokens,
             )
         pass_labels = want_task and accepts_input(model, self.label_name)
         drop = CACHE_COLUMNS if pass_labels else (*self.label_names, *CACHE_COLUMNS)
@@ -441,7 +443,7 @@ class DistillationTrainer(Trainer):
         view = SignalView(
             shared_student, teacher_logits, mask, inputs, student_outputs, teacher_outputs,
             student_model=model, teacher_model=self.teacher_model, labels=labels, unit=unit, training=training,
-            label_names=tuple(self.label_names), cache=cache, cached_targets=cached,
+            label_names=tuple(self.label_names), cache=cache, cached_targets=cached, _token_mask=tokens,
         )
         for signal, _ in self.signals:
             if signal.needs_teacher and teacher_logits is None and cached is None:
@@ -513,6 +515,7 @@ class DistillationTrainer(Trainer):
         need_teacher: bool,
         counts: dict[str, torch.Tensor],
         scales: dict[str, torch.Tensor],
+        tokens: torch.Tensor | None,
     ) -> _BatchTerms:
         """The causal-LM path without full logits: each model returns its last position's logits only
         (``logits_to_keep=1``, checked once against our head) and its final hidden states; the task and logits terms
@@ -567,7 +570,7 @@ class DistillationTrainer(Trainer):
         view = SignalView(
             None, None, mask, inputs, student_outputs, teacher_outputs,
             student_model=model, teacher_model=self.teacher_model, labels=inputs.get(self.label_name), unit=unit,
-            training=training, label_names=tuple(self.label_names), cached_targets=cached,
+            training=training, label_names=tuple(self.label_names), cached_targets=cached, _token_mask=tokens,
         )
         for signal, _ in self.signals:
             if signal.name == "logits" or (signal.needs_teacher and teacher_outputs is None):

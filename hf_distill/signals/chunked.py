@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import accepts_input, unwrap
+from .logits import bucket_divergence, logits_divergence
 
 #: Elements of one ``[chunk, vocab]`` float32 tensor that "auto" aims at (64 MB): chunk = 2**24 // vocab.
 AUTO_CHUNK_ELEMENTS = 2**24
@@ -235,8 +236,6 @@ class OutputTerms:
     agreement: bool = False
 
     def __call__(self, z: torch.Tensor, start: int, end: int) -> dict[str, torch.Tensor]:
-        from .logits import bucket_divergence, logits_divergence
-
         out: dict[str, torch.Tensor] = {}
         if self.labels is not None:
             out["task"] = F.cross_entropy(z.float(), self.labels[start:end].long(), reduction="sum")
