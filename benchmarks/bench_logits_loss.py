@@ -103,10 +103,10 @@ def worker(path: str, vocab: int, tokens: int, device: str, dtype_name: str, rep
 
 
 def machine(device: str) -> dict:
+    """The machine and versions a benchmark ran on: CPU model, cores (all and usable), Python and the installed
+    torch / transformers / trl / accelerate / datasets versions, and the GPU's name on CUDA."""
     import platform
-
-    import torch
-    import transformers
+    from importlib import metadata
 
     cpu = "unknown"
     try:
@@ -114,9 +114,17 @@ def machine(device: str) -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    info = {"cpu": cpu, "cores": os.cpu_count(),
+            "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "python": platform.python_version()}
+    for package in ("torch", "transformers", "trl", "accelerate", "datasets"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = None
     if device == "cuda":
+        import torch
+
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 

@@ -54,7 +54,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_logits_loss import machine  # noqa: E402
 
 TRAINERS = ("trl", "ours", "ours-plain")
 #: Marks the worker's result line on stdout (libraries may print there too).
@@ -248,23 +250,9 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
 # ---- parent: run the workers, print the table ------------------------------------------------------------------------
 
 
-def machine(device: str, results: list[dict]) -> dict:
-    import platform
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(),
-            "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "python": platform.python_version()}
-    for package in ("torch", "transformers", "trl", "accelerate", "datasets"):
-        try:
-            info[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            info[package] = None
+def machine_with_workers(device: str, results: list[dict]) -> dict:
+    """`bench_logits_loss.machine`, plus the workers' torch threads and GPU names."""
+    info = machine("cpu")
     threads = {r.get("torch_threads") for r in results if "torch_threads" in r}
     if threads:
         info["torch_threads"] = sorted(threads)[0] if len(threads) == 1 else sorted(threads)
@@ -377,7 +365,7 @@ def main() -> None:
         "ours_logits_chunk_size": opts.chunk_size or "auto", "ours_plain_logits_chunk_size": 0,
         "trl": "GKDTrainer(lmbda=0, seq_kd=False, skip_prepare_dataset, DataCollatorForLanguageModeling)",
     }
-    info = machine(opts.device, results)
+    info = machine_with_workers(opts.device, results)
     print(f"\n### End-to-end distillation: TRL GKDTrainer vs DistillationTrainer ({opts.device}, "
           f"{settings['precision']}, batch {opts.batch_size} x {opts.seq_len} tokens, {opts.steps} timed steps)\n")
     print(table(results, cuda))
