@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 
@@ -328,3 +329,96 @@ def test_cache_teacher_command_writes_a_loadable_cache(tmp_path, capsys):
     manifest_file.write_text(json.dumps(stale))
     main(["cache-teacher", *argv])  # the console script; resumes (same dataset fingerprint in a new tokenisation)
     assert load_teacher_cache(tmp_path / "cache")[:] == cache[:]
+
+
+# ---- distilling from the cache ---------------------------------------------------------------------------------------
+
+
+def _coarsened_kl(student_logits, teacher_logits, k: int, temperature: float) -> torch.Tensor:
+    """Hand-written, float64: KL(P_t || P_s) per row over the teacher's top-k ids plus one tail bucket, times T^2."""
+    p_t = torch.softmax(teacher_logits.double() / temperature, dim=-1)
+    p_s = torch.softmax(student_logits.double() / temperature, dim=-1)
+    ids = p_t.topk(k, dim=-1).indices
+    buckets_t, buckets_s = p_t.gather(-1, ids), p_s.gather(-1, ids)
+    buckets_t = torch.cat([buckets_t, 1 - buckets_t.sum(-1, keepdim=True)], dim=-1)
+    buckets_s = torch.cat([buckets_s, 1 - buckets_s.sum(-1, keepdim=True)], dim=-1)
+    return (buckets_t * (buckets_t / buckets_s).log()).sum(-1) * temperature**2
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_bucket_divergence_is_a_proper_divergence_of_the_coarsened_distributions(temperature):
+    from hf_distill.signals.logits import SOFT_LOSSES, bucket_divergence
+
+    g = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(6, 40, generator=g, dtype=torch.float64) * 3
+    log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    top = log_p.topk(TOP_K, dim=-1)
+    tail = torch.log1p(-top.values.exp().sum(-1))
+
+    def divergence(student_logits, kind):
+        return bucket_divergence(student_logits, top.indices, top.values, tail, kind, temperature)
+
+    for kind in sorted(SOFT_LOSSES):
+        assert divergence(teacher_logits, kind).abs().max() < 1e-6 * max(1.0, temperature**2), kind  # the student matches: zero
+        # Zero too when the student differs only inside the tail (the cache cannot see there) ...
+        inside_tail = teacher_logits.clone()
+        for row, ids in enumerate(top.indices):
+            rest = torch.ones(40, dtype=torch.bool)
+            rest[ids] = False
+            tail_ids = rest.nonzero().squeeze(-1)
+            mass = log_p[row, tail_ids].exp()
+            shuffled = mass[torch.randperm(len(mass), generator=g)]  # same tail mass, other shape
+            inside_tail[row, tail_ids] = shuffled.log() * temperature
+            inside_tail[row, ids] = log_p[row, ids] * temperature
+        assert divergence(inside_tail, kind).abs().max() < 1e-6 * max(1.0, temperature**2), kind
+        # ... and positive when it differs on the buckets.
+        other = teacher_logits + torch.randn(6, 40, generator=g, dtype=torch.float64)
+        assert (divergence(other, kind) > 1e-6).all(), kind
+
+    other = teacher_logits + torch.randn(6, 40, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(divergence(other, "forward_kl"), _coarsened_kl(other, teacher_logits, TOP_K, temperature))
+
+
+def test_trainer_distils_from_the_cache_without_a_teacher(teacher, dataset, tmp_path, make_args):
+    """The step loss from the cache equals the hand-written coarsened KL + CE on the live teacher's logits (up to the
+    float16 storage), plain and chunked paths agree, and training moves the student towards the teacher."""
+    from hf_distill import DistillationTrainer
+
+    words = [f"w{i}" for i in range(VOCAB - 5)]
+    tokenizer = _tokenizer(tmp_path / "tok", words)
+    cache = load_teacher_cache(build(teacher, dataset, tmp_path / "c", tokenizer=tokenizer), tokenizer)
+    student = tiny_teacher(seed=1).train()
+
+    def trainer(chunk, **overrides):
+        args = make_args(temperature=TEMPERATURE, task_weight=0.5, logits_weight=0.5, logits_chunk_size=chunk,
+                         per_device_train_batch_size=len(SHAPES), **overrides)
+        return DistillationTrainer(model=student, teacher_model=None, args=args, train_dataset=cache,
+                                   data_collator=pad_collator, processing_class=tokenizer)
+
+    plain, chunked = trainer(0), trainer(4)
+    assert plain.teacher_cache is not None and not plain.teachers
+    batch = plain.data_collator([cache[i] for i in range(len(cache))])
+    loss_plain = plain.compute_loss(student, dict(batch)).detach()
+    loss_chunked = chunked.compute_loss(student, dict(batch)).detach()
+
+    with torch.no_grad():
+        raw = pad_collator([dataset[i] for i in range(len(dataset))])
+        z_s = student(input_ids=raw["input_ids"], attention_mask=raw["attention_mask"]).logits[:, :-1]
+        z_t = teacher(input_ids=raw["input_ids"], attention_mask=raw["attention_mask"]).logits[:, :-1]
+        targets = raw["labels"][:, 1:]
+        counted = targets != -100
+        ce = torch.nn.functional.cross_entropy(z_s[counted].double(), targets[counted])
+        kl = _coarsened_kl(z_s[counted], z_t[counted], TOP_K, TEMPERATURE).mean()
+    expected = 0.5 * ce + 0.5 * kl
+    assert float(loss_plain) == pytest.approx(float(expected), rel=5e-4)  # float16 log-probabilities in the cache
+    assert float(loss_chunked) == pytest.approx(float(loss_plain), rel=1e-5)
+
+    before = kl.item()
+    first = trainer(0, max_steps=30, learning_rate=3e-3)
+    first.train()
+    with torch.no_grad():
+        z_s = student(input_ids=raw["input_ids"], attention_mask=raw["attention_mask"]).logits[:, :-1]
+        after = _coarsened_kl(z_s[counted], z_t[counted], TOP_K, TEMPERATURE).mean().item()
+    assert after < 0.8 * before
+    logged = [entry for entry in first.state.log_history if "logits_loss" in entry]
+    assert logged and all(math.isfinite(entry["logits_loss"]) for entry in logged)
