@@ -7,9 +7,10 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import BertForSequenceClassification
+from transformers import BertForSequenceClassification, TrainerCallback
 
 from hf_distill import DistillationTrainer
+from hf_distill.teacher_cache import load_teacher_cache
 
 from .conftest import classification_dataset, tiny_bert
 
@@ -53,5 +54,64 @@ def test_resume_with_every_stateful_signal_matches_an_uninterrupted_run(make_arg
     for step in (4, 5, 6):
         a, b = full_logs[step], resumed_logs[step]
         assert a.keys() == b.keys() and {"hidden_loss", "input_grad_loss", "adversarial_grad_loss"} <= a.keys()
+        for key in a:
+            assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), (step, key, a[key], b[key])
+
+
+class _Kill(TrainerCallback):
+    """Raises at the end of step `at` (after the checkpoints before it were written): a job killed mid-training."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("killed")
+
+
+def test_resume_from_a_teacher_cache_continues_at_the_same_cache_position(make_args, tmp_path):
+    """Shuffled batches from an offline teacher cache, 3 epochs of 4 steps: killed inside epoch 2, resumed from the
+    last checkpoint, the run reads the same cached targets in the same order and ends where the uninterrupted one
+    ends (parameters and every logged loss to 1e-6)."""
+    from .test_teacher_cache import build, pad_collator, ragged_dataset, tiny_teacher
+
+    cache = load_teacher_cache(build(tiny_teacher(), ragged_dataset(), tmp_path / "cache"))
+    student = tiny_teacher(seed=1)
+    common = dict(max_steps=12, per_device_train_batch_size=2, save_strategy="steps", save_steps=3,
+                  temperature=2.0, task_weight=0.5, logits_weight=0.5, learning_rate=1e-2, logging_steps=1)
+    seen: dict[str, list] = {}
+
+    def run(name, resume=None, kill_at=None):
+        callbacks = [_Kill(kill_at)] if kill_at else []
+        trainer = DistillationTrainer(model=copy.deepcopy(student), teacher_model=None,
+                                      args=make_args(output_dir=str(tmp_path / name), **common), train_dataset=cache,
+                                      data_collator=pad_collator, callbacks=callbacks)
+        collate = trainer.data_collator
+        trainer.data_collator = lambda features: seen.setdefault(name, []).append(
+            [f["teacher_tail_logprob"] for f in features]) or collate(features)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except KeyboardInterrupt:
+            pass
+        return trainer
+
+    full = run("full")
+    killed = run("killed", kill_at=8)
+    assert killed.state.global_step == 8 and (tmp_path / "killed" / "checkpoint-6").is_dir()
+    resumed = run("resumed", resume=str(tmp_path / "killed" / "checkpoint-6"))
+
+    assert seen["resumed"] == seen["full"][6:]  # the cache position: same examples, same order, from step 7 on
+    assert seen["full"][:4] != seen["full"][4:8]  # (batches are shuffled per epoch: the order is not trivial)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    def logged(trainer):
+        return {row["step"]: {k: v for k, v in row.items() if k.endswith("loss")}
+                for row in trainer.state.log_history if "loss" in row}
+
+    full_logs, resumed_logs = logged(full), logged(resumed)
+    for step in range(7, 13):
+        a, b = full_logs[step], resumed_logs[step]
+        assert a.keys() == b.keys() and {"loss", "task_loss", "logits_loss"} <= a.keys()
         for key in a:
             assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), (step, key, a[key], b[key])
