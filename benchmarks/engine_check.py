@@ -6,7 +6,8 @@ Checks, written to OUTPUT_DIR/<engine>.json by the main process (and printed):
 - training runs, every logged loss is finite;
 - the teacher is never optimised: none of its parameters is in the optimizer, and its weights are unchanged;
 - the projection trains with the student (it is in the optimizer and moved);
-- the saved student reloads with `AutoModelForCausalLM.from_pretrained` and runs;
+- the saved student reloads with `AutoModelForCausalLM.from_pretrained` and runs, and holds the student's weights only
+  (no projection);
 - only the main process wrote the output folder's files (one model card, one weights file).
 
 Usage: accelerate launch --config_file configs/accelerate/fsdp2.yaml benchmarks/engine_check.py OUTPUT_DIR ENGINE
@@ -39,7 +40,9 @@ def llama(hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
 def local_checksum(module: torch.nn.Module) -> float:
     total = 0.0
     for p in module.parameters():
-        p = p.to_local() if hasattr(p, "to_local") else p
+        # this process's part: an FSDP2 DTensor's local shard, a ZeRO-3 parameter's partition (its `data` is empty
+        # or gathered depending on when it is read), else the whole tensor
+        p = p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p)
         total += float(p.detach().float().abs().sum()) if p.numel() else 0.0
     return total
 
@@ -60,7 +63,10 @@ def main() -> None:
     trainer.train()
 
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    # DeepSpeed's ZeRO optimizers hold flat partitions in param_groups, the model's parameters in their 16-bit groups
+    groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "fp16_groups", None)
+    groups = groups if groups is not None else [group["params"] for group in optimizer.param_groups]
+    optimised = {id(p) for group in groups for p in group}
     teacher_ids = {id(p) for p in trainer.teacher_model.parameters()}
     projection_ids = {id(p) for p in trainer.signal_modules.parameters()}
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -81,14 +87,25 @@ def main() -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
         folder = args.output_dir
+        # a plain load, as a user would do it (not a ZeRO-3 partitioned init on this process alone)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         reloaded = AutoModelForCausalLM.from_pretrained(folder)
         with torch.no_grad():
             logits = reloaded(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
         report["reloaded"] = bool(torch.isfinite(logits).all())
         report["files"] = sorted(os.listdir(folder))
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt") as weights:
+            saved = set(weights.keys())
+        report["saved_keys_are_the_students"] = saved == set(reloaded.state_dict()) - {"lm_head.weight"} or saved == set(
+            reloaded.state_dict())
         report["ok"] = bool(
             report["losses_finite"] and report["teacher_params_in_optimizer"] == 0 and report["teacher_unchanged"]
             and report["projection_in_optimizer"] in (True, None) and report["reloaded"]
+            and report["saved_keys_are_the_students"]
         )
         with open(os.path.join(out, f"{engine}.json"), "w") as f:
             json.dump(report, f, indent=1)

@@ -104,7 +104,8 @@ def declared_output_size(model: nn.Module, unit: PositionUnit) -> int | None:
     if unit.is_token_level and hasattr(base, "get_output_embeddings"):
         head = base.get_output_embeddings()
         if head is not None and getattr(head, "weight", None) is not None:
-            return int(head.weight.shape[0])
+            # (a ZeRO-3 partitioned weight is empty here; DeepSpeed keeps its full shape in `ds_shape`)
+            return int(getattr(head.weight, "ds_shape", head.weight.shape)[0])
     config = getattr(base, "config", None)
     if not unit.is_token_level and config is not None and hasattr(config, "num_labels"):
         return int(config.num_labels)

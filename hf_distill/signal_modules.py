@@ -2,7 +2,8 @@
 
 They train with the student's optimizer (their own parameter groups), have their gradients averaged across processes
 and clipped with the student's, are saved in every checkpoint as ``hf_distill_modules.safetensors`` and restored on
-resume, and are never part of the exported student.
+resume, and are never part of the exported student. Under DeepSpeed they are attached to the student instead
+(`ATTACHED_NAME`), so that the engine does all of this for them (its checkpoints hold them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from torch import nn
 
 #: File holding the signals' modules inside a checkpoint folder.
 MODULES_FILE = "hf_distill_modules.safetensors"
+#: Under DeepSpeed the modules are attached to the student under this name (DeepSpeed optimises, reduces, clips and
+#: checkpoints only the parameters of the module it wraps); the exported student never holds them.
+ATTACHED_NAME = "hf_distill_signal_modules"
 
 
 def average_gradients(parameters: list[nn.Parameter]) -> None:

@@ -35,7 +35,7 @@ from .modeling import (
     use_eager_attention,
 )
 from .positions import PositionUnit, align_labels, batch_size_of, infer_position_unit, position_mask, token_mask
-from .signal_modules import SignalModules
+from .signal_modules import ATTACHED_NAME, SignalModules
 from .signals import Signal, SignalView, task_loss_sum
 from .signals.build import TEACHER_WEIGHT_FIELDS, build_signals
 from .signals.chunked import (
@@ -184,6 +184,11 @@ class DistillationTrainer(Trainer):
         if any(getattr(signal, "differentiates_twice", False) for signal, _ in self.signals):
             use_eager_attention(model, "student", reason="double_backward")
         self.signal_modules = SignalModules.from_signals(signal for signal, _ in self.signals).to(self.args.device)
+        #: DeepSpeed trains, reduces, clips and checkpoints only the parameters of the module it wraps: there the signal
+        #: modules ride inside the student (under `ATTACHED_NAME`) and are dropped again from every exported student.
+        self._modules_in_student = bool(len(self.signal_modules)) and self.is_deepspeed_enabled
+        if self._modules_in_student:
+            model.add_module(ATTACHED_NAME, self.signal_modules)
         if len(self.signal_modules):
             if self.optimizer is not None:
                 raise ValueError(
@@ -659,7 +664,7 @@ class DistillationTrainer(Trainer):
         if self.route is not None:
             self._follow_route()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if len(self.signal_modules) and self.accelerator.sync_gradients:
+        if len(self.signal_modules) and self.accelerator.sync_gradients and not self._modules_in_student:
             self.signal_modules.average_gradients_across_processes()
         return loss
 
@@ -671,11 +676,19 @@ class DistillationTrainer(Trainer):
         parameters = [*model.parameters(), *self.signal_modules.parameters()]
         return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The Trainer's save, without the signal modules where they ride inside the student (DeepSpeed)."""
+        if self._modules_in_student:
+            if state_dict is None:
+                state_dict = self.model.state_dict()
+            state_dict = {k: v for k, v in state_dict.items() if ATTACHED_NAME not in k.split(".")}
+        super()._save(output_dir, state_dict=state_dict)
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if not self.args.should_save:
             return
-        if len(self.signal_modules):
+        if len(self.signal_modules) and not self._modules_in_student:  # (DeepSpeed's checkpoint holds them there)
             self.signal_modules.save(output_dir)
         states = {signal.name: signal.checkpoint_state() for signal, _ in self.signals}
         states = {name: state for name, state in states.items() if state}
@@ -688,7 +701,7 @@ class DistillationTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        if len(self.signal_modules) and not self.signal_modules.load(checkpoint):
+        if len(self.signal_modules) and not self._modules_in_student and not self.signal_modules.load(checkpoint):
             logger.warning(
                 "Checkpoint %s has no %s: the signals' projections start afresh.", checkpoint, "hf_distill_modules.safetensors"
             )
@@ -832,7 +845,8 @@ class _AfterOptimizerStep(TrainerCallback):
         self.trainer._component_sums, self.trainer._step_logs = {}, {}
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.signal_modules.zero_gradients()
+        if not self.trainer._modules_in_student:  # (DeepSpeed zeroes the gradients of what it wraps)
+            self.trainer.signal_modules.zero_gradients()
         self.trainer._after_optimizer_step()
 
 

@@ -1,9 +1,11 @@
 """The frozen teacher under Accelerate's engines: FSDP2 sharding over gloo on CPU (two processes), DeepSpeed's
-inference config. (FSDP through the Trainer needs GPUs: Accelerate turns FSDP on only for GPU-class devices; on CPU
-the same launch gives DDP. `benchmarks/gpu_check.sh` runs the engines end to end where a GPU is lent.)"""
+inference config, DDP and DeepSpeed ZeRO-2/3 end to end on CPU (two processes over gloo). (FSDP through the Trainer
+needs GPUs: Accelerate turns FSDP on only for GPU-class devices; on CPU the same launch gives DDP.
+`benchmarks/gpu_check.sh` runs the engines end to end where a GPU is lent.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -53,20 +55,53 @@ def test_deepspeed_teacher_config_drops_training_blocks_and_keeps_zero3_partitio
     assert stage3["zero_optimization"]["reduce_bucket_size"] == 64 * 64
 
 
-@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
-                    reason="accelerate's launcher is not installed next to this Python")
-def test_ddp_cpu_recipe_launches_two_processes_and_the_engine_check_passes(tmp_path):
-    """configs/accelerate/ddp-cpu.yaml + benchmarks/engine_check.py (the per-engine check of gpu_check.sh) on CPU."""
+def _launch_engine_check(config: str, engine: str, out) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     result = subprocess.run(
-        [launcher, "launch", "--config_file", os.path.join(root, "configs", "accelerate", "ddp-cpu.yaml"),
-         "--main_process_port", str(_free_port()), os.path.join(root, "benchmarks", "engine_check.py"),
-         str(tmp_path), "ddp-cpu"],
+        [launcher, "launch", "--config_file", config, "--num_processes", "2", "--main_process_port", str(_free_port()),
+         os.path.join(root, "benchmarks", "engine_check.py"), str(out), engine],
         capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads((tmp_path / "ddp-cpu.json").read_text())
+    return json.loads((out / f"{engine}.json").read_text())
+
+
+def _cpu_config(name: str, folder) -> str:
+    """configs/accelerate/<name>.yaml with mixed precision off (no bf16 autocast on this CPU)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "configs", "accelerate", f"{name}.yaml")).read()
+    path = folder / f"{name}.yaml"
+    path.write_text(text.replace("mixed_precision: bf16", 'mixed_precision: "no"'))
+    return str(path)
+
+
+_HAS_ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) is not None
+
+
+@pytest.mark.skipif(not _HAS_ACCELERATE, reason="accelerate's launcher is not installed next to this Python")
+def test_ddp_cpu_recipe_launches_two_processes_and_the_engine_check_passes(tmp_path):
+    """configs/accelerate/ddp-cpu.yaml + benchmarks/engine_check.py (the per-engine check of gpu_check.sh) on CPU."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    report = _launch_engine_check(os.path.join(root, "configs", "accelerate", "ddp-cpu.yaml"), "ddp-cpu", tmp_path)
     assert report["processes"] == 2 and report["distributed_type"] == "MULTI_CPU"
     assert report["ok"] and report["projection_moved"] and report["teacher_params_in_optimizer"] == 0
     assert {"model.safetensors", "README.md", "config.json"} <= set(report["files"])
+    assert report["saved_keys_are_the_students"]
+
+
+@pytest.mark.skipif(not _HAS_ACCELERATE or importlib.util.find_spec("deepspeed") is None,
+                    reason="needs accelerate's launcher and deepspeed (pip install deepspeed)")
+def test_deepspeed_zero2_and_zero3_on_cpu_train_projections_and_match_ddp(tmp_path):
+    """DeepSpeed runs on CPU over gloo: the configs/accelerate ZeRO-2 and ZeRO-3 recipes (bf16 off) train the
+    student and the hidden-state projection (attached to the student, so the engine optimises, reduces and clips it),
+    never optimise the frozen teacher (an inference engine; partitioned under ZeRO-3), save a student without the
+    projection, and log the same losses as the same run under DDP."""
+    ddp = _launch_engine_check(_cpu_config("ddp-cpu", tmp_path), "ddp-cpu", tmp_path)
+    for engine in ("deepspeed-zero2", "deepspeed-zero3"):
+        report = _launch_engine_check(_cpu_config(engine, tmp_path), engine, tmp_path)
+        assert report["distributed_type"] == "DEEPSPEED" and report["processes"] == 2, engine
+        assert report["teacher_params_in_optimizer"] == 0 and report["teacher_unchanged"], engine
+        assert report["projection_in_optimizer"] and report["projection_moved"], engine
+        assert report["saved_keys_are_the_students"] and report["reloaded"] and report["ok"], engine
+        assert report["losses"] == pytest.approx(ddp["losses"], rel=1e-4), engine
