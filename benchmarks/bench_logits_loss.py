@@ -170,8 +170,12 @@ def main() -> None:
     for pair in rows:
         plain, chunked = pair["plain"], pair["chunked"]
         if "error" in plain or "error" in chunked:
-            print(f"| {plain['vocab']:,} | {plain['tokens']:,} | | | {plain.get('error', '')} | "
-                  f"{chunked.get('error', '')} | | | | | |")
+            def cell(row, key, form):
+                return row.get("error", "") if "error" in row else form.format(row[key])
+
+            print(f"| {plain['vocab']:,} | {plain['tokens']:,} | {chunked.get('hidden', '')} | {chunked.get('chunk', '')} "
+                  f"| {cell(plain, 'peak_increase_mb', '{:,.0f}')} | {cell(chunked, 'peak_increase_mb', '{:,.0f}')} | "
+                  f"| {cell(plain, 'seconds', '{:.2f}')} | {cell(chunked, 'seconds', '{:.2f}')} | | |")
             continue
         print(
             f"| {plain['vocab']:,} | {plain['tokens']:,} | {plain['hidden']} | {chunked['chunk']} "

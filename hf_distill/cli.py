@@ -33,6 +33,12 @@ class ModelArguments:
     student_layers: int | None = field(
         default=None, metadata={"help": "Cut a student of this many layers out of the teacher (shrink_model)."}
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "Distil from this offline teacher cache (made by `hf-distill cache-teacher` with the same data "
+                          "flags) instead of running the teacher every step; the teacher is still loaded to cut the "
+                          "student and for the closing comparison, but never runs during training."},
+    )
     shrink_strategy: str = field(
         default="every_other", metadata={"help": "Which teacher layers the student keeps.",
                                          "choices": list(SHRINK_STRATEGIES)}

@@ -22,14 +22,17 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.utils import logging
 
 from .cli import CacheArguments, ModelArguments, parse_distill_args
 from .config import DistillationConfig
 from .data import DataArguments, PreparedData, load_raw, prepare_datasets, split_dataset
 from .hub import CardInfo
 from .students import model_depth, shrink_model
-from .teacher_cache import build_teacher_cache, cache_size, load_teacher_cache
+from .teacher_cache import build_teacher_cache, cache_manifest, cache_size, load_teacher_cache
 from .trainer import DistillationTrainer
+
+logger = logging.get_logger(__name__)
 
 AUTO_CLASSES = {
     "sequence-classification": AutoModelForSequenceClassification,
@@ -230,6 +233,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     tokenizer, data = prepare_inputs(model_args, data_args, args)
     task = model_args.task
     teacher = load_model(model_args.teacher, task, data, model_args.teacher_gguf_file, model_args.trust_remote_code)
+    cached = teacher_cache_for(model_args.teacher_cache, tokenizer, data.train) if model_args.teacher_cache else None
     peft_config = lora_config(model_args) if model_args.use_peft else None
     if model_args.student:
         student = load_model(model_args.student, task, data, trust_remote_code=model_args.trust_remote_code)
@@ -243,12 +247,14 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
                          "or --use_peft alone (LoRA self-distillation).")
 
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, peft_config=peft_config,
-        train_dataset=data.train, eval_dataset=data.eval,
+        model=student, teacher_model=teacher if cached is None else None, args=args, peft_config=peft_config,
+        train_dataset=data.train if cached is None else cached, eval_dataset=data.eval,
         processing_class=tokenizer, data_collator=collator_for(task, tokenizer, args.seed),
         compute_metrics={"sequence-classification": accuracy_metrics, "regression": regression_metrics}.get(task),
     )
-    student, teacher = trainer.model, trainer.teacher_model
+    student = trainer.model
+    if cached is None:
+        teacher = trainer.teacher_model
     trainer.card_info = CardInfo(
         teacher=model_args.teacher, student_source=model_args.student,
         kept_layers=getattr(student.config, "distilled_from_layers", None) if not model_args.student else None,
@@ -258,7 +264,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     student_eval = trainer.evaluate()
-    teacher_scores = evaluate_model(trainer.teacher_model, trainer, task)
+    if cached is not None:  # the teacher only now runs: for the comparison
+        teacher = teacher.to(args.device).eval()
+    teacher_scores = evaluate_model(teacher, trainer, task)
     student_scores = evaluate_model(trainer.model, trainer, task)
     trainer.card_info.metrics = {k: {"teacher": teacher_scores[k], "student": student_scores[k]} for k in teacher_scores}
     if "eval_teacher_agreement" in student_eval:
@@ -268,7 +276,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
 
     batch = next(iter(trainer.get_eval_dataloader()))
     batch = {k: v.to(args.device) for k, v in batch.items() if k != "labels"}
-    speed = {"teacher": throughput(trainer.teacher_model, batch), "student": throughput(trainer.model, batch)}
+    speed = {"teacher": throughput(teacher, batch), "student": throughput(trainer.model, batch)}
     teacher_size = folder_size(resolve_source(model_args.teacher) if not model_args.teacher_gguf_file else None)
     student_size = folder_size(args.output_dir)
     device = args.device.type
@@ -302,6 +310,20 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         summary["merged"] = merged_dir
         print(f"student with merged adapters (a plain model) in {merged_dir}")
     return summary
+
+
+def teacher_cache_for(path: str, tokenizer: Any, train: Any) -> Any:
+    """The offline teacher cache at `path` as the training set (refused when made with another tokenizer); a warning
+    when it was built from other training data than these data flags give (its own examples are what trains)."""
+    cached = load_teacher_cache(path, tokenizer)
+    made_from = (cache_manifest(cached) or {}).get("dataset_fingerprint")
+    if made_from and made_from != getattr(train, "_fingerprint", None):
+        logger.warning(
+            "The teacher cache %s was built from other training data than these data flags give: training reads the "
+            "cache's %d examples, evaluation the held-out split of these flags. Rebuild the cache with the same data "
+            "flags and --seed to be sure they do not overlap.", path, len(cached),
+        )
+    return cached
 
 
 def lora_config(model_args: ModelArguments):

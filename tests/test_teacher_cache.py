@@ -287,11 +287,8 @@ def test_collator_concatenates_the_targets_in_example_order(teacher, cache):
 # ---- the command line ------------------------------------------------------------------------------------------------
 
 
-def test_cache_teacher_command_writes_a_loadable_cache(tmp_path, capsys):
-    from hf_distill.cli import main
-    from hf_distill.data import DataArguments, load_raw, prepare_datasets, split_dataset
-    from hf_distill.pipeline import cache_teacher_main
-
+def _command_line_inputs(tmp_path):
+    """A tiny teacher folder (model + tokenizer) and a text file, as the command line reads them."""
     words = [f"w{i}" for i in range(55)]
     tokenizer = _tokenizer(tmp_path / "teacher", words)
     teacher = tiny_teacher()
@@ -302,8 +299,17 @@ def test_cache_teacher_command_writes_a_loadable_cache(tmp_path, capsys):
     lines = [" ".join(f"w{int(i)}" for i in torch.randint(0, 55, (int(k),), generator=g))
              for k in torch.randint(3, 12, (30,), generator=g)]
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
-    argv = ["--teacher", str(tmp_path / "teacher"), "--task", "causal-lm", "--dataset", str(tmp_path / "train.txt"),
-            "--block_size", "8", "--top_k", "4", "--temperature", "2.0", "--batch_size", "4", "--shard_size", "5",
+    return tokenizer, ["--teacher", str(tmp_path / "teacher"), "--task", "causal-lm", "--dataset",
+                       str(tmp_path / "train.txt"), "--block_size", "8"]
+
+
+def test_cache_teacher_command_writes_a_loadable_cache(tmp_path, capsys):
+    from hf_distill.cli import main
+    from hf_distill.data import DataArguments, load_raw, prepare_datasets, split_dataset
+    from hf_distill.pipeline import cache_teacher_main
+
+    tokenizer, common = _command_line_inputs(tmp_path)
+    argv = [*common, "--top_k", "4", "--temperature", "2.0", "--batch_size", "4", "--shard_size", "5",
             "--output_dir", str(tmp_path / "cache"), "--device", "cpu"]
 
     summary = cache_teacher_main(argv)
@@ -329,6 +335,38 @@ def test_cache_teacher_command_writes_a_loadable_cache(tmp_path, capsys):
     manifest_file.write_text(json.dumps(stale))
     main(["cache-teacher", *argv])  # the console script; resumes (same dataset fingerprint in a new tokenisation)
     assert load_teacher_cache(tmp_path / "cache")[:] == cache[:]
+
+
+def test_distill_command_trains_from_the_cache_without_running_the_teacher(tmp_path, monkeypatch):
+    import hf_distill.pipeline as pipeline
+
+    tokenizer, common = _command_line_inputs(tmp_path)
+    pipeline.cache_teacher_main([*common, "--top_k", "4", "--temperature", "2.0", "--output_dir",
+                                 str(tmp_path / "cache"), "--device", "cpu"])
+    trainers = []
+
+    class Recorded(pipeline.DistillationTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    monkeypatch.setattr(pipeline, "DistillationTrainer", Recorded)
+    summary = pipeline.distill_main([
+        *common, "--teacher_cache", str(tmp_path / "cache"), "--student_layers", "1", "--temperature", "2.0",
+        "--output_dir", str(tmp_path / "student"), "--max_steps", "3", "--per_device_train_batch_size", "2",
+        "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no",
+    ])
+    (trainer,) = trainers
+    assert trainer.teacher_model is None and trainer.teacher_cache["top_k"] == 4
+    assert trainer.train_dataset[:] == load_teacher_cache(tmp_path / "cache")[:]
+    logged = [row for row in trainer.state.log_history if "logits_loss" in row]
+    assert len(logged) == 3 and all(math.isfinite(row["logits_loss"]) and row["logits_loss"] > 0 for row in logged)
+    assert math.isfinite(summary["teacher"]["perplexity"]) and math.isfinite(summary["student"]["perplexity"])
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+
+    with pytest.raises(ValueError, match="temperature"):  # the cache's refusals reach the command line
+        pipeline.distill_main([*common, "--teacher_cache", str(tmp_path / "cache"), "--student_layers", "1",
+                               "--temperature", "1.0", "--output_dir", str(tmp_path / "other"), "--use_cpu", "true"])
 
 
 # ---- distilling from the cache ---------------------------------------------------------------------------------------
