@@ -28,6 +28,7 @@ from .cli import CacheArguments, ModelArguments, parse_distill_args
 from .config import DistillationConfig
 from .data import DataArguments, PreparedData, load_raw, prepare_datasets, split_dataset
 from .hub import CardInfo
+from .signal_modules import ATTACHED_NAME
 from .students import model_depth, shrink_model
 from .teacher_cache import build_teacher_cache, cache_manifest, cache_size, load_teacher_cache
 from .trainer import DistillationTrainer
@@ -138,10 +139,12 @@ def folder_size(path: str | None) -> int | None:
 
 
 def parameters(model: torch.nn.Module) -> int:
-    """Parameter count; a self-distillation teacher counts its (shared) base model without the adapters."""
+    """Parameter count; a self-distillation teacher counts its (shared) base model without the adapters, a student
+    under DeepSpeed without the signal modules riding in it; ZeRO-3 partitions count whole (`ds_numel`)."""
     if getattr(model, "is_self_distillation_teacher", False):
         return sum(p.numel() for n, p in model.student.named_parameters() if "lora_" not in n)
-    return sum(p.numel() for p in model.parameters())
+    return sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters()
+               if ATTACHED_NAME not in n.split("."))
 
 
 #: One line of the summary: label, teacher value, student value (None: unknown), display format.
