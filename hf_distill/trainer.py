@@ -782,8 +782,10 @@ class DistillationTrainer(Trainer):
         """Distillation loss of one evaluation batch; accumulates per-term sums and teacher agreement."""
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get(self.label_name)
-        # logits are returned for compute_metrics: the chunked path (no full logits) only when nobody reads them
-        loss_only = prediction_loss_only or (self.compute_metrics is None and self.preprocess_logits_for_metrics is None)
+        # logits are returned for predict() and compute_metrics: the chunked path (no full logits) only when nobody
+        # reads them
+        nobody_reads = not self._predicting and self.compute_metrics is None and self.preprocess_logits_for_metrics is None
+        loss_only = prediction_loss_only or nobody_reads
         with torch.no_grad(), self.compute_loss_context_manager():
             terms = self._batch_terms(model, inputs, training=False, allow_chunked=loss_only)
         loss = terms.total(self._term_weights, self._term_units)
@@ -810,6 +812,17 @@ class DistillationTrainer(Trainer):
         elif view.teacher_logits is not None and view.student_logits.shape[-1] > 1:
             student, teacher = view.counted_logits()
             add("teacher_agreement", (student.argmax(-1) == teacher.argmax(-1)).sum())
+
+    _predicting = False
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's `predict`: the student's logits as `predictions` (also without `compute_metrics`), plus the
+        per-term losses and teacher agreement in its metrics."""
+        self._predicting = True
+        try:
+            return super().predict(*args, **kwargs)
+        finally:
+            self._predicting = False
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
         """The Trainer's loop, plus ``<prefix>_<term>_loss`` and ``<prefix>_teacher_agreement`` over everything the

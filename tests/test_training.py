@@ -105,6 +105,19 @@ def test_prediction_step_returns_student_logits_for_compute_metrics(make_args):
     assert output.predictions.shape == (10, 3)
 
 
+def test_predict_returns_the_students_logits_without_compute_metrics(make_args):
+    """As with transformers.Trainer, predict() gives the logits even when no compute_metrics reads them."""
+    teacher, student = tiny_bert(seed=1), tiny_bert(layers=1, seed=2)
+    data = classification_dataset(n=10)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(), train_dataset=data)
+    output = trainer.predict(data)
+    with torch.no_grad():
+        batch = {k: torch.tensor(data[:][k]) for k in ("input_ids", "attention_mask")}
+        expected = student.eval()(**batch).logits
+    assert torch.allclose(torch.as_tensor(output.predictions), expected, atol=1e-5)
+    assert output.label_ids.tolist() == data["labels"] and "test_logits_loss" in output.metrics
+
+
 def _tokenizer(tmp_path, vocab_size=60):
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(vocab_size - 5)]
     vocab = tmp_path / "vocab.txt"
