@@ -87,13 +87,19 @@ class CacheArguments:
     device: str | None = field(default=None, metadata={"help": "Where the teacher runs (default: cuda if available)."})
 
 
-def _option_names(dataclass_types: Sequence[type]) -> set[str]:
-    return {f.name for cls in dataclass_types for f in fields(cls) if f.init}
+def _option_names(dataclass_types: Sequence[type]) -> dict[str, str]:
+    """Every option's name -> its declared type, as text (e.g. ``"bool"``, ``"IntervalStrategy | str"``)."""
+    return {f.name: getattr(f.type, "__name__", str(f.type)) for cls in dataclass_types for f in fields(cls) if f.init}
 
 
-def config_file_arguments(path: str, known: set[str]) -> list[str]:
+def _is_boolean(type_text: str) -> bool:
+    return type_text.replace(" ", "") in ("bool", "bool|None", "Optional[bool]")
+
+
+def config_file_arguments(path: str, known: dict[str, str] | set[str]) -> list[str]:
     """The flags a YAML (or JSON) recipe stands for: ``key: value`` -> ``--key value`` (lists -> several values;
-    `layer_map` pairs and dicts -> JSON)."""
+    `layer_map` pairs and dicts -> JSON). YAML reads an unquoted ``no`` / ``off`` as false: for an option that is not
+    a boolean (``save_strategy: no``) that means the choice "no"; an unquoted ``yes`` / ``on`` there is refused."""
     import yaml
 
     file = Path(path)
@@ -103,13 +109,20 @@ def config_file_arguments(path: str, known: set[str]) -> list[str]:
         values = yaml.safe_load(handle) or {}
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a mapping of option: value, got {type(values).__name__}.")
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"Unknown option(s) in {path}: {', '.join(unknown)}. See --help for the options.")
     argv: list[str] = []
     for key, value in values.items():
         if value is None:
             continue
+        if isinstance(value, bool) and isinstance(known, dict) and not _is_boolean(known.get(key, "bool")):
+            if value:
+                raise ValueError(
+                    f"{path}: {key}: YAML reads an unquoted yes/on/true as the boolean true, but {key} takes a word. "
+                    f"Quote the value, e.g. {key}: \"yes\"."
+                )
+            value = "no"  # `save_strategy: no` unquoted: YAML's false
         if key == "layer_map" and not isinstance(value, str) or isinstance(value, dict):
             argv += [f"--{key}", json.dumps(value)]
         elif isinstance(value, (list, tuple)):
@@ -121,11 +134,44 @@ def config_file_arguments(path: str, known: set[str]) -> list[str]:
     return argv
 
 
+#: The heading of each options group in ``--help``, in this order; the `TrainingArguments` ones come last.
+HELP_GROUPS = {
+    ModelArguments: "models (teacher, student, task)",
+    DataArguments: "data",
+    CacheArguments: "teacher cache",
+    DistillationConfig: "distillation (DistillationConfig)",
+}
+
+
+def _group_help(parser: HfArgumentParser, dataclass_types: Sequence[type]) -> None:
+    """Put each dataclass's options under its own heading in ``--help``: models, data, then the distillation fields
+    and, last, the inherited `transformers.TrainingArguments` ones (argparse would list them all as one group)."""
+    from transformers import TrainingArguments
+
+    inherited = {f.name for f in fields(TrainingArguments) if f.init}
+    groups = []
+    for cls in dataclass_types:
+        names = {f.name for f in fields(cls) if f.init}
+        if issubclass(cls, TrainingArguments):
+            groups.append((HELP_GROUPS.get(cls, cls.__name__), names - inherited))
+            groups.append(("training (transformers.TrainingArguments)", names & inherited))
+        else:
+            groups.append((HELP_GROUPS.get(cls, cls.__name__), names))
+    for title, names in groups:
+        group = parser.add_argument_group(title)
+        for action in list(parser._optionals._group_actions):
+            if action.dest in names:
+                parser._optionals._group_actions.remove(action)
+                group._group_actions.append(action)
+
+
 def parse_distill_args(
     argv: Sequence[str] | None = None,
     dataclass_types: Sequence[type] = (ModelArguments, DataArguments, DistillationConfig),
+    prog: str = "hf-distill distill",
 ) -> tuple[Any, ...]:
-    """Parse ``--config FILE`` (if any) and the flags into the dataclasses; flags win over the file."""
+    """Parse ``--config FILE`` (if any) and the flags into the dataclasses; flags win over the file. `prog` names the
+    command in ``--help``'s usage line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = None
     for i, token in enumerate(argv):
@@ -140,8 +186,10 @@ def parse_distill_args(
             del argv[i]
             break
     file_argv = config_file_arguments(config_path, _option_names(dataclass_types)) if config_path else []
-    parser = HfArgumentParser(tuple(dataclass_types))
+    parser = HfArgumentParser(tuple(dataclass_types), prog=prog,
+                              usage=f"{prog} [--config FILE.yaml] [--OPTION VALUE ...]")
     parser.add_argument("--config", default=None, help="YAML recipe; flags override it.")
+    _group_help(parser, dataclass_types)
     parsed = parser.parse_args_into_dataclasses(args=file_argv + argv)
     return tuple(parsed[: len(dataclass_types)])  # the last item is the namespace holding --config
 
@@ -164,6 +212,35 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"hf-distill: unknown command {argv[0]!r}")
         return
     command, rest = argv[0], argv[1:]
+    with clear_errors(f"hf-distill {command}"):
+        _run_command(command, rest)
+
+
+#: Errors that mean the input is wrong (not the code): shown as one line, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+class clear_errors:
+    """Context manager for the command line: a bad input (`USER_ERRORS`) ends the program with exit code 2 and one
+    line ``<command>: error: <message>`` on stderr instead of a traceback (``HF_DISTILL_TRACEBACK=1`` shows it)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __enter__(self) -> "clear_errors":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        import os
+
+        if error is None or not isinstance(error, USER_ERRORS) or os.environ.get("HF_DISTILL_TRACEBACK") == "1":
+            return False
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{self.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run_command(command: str, rest: list[str]) -> None:
     if command == "distill":
         from .pipeline import distill_main
 

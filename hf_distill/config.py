@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -24,6 +25,8 @@ ENSEMBLE_MODES = ("mean_probs", "mean_logits")
 
 TEACHER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 VOCAB_MISMATCH_MODES = ("error", "truncate")
+#: What a training step whose loss or gradient norm is not finite does (`on_nonfinite`).
+NONFINITE_MODES = ("error", "skip_step")
 
 
 @dataclass
@@ -124,6 +127,16 @@ class DistillationConfig(TrainingArguments):
             and gradients as the plain path). `"auto"`: chunks of ``2**24 // vocab`` tokens where the models allow it
             (transformers causal LMs with a plain `lm_head`, every other active signal reading no logits), the plain
             path otherwise; an integer > 0 insists (an error says why it cannot); 0: always the plain full-logits path.
+        on_nonfinite (`str`, defaults to `"error"`):
+            A training step whose loss, one of its terms or its gradient norm is NaN or infinite: `"error"` stops the
+            run at that step, before the optimizer moves the student, with an error naming the step and the terms
+            that went non-finite (under data parallelism every process stops at the same step); `"skip_step"` drops
+            that step's update (the optimizer sees no gradients; logged as `skipped_steps`) and trains on.
+        overwrite_output_dir (`bool`, defaults to `False`):
+            A run refuses an `output_dir` that holds an earlier run's checkpoints (the command line: anything at all)
+            unless it resumes from it. `True` moves the earlier contents aside into a dated folder beside it
+            (``<output_dir>.before-YYYYmmdd-HHMMSS``), so nothing is destroyed and no stale file sits beside the
+            new student.
     """
 
     temperature: float = field(
@@ -211,7 +224,19 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Causal LMs: tokens per chunk of the chunked logits/CE loss; 'auto', or 0 for full logits."},
     )
 
+    on_nonfinite: str = field(
+        default="error",
+        metadata={"help": "A step with a NaN/inf loss or gradient norm: 'error' stops the run there, 'skip_step' "
+                          "drops its update.", "choices": list(NONFINITE_MODES)},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Move an earlier run found in output_dir aside into a dated folder beside it (otherwise "
+                          "such a folder is refused unless resumed)."},
+    )
+
     def __post_init__(self) -> None:
+        check_finite_settings(self)
         super().__post_init__()
         self.validate_distillation()
 
@@ -271,10 +296,26 @@ class DistillationConfig(TrainingArguments):
                     "increasing positive global steps: the steps at which anchors 2, 3, ... take over."
                 )
         self.logits_chunk_size = parse_chunk_size(self.logits_chunk_size)
+        if self.on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(
+                f"Unknown on_nonfinite {self.on_nonfinite!r}; choose one of {', '.join(NONFINITE_MODES)}."
+            )
         if self.vocab_mismatch not in VOCAB_MISMATCH_MODES:
             raise ValueError(
                 f"Unknown vocab_mismatch {self.vocab_mismatch!r}; choose one of {', '.join(VOCAB_MISMATCH_MODES)}."
             )
+
+
+def check_finite_settings(settings: object) -> None:
+    """Refuse every float setting of a dataclass that is NaN or infinite (``temperature=inf`` trains to a NaN student,
+    ``logits_weight=nan`` silently drops its term): a `ValueError` naming each such field."""
+    bad = {f.name: getattr(settings, f.name) for f in fields(settings)
+           if isinstance(getattr(settings, f.name, None), float) and not math.isfinite(getattr(settings, f.name))}
+    if bad:
+        raise ValueError(
+            f"{', '.join(f'{k}={v}' for k, v in bad.items())}: settings must be finite numbers (NaN or infinity make "
+            "every loss and weight of the student NaN, or silently drop a term). Give finite values."
+        )
 
 
 def parse_chunk_size(value: str | int) -> str | int:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import re
+
 import datasets
 
 #: The tasks of the command line.
@@ -36,6 +38,19 @@ class DataArguments:
     block_size: int = field(default=128, metadata={"help": "Causal-LM text is packed into blocks of this length."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
+
+    def __post_init__(self) -> None:
+        """Refuse sizes that cannot mean what they say (``max_length 0`` would silently disable truncation)."""
+        for name in ("max_length", "block_size", "max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(
+                    f"--{name} must be a positive number, got {value}"
+                    + (" (omit it to keep every row)." if name.startswith("max_") and "samples" in name
+                       else " (tokens per example; e.g. 128).")
+                )
+        if self.eval_split is None and not 0 < self.eval_fraction < 1:
+            raise ValueError(f"--eval_fraction must lie in (0, 1), got {self.eval_fraction} (or give --eval_split).")
 
 
 def load_raw(dataset: str, dataset_config: str | None = None) -> datasets.DatasetDict:
@@ -89,9 +104,11 @@ def _require_columns(dataset: datasets.Dataset, columns: list[str], flags: dict[
     for column in columns:
         if column not in dataset.column_names:
             flag = flags.get(column, "--text_column")
+            hint = (" (unlabelled data: set --task_weight 0 to learn from the teacher alone)"
+                    if flag == "--label_column" else "")
             raise ValueError(
                 f"Column {column!r} is not in the dataset (columns: {dataset.column_names}); point {flag} at the "
-                "right one."
+                f"right one{hint}."
             )
 
 
@@ -103,15 +120,19 @@ class PreparedData:
     eval: datasets.Dataset
     num_labels: int | None = None
     id2label: dict[int, str] | None = None
+    labels: "LabelPlan | None" = None  #: how the label values became class ids (classification)
 
 
 def prepare_datasets(
-    task: str, train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any, data: DataArguments
+    task: str, train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any, data: DataArguments,
+    teacher_labels: dict[int, str] | None = None, teacher_num_labels: int | None = None,
+    require_labels: bool = True,
 ) -> PreparedData:
     """Tokenise both splits for `task` with the teacher's tokenizer.
 
-    Classification labels that are strings become ids (sorted names of the training split); regression labels
-    become floats; causal-LM text is concatenated and cut into `block_size` blocks (the collator makes labels);
+    Classification labels become the teacher's class ids (`label_plan`: by name where the teacher names its labels
+    (`teacher_labels`), integers by value, else the sorted names); without `require_labels` a split may have no label
+    column (unlabelled transfer data); regression labels become floats; causal-LM text is concatenated and cut into `block_size` blocks (the collator makes labels);
     masked-LM text is truncated (the MLM collator masks and makes labels).
     """
     if task not in TASKS:
@@ -120,7 +141,14 @@ def prepare_datasets(
     flags = {data.text_column: "--text_column", data.label_column: "--label_column"}
     if data.text_column_2:
         flags[data.text_column_2] = "--text_column_2"
-    labelled = task in ("sequence-classification", "regression")
+    labelled = task in ("sequence-classification", "regression") and require_labels
+    if data.text_column_2 and task in ("causal-lm", "masked-lm"):
+        raise ValueError(
+            f"--text_column_2 {data.text_column_2!r} pairs two texts for classification and regression; a {task} run "
+            "would train on --text_column alone and silently drop it. For language models put all the text in "
+            "--text_column (one column of plain text, packed into --block_size blocks); prompt-completion and chat "
+            "data are not supported yet."
+        )
     for split in (train, held_out):
         _require_columns(split, text_columns + ([data.label_column] if labelled else []), flags)
 
@@ -147,36 +175,147 @@ def prepare_datasets(
             )
         return PreparedData(out[0], out[1])
 
-    num_labels, id2label, mapping = None, None, None
+    num_labels, id2label, plan = None, None, None
+    has_labels = data.label_column in train.column_names
     if task == "regression":
         num_labels = 1
-    else:
-        feature = train.features[data.label_column]
-        if isinstance(feature, datasets.ClassLabel):
-            id2label = dict(enumerate(feature.names))
-        elif getattr(feature, "dtype", None) in ("string", "large_string") or isinstance(train[0][data.label_column], str):
-            names = sorted(set(train[data.label_column]))
-            mapping = {name: i for i, name in enumerate(names)}
-            id2label = dict(enumerate(names))
-        else:
-            values = sorted({int(v) for v in train[data.label_column]})
-            id2label = {i: str(i) for i in range(max(values) + 1)}
+    elif has_labels:
+        plan = label_plan(train, data.label_column, teacher_labels, teacher_num_labels)
+        id2label, num_labels = plan.id2label, len(plan.id2label)
+    elif teacher_labels is not None or teacher_num_labels:
+        id2label = teacher_labels or {i: f"LABEL_{i}" for i in range(teacher_num_labels)}
         num_labels = len(id2label)
 
     def encode(batch):
         texts = [batch[c] for c in text_columns]
         encoded = tokenizer(*texts, truncation=True, max_length=data.max_length)
+        if data.label_column not in batch:
+            return encoded
         labels = batch[data.label_column]
         if task == "regression":
             encoded["labels"] = [float(v) for v in labels]
-        elif mapping is not None:
-            unknown = sorted({v for v in labels if v not in mapping})
-            if unknown:
-                raise ValueError(f"Evaluation labels {unknown} never occur in the training split.")
-            encoded["labels"] = [mapping[v] for v in labels]
         else:
-            encoded["labels"] = [int(v) for v in labels]
+            encoded["labels"] = plan.ids(labels)
         return encoded
 
     prepared = [split.map(encode, batched=True, remove_columns=split.column_names) for split in (train, held_out)]
-    return PreparedData(prepared[0], prepared[1], num_labels, id2label)
+    return PreparedData(prepared[0], prepared[1], num_labels, id2label, plan)
+
+
+#: The names transformers gives labels nobody named (``LABEL_0``, ``LABEL_1``, ...): nothing to match by.
+GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
+
+
+def named_labels(config: Any) -> dict[int, str] | None:
+    """A classifier config's ``id2label`` when it names its labels, None when the names are transformers' generic
+    ``LABEL_i`` (or there is no label set)."""
+    id2label = getattr(config, "id2label", None) or {}
+    if not id2label or all(GENERIC_LABEL.match(str(name)) for name in id2label.values()):
+        return None
+    return {int(k): str(v) for k, v in id2label.items()}
+
+
+@dataclass
+class LabelPlan:
+    """How a dataset's label values become the model's class ids: ``value -> id`` (`mapping`, or by value for
+    integers when None), the label set the models get (`id2label`), how it was decided (`by`: "name", "value" or
+    "sorted"), and, where the mapping was guessed, the warning that says so."""
+
+    id2label: dict[int, str]
+    by: str
+    mapping: dict[Any, int] | None = None
+    warning: str | None = None
+
+    def ids(self, values: list[Any]) -> list[int]:
+        """The class ids of `values` (a `ValueError` names the ones outside the label set)."""
+        if self.mapping is not None:
+            unknown = sorted({str(v) for v in values if v not in self.mapping})
+            if unknown:
+                raise ValueError(
+                    f"Labels {unknown} are not in the label set {sorted(map(str, self.mapping))}: they never occur in "
+                    "the training split, or the teacher does not know them."
+                )
+            return [self.mapping[v] for v in values]
+        ids = [_integral(v) for v in values]
+        unknown = sorted({v for v in ids if not 0 <= v < len(self.id2label)})
+        if unknown:
+            raise ValueError(f"Labels {unknown} lie outside the {len(self.id2label)} classes 0..{len(self.id2label) - 1}.")
+        return ids
+
+    @property
+    def described(self) -> str:
+        """The mapping in words, e.g. ``'neg' -> 0, 'pos' -> 1``."""
+        if self.mapping is None:
+            return ", ".join(f"{i} -> {i} ({name})" for i, name in self.id2label.items())
+        return ", ".join(f"{value!r} -> {i}" for value, i in sorted(self.mapping.items(), key=lambda kv: kv[1]))
+
+
+def _integral(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise ValueError(
+            f"Classification labels must be class names or integer ids, got {value!r}. For numeric targets use "
+            "--task regression."
+        )
+    return int(value)
+
+
+def label_plan(train: datasets.Dataset, column: str, teacher_labels: dict[int, str] | None = None,
+               teacher_num_labels: int | None = None) -> LabelPlan:
+    """How the labels of `column` map to class ids, given the teacher's named labels (`teacher_labels`) and, for a
+    teacher with a trained head, its number of classes (`teacher_num_labels`).
+
+    Names map to the teacher's ids by name; integers are ids by value; a teacher without names (``LABEL_i``) gets the
+    sorted names (or a `ClassLabel`'s order) as ids 0..n-1, with a warning that the order is assumed. Labels the
+    teacher does not know are refused.
+    """
+    feature = train.features[column]
+    values = train[column]
+    if isinstance(feature, datasets.ClassLabel):
+        names, ordered = list(feature.names), True
+    elif getattr(feature, "dtype", None) in ("string", "large_string") or (values and isinstance(values[0], str)):
+        names, ordered = sorted(set(values)), False
+    else:
+        ids = sorted({_integral(v) for v in values})
+        size = teacher_num_labels or (len(teacher_labels) if teacher_labels else None)
+        if size is not None and (ids[0] < 0 or ids[-1] >= size):
+            raise ValueError(
+                f"Labels {[v for v in ids if not 0 <= v < size]} in column {column!r} are not among the teacher's "
+                f"{size} classes (ids 0..{size - 1}"
+                + (f": {teacher_labels}" if teacher_labels else "") + "). Use a teacher trained on this label set."
+            )
+        if ids[0] < 0:
+            raise ValueError(f"Labels {[v for v in ids if v < 0]} in column {column!r} are negative: class ids are 0, "
+                             "1, 2, ...")
+        id2label = teacher_labels or {i: str(i) for i in range(size or ids[-1] + 1)}
+        return LabelPlan(id2label, "value")
+    if teacher_labels is not None:
+        by_name = {name: i for i, name in teacher_labels.items()}
+        folded = {name.casefold(): i for name, i in by_name.items()}
+        mapping = {}
+        for name in names:
+            i = by_name.get(name, folded.get(str(name).casefold()) if len(folded) == len(by_name) else None)
+            if i is not None:
+                mapping[name] = i
+        unknown = [name for name in names if name not in mapping]
+        if unknown:
+            raise ValueError(
+                f"Labels {unknown} in column {column!r} are not in the teacher's label set "
+                f"{sorted(teacher_labels.values())} (its config.id2label): the teacher cannot teach them. Use a "
+                "teacher trained on these labels, or rename them to the teacher's names."
+            )
+        return LabelPlan(dict(teacher_labels), "name", mapping)
+    if teacher_num_labels is not None and len(names) > teacher_num_labels:
+        raise ValueError(
+            f"The data has {len(names)} labels {names} in column {column!r}, the teacher only {teacher_num_labels} "
+            "classes: it cannot teach the others. Use a teacher trained on this label set."
+        )
+    mapping = {name: i for i, name in enumerate(names)}
+    plan = LabelPlan(dict(enumerate(names)), "sorted", mapping)
+    if teacher_num_labels is not None:
+        order = "in the dataset's ClassLabel order" if ordered else "in sorted order"
+        plan.warning = (
+            f"The teacher's labels have no names (LABEL_0, LABEL_1, ...), so the data's labels are assumed to be its "
+            f"classes {order}: {plan.described}. If the teacher was trained with another order, its soft targets "
+            "teach the wrong classes: give the teacher's config an id2label with the names."
+        )
+    return plan

@@ -27,6 +27,8 @@ class CardInfo:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> {"teacher": v, "student": v}
     parameters: dict[str, int] = field(default_factory=dict)  # "teacher"/"student" -> count
     license: str | None = None
+    labels: str | None = None  #: how the data's labels map to class ids, e.g. "'neg' -> 0, 'pos' -> 1"
+    labels_note: str | None = None  #: why that mapping is an assumption (a teacher without label names)
 
 
 def _yaml_list(values: list[str]) -> str:
@@ -69,6 +71,8 @@ def model_card(info: CardInfo) -> str:
         lines.append(f"- task: {info.task}")
     if info.dataset:
         lines.append(f"- data: `{info.dataset}`")
+    if info.labels:
+        lines.append(f"- labels: {info.labels}" + (f" (assumed: {info.labels_note})" if info.labels_note else ""))
     active = {k: v for k, v in info.loss_weights.items() if v}
     if active:
         terms = " + ".join(f"{v:g} * {k.removesuffix('_weight')}" for k, v in active.items())
@@ -100,3 +104,38 @@ def write_model_card(folder: str, info: CardInfo) -> str:
     with open(os.path.join(folder, "README.md"), "w") as handle:
         handle.write(text)
     return text
+
+
+class hub_errors:
+    """Context manager around the Hub calls of a run (`pushing=False`: creating the repo when the Trainer starts;
+    `True`: the final upload): a failure becomes one `ValueError` that says what to check and, for the upload, that
+    the run's files are all on disk."""
+
+    def __init__(self, args: Any, pushing: bool = False) -> None:
+        self.args, self.pushing = args, pushing
+
+    def __enter__(self) -> "hub_errors":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is None or not getattr(self.args, "push_to_hub", False) or not _is_hub_error(error):
+            return False
+        repo = getattr(self.args, "hub_model_id", None) or Path(self.args.output_dir).absolute().name
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        check = ("Check the network, your token (HF_TOKEN, `hf auth login` or --hub_token), --hub_model_id and "
+                 "that HF_HUB_OFFLINE is not set")
+        if self.pushing:
+            raise ValueError(
+                f"--push_to_hub: uploading to {repo!r} failed ({reason}). Everything is on disk in "
+                f"{self.args.output_dir} (student, tokenizer, model card, _report/): push it later with `hf upload "
+                f"{repo} {self.args.output_dir}`. {check}."
+            ) from error
+        raise ValueError(f"--push_to_hub: cannot create the Hub repo {repo!r} ({reason}). {check}; or drop "
+                         "--push_to_hub. Nothing was trained.") from error
+
+
+def _is_hub_error(error: BaseException) -> bool:
+    """Whether `error` came from talking to the Hub (network, auth, offline mode), not from our code."""
+    module = type(error).__module__ or ""
+    return (module.startswith(("huggingface_hub", "requests", "httpx", "urllib3", "httpcore"))
+            or isinstance(error, (ConnectionError, TimeoutError)))

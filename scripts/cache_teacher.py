@@ -9,7 +9,9 @@ held-out split), and writes shards plus a manifest to --output_dir; rerun the sa
 build. Distil from it by loading `hf_distill.teacher_cache.load_teacher_cache(dir)` as the training set.
 """
 
+from hf_distill.cli import clear_errors
 from hf_distill.pipeline import cache_teacher_main
 
 if __name__ == "__main__":
-    cache_teacher_main()
+    with clear_errors("hf-distill cache-teacher"):
+        cache_teacher_main()

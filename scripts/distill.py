@@ -9,7 +9,9 @@ flags override. Ends with a teacher-vs-student table; saves the student, its tok
 report (`<output_dir>/_report/report.md` + report.png).
 """
 
+from hf_distill.cli import clear_errors
 from hf_distill.pipeline import distill_main
 
 if __name__ == "__main__":
-    distill_main()
+    with clear_errors("hf-distill distill"):
+        distill_main()

@@ -6,7 +6,9 @@
 Takes the same --config / data / model flags as scripts/distill.py, and every TrainingArguments field.
 """
 
+from hf_distill.cli import clear_errors
 from hf_distill.pipeline import train_teacher_main
 
 if __name__ == "__main__":
-    train_teacher_main()
+    with clear_errors("hf-distill train-teacher"):
+        train_teacher_main()

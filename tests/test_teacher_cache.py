@@ -460,3 +460,15 @@ def test_trainer_distils_from_the_cache_without_a_teacher(teacher, dataset, tmp_
     assert after < 0.8 * before
     logged = [entry for entry in first.state.log_history if "logits_loss" in entry]
     assert logged and all(math.isfinite(entry["logits_loss"]) for entry in logged)
+
+
+def test_a_truncated_shard_is_named_with_the_fix(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    shard = sorted(copy.glob("*/*.arrow"))[0]
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size // 2)
+    with pytest.raises(ValueError, match=f"shard {shard}.*truncated or corrupt.*hf-distill cache-teacher"):
+        load_teacher_cache(copy)

@@ -11,8 +11,9 @@ those of the plain path.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -107,18 +108,39 @@ class FinalHiddenTap:
         self._handle.remove()
 
 
-def check_head_reproduces_logits(head: OutputHead, hidden: torch.Tensor, logits: torch.Tensor, who: str) -> None:
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of `hidden` and `weight` runs in here: autocast's when it is on for their device, else the
+    inputs' (the lower-precision one)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype if torch.finfo(hidden.dtype).eps >= torch.finfo(weight.dtype).eps else weight.dtype
+
+
+def head_tolerance(dtype: torch.dtype) -> float:
+    """Largest relative difference accepted between two computations of the same logits in `dtype`:
+    ``max(1e-3, 2 * eps(dtype))`` (1e-3 in float32, 1.6e-2 in bfloat16, 2e-3 in float16)."""
+    return max(1e-3, 2 * torch.finfo(dtype).eps)
+
+
+def check_head_reproduces_logits(head: OutputHead, hidden: torch.Tensor, logits: torch.Tensor, who: str,
+                                 precision: Callable[[], ContextManager] = nullcontext) -> None:
     """The model returned the logits of its last position (``logits_to_keep=1``): recomputing them from the captured
-    hidden state must agree, else the model does something to its logits that the chunked path would miss."""
-    ours = head.logits(hidden[:, -1:, :]).float()
+    hidden state, in the precision the model's forward ran in (`precision`: e.g. the accelerator's autocast), must
+    agree within that precision's `head_tolerance`, else the model does something to its logits that the chunked
+    path would miss."""
+    with precision():
+        ours = head.logits(hidden[:, -1:, :]).float()
+        tolerance = head_tolerance(compute_dtype(hidden, head.weight))
     theirs = logits[:, -1:, :].float()
     scale = theirs.abs().max().clamp_min(1e-6)
     error = ((ours - theirs).abs().max() / scale).item()
-    if error > 1e-3:
+    if error > tolerance:
         raise ValueError(
             f"The chunked logits loss recomputes the {who}'s logits from its final hidden state and output layer, but "
-            f"they differ from the model's own logits (max relative difference {error:.2e}): this model changes its "
-            "logits in a way the chunked path does not know. Set logits_chunk_size=0 to use the full logits."
+            f"they differ from the model's own logits (max relative difference {error:.2e}, more than the "
+            f"{tolerance:.1e} its precision allows): this model changes its logits in a way the chunked path does not "
+            "know. Set logits_chunk_size=0 to use the full logits."
         )
 
 
@@ -131,7 +153,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     (total, S as a vector in `names` order, non-differentiable). Gradients are formed in the forward, per chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head_softcap, terms_fn, names, coefficients, chunk_size):
+    def forward(ctx, hidden, weight, bias, head_softcap, terms_fn, names, coefficients, chunk_size, precision):
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         want_grad = needs_hidden or needs_weight or needs_bias
         n = hidden.shape[0]
@@ -146,11 +168,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h = hidden[start:end]
+            with precision():  # the student's output layer in the precision of its forward (autocast), as the model
+                z = F.linear(h, w, b)
             with torch.enable_grad():
-                z = F.linear(h, w, b).detach().requires_grad_(want_grad)
+                z = z.float().detach().requires_grad_(want_grad)
                 capped = torch.tanh(z / head_softcap) * head_softcap if head_softcap is not None else z
                 terms = terms_fn(capped, start, end)
-                weighted = sum(coefficients[k] * terms[k].float() for k in names)
+                weighted = sum((coefficients[k] * terms[k].float() for k in names), torch.zeros((), device=z.device))
                 if want_grad and weighted.requires_grad:
                     (grad_z,) = torch.autograd.grad(weighted, z)
                 else:
@@ -180,7 +204,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         def scaled(g):
             return None if g is None else g * scale.to(g.dtype)
 
-        return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None, None, None, None
+        return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None, None, None, None, None
 
 
 def chunked_head_losses(
@@ -189,15 +213,17 @@ def chunked_head_losses(
     terms_fn: TermsFn,
     coefficients: dict[str, float | torch.Tensor],
     chunk_size: int,
+    precision: Callable[[], ContextManager] = nullcontext,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Chunk by chunk over the rows of `hidden` (``[N, H]``, the counted positions): ``S_k = sum_rows terms_k(z)``
-    with ``z = head(hidden)``. Returns ``(sum_k c_k * S_k, {k: S_k})``: the first carries the gradient with respect
-    to `hidden` and the head's parameters, the sums are detached (for logs)."""
+    with ``z = head(hidden)`` computed under `precision` (the autocast the student's forward ran in; z is then used
+    in float32, as the plain path's logits). Returns ``(sum_k c_k * S_k, {k: S_k})``: the first carries the gradient
+    with respect to `hidden` and the head's parameters, the sums are detached (for logs)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     names = tuple(coefficients)
     total, sums = _ChunkedHeadLoss.apply(
-        hidden, head.weight, head.bias, head.softcap, terms_fn, names, coefficients, int(chunk_size)
+        hidden, head.weight, head.bias, head.softcap, terms_fn, names, coefficients, int(chunk_size), precision
     )
     return total, {name: sums[i].float() for i, name in enumerate(names)}
 
@@ -223,7 +249,8 @@ class OutputTerms:
     - ``logits``: ``sum_rows D(z_s, z_t)`` with `signal` (a `LogitsSignal`), the teacher logits from each of
       `teacher_heads` applied to its `teacher_hidden` rows (combined by `combine`), or from `cached` top-k targets;
     - ``agreement``: the number of rows whose student and teacher top-1 agree (evaluation).
-    `shared_vocab` cuts both to the first ids for the teacher comparison (vocab_mismatch="truncate").
+    `shared_vocab` cuts both to the first ids for the teacher comparison (vocab_mismatch="truncate"). The teacher
+    heads run under `precision` (the autocast the teachers' forwards ran in) and are compared in float32.
     """
 
     labels: torch.Tensor | None = None
@@ -234,6 +261,7 @@ class OutputTerms:
     cached: CachedTargets | None = None
     shared_vocab: int | None = None
     agreement: bool = False
+    precision: Callable[[], ContextManager] = nullcontext
 
     def __call__(self, z: torch.Tensor, start: int, end: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -252,8 +280,8 @@ class OutputTerms:
                     signal.jsd_beta, signal.scale_by_temperature_squared,
                 ).sum()
         else:
-            with torch.no_grad():
-                each = [head.logits(h[start:end]) for head, h in zip(self.teacher_heads, self.teacher_hidden)]
+            with torch.no_grad(), self.precision():
+                each = [head.logits(h[start:end]).float() for head, h in zip(self.teacher_heads, self.teacher_hidden)]
                 teacher = self.combine(each) if self.combine is not None else each[0]
                 if self.shared_vocab is not None:
                     teacher = teacher[:, : self.shared_vocab]

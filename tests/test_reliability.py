@@ -1,0 +1,373 @@
+"""Bad input, tried as a new user would: every case gets a clear error that names the problem and the fix, before
+training, and leaves everything on disk as it was (the whole workspace is fingerprinted before and after).
+
+`CASES` is the list `docs/reliability.md` is made from: ``python -m tests.test_reliability`` runs every case and
+writes the table with the messages the user really sees; `test_bad_input_is_refused_and_nothing_changes` checks each
+case's message against its row, so the table cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # (before huggingface_hub is imported: `python -m tests.test_reliability`)
+
+import contextlib
+import hashlib
+import io
+import math
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import datasets
+import pytest
+import torch
+
+from hf_distill import DistillationConfig, DistillationTrainer
+
+from .conftest import classification_dataset, tiny_bert
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "reliability.md"
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(55)]
+
+
+# ---- the workspace: what a user has on disk ------------------------------------------------------------------------
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, 55, (int(k),), generator=g))
+            for k in torch.randint(3, 10, (n,), generator=g)]
+
+
+def save_teacher(folder: Path, num_labels: int = 2, id2label: dict[int, str] | None = None, seed: int = 1,
+                 spread_over: list[str] | None = None) -> Path:
+    """A tiny BERT classifier with its tokenizer; `spread_over`: texts whose mean logits the head's bias cancels, so
+    that its predictions on them spread over the classes (a random head predicts one class for everything)."""
+    from transformers import BertTokenizer
+
+    teacher = tiny_bert(num_labels=num_labels, layers=4, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(WORDS))
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    if spread_over:
+        with torch.no_grad():
+            logits = teacher.eval()(**tokenizer(spread_over, padding=True, return_tensors="pt")).logits
+            teacher.classifier.bias.sub_(logits.mean(0))
+            teacher.classifier.weight.mul_(10.0 / max(float(logits.std(0).mean()), 1e-6))
+            teacher.classifier.bias.mul_(10.0 / max(float(logits.std(0).mean()), 1e-6))
+    teacher.config.vocab_size = len(WORDS)
+    if id2label:
+        teacher.config.id2label, teacher.config.label2id = id2label, {v: k for k, v in id2label.items()}
+    teacher.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_workspace(root: Path) -> Path:
+    """Teachers (generic labels, named labels, a truncated one), data files, an earlier run, a file, recipes."""
+    root.mkdir(parents=True, exist_ok=True)
+    save_teacher(root / "teacher")
+    save_teacher(root / "teacher-named", 3, {0: "pos", 1: "neu", 2: "neg"})
+    shutil.copytree(root / "teacher", root / "teacher-broken")
+    weights = root / "teacher-broken" / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    texts = _texts(40, 0)
+    table = {
+        "train.csv": ["good" if i % 2 else "bad" for i in range(40)],
+        "three.csv": [["pos", "neu", "neg", "meh"][i % 4] for i in range(40)],
+        "ints.csv": [[0, 1, 7][i % 3] for i in range(40)],
+        "floats.csv": [[0.5, 1.0, 0.0][i % 3] for i in range(40)],
+    }
+    for name, labels in table.items():
+        datasets.Dataset.from_dict({"sentence": texts, "label": labels}).to_csv(str(root / name), index=False)
+    earlier = root / "earlier-run"
+    (earlier / "checkpoint-7").mkdir(parents=True)
+    (earlier / "checkpoint-7" / "model.safetensors").write_bytes(b"precious weights")
+    (earlier / "adapter_config.json").write_text("{}")
+    (root / "a-file.txt").write_text("not a folder")
+    (root / "recipe-yes.yaml").write_text("save_strategy: yes\n")
+    (root / "recipe-typo.yaml").write_text("temprature: 2.0\n")
+    return root
+
+
+def fingerprint(root: Path) -> dict[str, str]:
+    """Every file and folder under `root` with its content hash: any change, addition or removal shows."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        out[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return out
+
+
+def base_argv(ws: Path, name: str, **changes: str | None) -> list[str]:
+    """A tiny, valid `distill` command in the workspace; `changes` set (or, with None, drop) flags."""
+    flags = {
+        "teacher": str(ws / "teacher"), "student_layers": "2", "dataset": str(ws / "train.csv"),
+        "text_column": "sentence", "output_dir": str(ws / f"out-{name}"), "max_steps": "2",
+        "per_device_train_batch_size": "8", "report_to": "none", "save_strategy": "no", "use_cpu": "true",
+        "disable_tqdm": "true",
+    }
+    flags.update(changes)
+    argv = []
+    for key, value in flags.items():
+        if value is not None:
+            argv += [f"--{key}", *value.split(" ")] if key != "teacher_route" else [f"--{key}", *value.split(",")]
+    return argv
+
+
+def distill(ws: Path, name: str, **changes: str | None) -> None:
+    from hf_distill.pipeline import distill_main
+
+    distill_main(base_argv(ws, name, **changes))
+
+
+def train_teacher(ws: Path, name: str, **changes: str | None) -> None:
+    from hf_distill.pipeline import train_teacher_main
+
+    train_teacher_main(base_argv(ws, name, **{"student_layers": None, **changes}))
+
+
+def api_trainer(ws: Path, name: str, data=None, model=None, **args) -> None:
+    settings = dict(output_dir=str(ws / f"out-{name}"), report_to=[], use_cpu=True, save_strategy="no", max_steps=2,
+                    per_device_train_batch_size=4, disable_tqdm=True)
+    settings.update(args)
+    trainer = DistillationTrainer(model=model or tiny_bert(layers=1), teacher_model=tiny_bert(),
+                                  args=DistillationConfig(**settings),
+                                  train_dataset=data if data is not None else classification_dataset())
+    trainer.train()
+
+
+def offline(run: Callable[[], None]) -> None:
+    """`run` with the Hub in offline mode, as on a machine without network (HF_HUB_OFFLINE=1)."""
+    import huggingface_hub.constants as constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        run()
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _labels(values) -> datasets.Dataset:
+    data = classification_dataset(n=8)
+    return data.remove_columns("labels").add_column("labels", values)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: its name, the issue item it belongs to, what the user did, how to do it, and a pattern the
+    message must match."""
+
+    name: str
+    item: str
+    what: str
+    run: Callable[[Path], None]
+    expect: str
+
+
+def _case(name, item, what, run, expect):
+    return Case(name, item, what, run, expect)
+
+
+CASES: list[Case] = [
+    # 1. labels
+    _case("label-unknown-to-the-teacher", "labels", "data label `meh`; the teacher's labels are pos / neu / neg",
+          lambda ws: distill(ws, "l1", teacher=str(ws / "teacher-named"), dataset=str(ws / "three.csv")),
+          r"Labels \['meh'\] .* not in the teacher's label set \['neg', 'neu', 'pos'\]"),
+    _case("label-id-outside-the-teacher", "labels", "integer label 7 with a 3-class teacher",
+          lambda ws: distill(ws, "l2", teacher=str(ws / "teacher-named"), dataset=str(ws / "ints.csv")),
+          r"Labels \[7\] .* not among the teacher's 3 classes"),
+    _case("more-labels-than-an-unnamed-teacher", "labels", "4 label names, an unnamed (LABEL_i) 2-class teacher",
+          lambda ws: distill(ws, "l3", dataset=str(ws / "three.csv")),
+          r"4 labels .* the teacher only 2 classes"),
+    _case("float-labels-on-the-command-line", "labels", "labels 0.5 / 1.0 for sequence-classification",
+          lambda ws: distill(ws, "l4", dataset=str(ws / "floats.csv")),
+          r"class names or integer ids, got 0.5.*--task regression"),
+    _case("api-label-outside-num-labels", "labels", "Python API: label 5 for a 3-class student",
+          lambda ws: api_trainer(ws, "l5", data=_labels([0, 1, 5, 2, 1, 0, 2, 1])),
+          r"labels \[5\] outside \[0, 3\)"),
+    _case("api-float-labels", "labels", "Python API: float labels for a classifier",
+          lambda ws: api_trainer(ws, "l6", data=_labels([0.0, 1.5, 2.0, 1.0, 0.0, 2.0, 1.0, 0.0])),
+          r"holds floats .*\(floats would be truncated\)"),
+    # 2. non-finite settings
+    _case("temperature-inf", "non-finite", "`--temperature inf`",
+          lambda ws: distill(ws, "n1", temperature="inf"), r"temperature=inf: settings must be finite"),
+    _case("hidden-weight-inf", "non-finite", "`--hidden_weight inf`",
+          lambda ws: distill(ws, "n2", hidden_weight="inf"), r"hidden_weight=inf: settings must be finite"),
+    _case("logits-weight-nan", "non-finite", "`--logits_weight nan`",
+          lambda ws: distill(ws, "n3", logits_weight="nan"), r"logits_weight=nan: settings must be finite"),
+    _case("learning-rate-nan", "non-finite", "`--learning_rate nan`",
+          lambda ws: distill(ws, "n4", learning_rate="nan"), r"learning_rate=nan: settings must be finite"),
+    _case("api-temperature-inf", "non-finite", "Python API: `DistillationConfig(temperature=math.inf)`",
+          lambda ws: api_trainer(ws, "n5", temperature=math.inf), r"temperature=inf: settings must be finite"),
+    _case("temperature-zero", "non-finite", "`--temperature 0`",
+          lambda ws: distill(ws, "n6", temperature="0"), r"temperature must be > 0"),
+    _case("negative-weight", "settings", "`--logits_weight -1`",
+          lambda ws: distill(ws, "n7", logits_weight="-1"), r"Loss weights must be >= 0"),
+    _case("all-weights-zero", "settings", "`--task_weight 0 --logits_weight 0`",
+          lambda ws: distill(ws, "n8", task_weight="0", logits_weight="0"), r"All loss weights are zero"),
+    _case("jsd-beta-outside", "settings", "`--jsd_beta 2`",
+          lambda ws: distill(ws, "n9", jsd_beta="2"), r"jsd_beta must lie in \[0, 1\]"),
+    # 3. text silently dropped
+    _case("text-column-2-causal-lm", "dropped text", "`--task causal-lm --text_column_2 completion`",
+          lambda ws: distill(ws, "t1", task="causal-lm", text_column_2="label"),
+          r"--text_column_2 'label' .* causal-lm run would train on --text_column alone"),
+    _case("text-column-2-masked-lm", "dropped text", "`--task masked-lm --text_column_2 ...`",
+          lambda ws: distill(ws, "t2", task="masked-lm", text_column_2="label"),
+          r"masked-lm run would train on --text_column alone"),
+    # 7. output folders
+    _case("output-dir-holds-an-earlier-run", "output folder", "`--output_dir` with an earlier run's checkpoints",
+          lambda ws: distill(ws, "o1", output_dir=str(ws / "earlier-run")),
+          r"already holds an earlier run \(adapter_config.json, checkpoint-7\).*--overwrite_output_dir true"),
+    _case("train-teacher-into-an-earlier-run", "output folder", "`train-teacher --output_dir` with an earlier run",
+          lambda ws: train_teacher(ws, "o2", output_dir=str(ws / "earlier-run")),
+          r"already holds an earlier run .*--resume_from_checkpoint true"),
+    _case("api-train-into-checkpoints", "output folder",
+          "Python API: `trainer.train()` into a folder with `checkpoint-*` folders",
+          lambda ws: api_trainer(ws, "o3", output_dir=str(ws / "earlier-run")),
+          r"already holds an earlier run \(checkpoint-7\).*train\(resume_from_checkpoint=True\).*overwrite_output_dir=True"),
+    _case("output-dir-is-a-file", "output folder", "`--output_dir` naming an existing file",
+          lambda ws: distill(ws, "o4", output_dir=str(ws / "a-file.txt")), r"is a file, not a folder"),
+    _case("resume-true-without-checkpoints", "output folder", "`--resume_from_checkpoint true`, nothing to resume",
+          lambda ws: distill(ws, "o5", resume_from_checkpoint="true"), r"holds no checkpoint-\* folder to resume"),
+    _case("resume-from-a-missing-folder", "output folder", "`--resume_from_checkpoint ./nowhere`",
+          lambda ws: distill(ws, "o6", resume_from_checkpoint=str(ws / "nowhere")), r"no such checkpoint folder"),
+    # 8. the Hub
+    _case("push-without-network", "hub", "`--push_to_hub true` with no network (HF_HUB_OFFLINE=1)",
+          lambda ws: offline(lambda: distill(ws, "h1", push_to_hub="true", hub_model_id="me/student")),
+          r"cannot create the Hub repo 'me/student' .*Check the network, your token.*Nothing was trained"),
+    # 9. flags and messages
+    _case("teacher-folder-missing", "flags", "`--teacher runs/nowhere/teacher` (a typo in the path)",
+          lambda ws: distill(ws, "f1", teacher=str(ws / "runs" / "nowhere")), r"--teacher '.*nowhere': no such folder"),
+    _case("teacher-is-a-file", "flags", "`--teacher` naming a file",
+          lambda ws: distill(ws, "f2", teacher=str(ws / "a-file.txt")), r"--teacher '.*a-file.txt' is a file"),
+    _case("student-folder-missing", "flags", "`--student ./nowhere`",
+          lambda ws: distill(ws, "f3", student_layers=None, student=str(ws / "nowhere")),
+          r"--student '.*nowhere': no such folder"),
+    _case("student-layers-zero", "flags", "`--student_layers 0`",
+          lambda ws: distill(ws, "f4", student_layers="0"), r"--student_layers must be at least 1"),
+    _case("student-and-student-layers", "flags", "`--student X --student_layers 2`",
+          lambda ws: distill(ws, "f5", student=str(ws / "teacher")), r"either --student .* or --student_layers"),
+    _case("truncated-teacher-weights", "flags", "a truncated `model.safetensors` in the teacher folder",
+          lambda ws: distill(ws, "f6", teacher=str(ws / "teacher-broken")),
+          r"weights file .*teacher-broken/model.safetensors cannot be read .*truncated or corrupt"),
+    _case("max-length-negative", "flags", "`--max_length -1`",
+          lambda ws: distill(ws, "f7", max_length="-1"), r"--max_length must be a positive number, got -1"),
+    _case("max-length-zero", "flags", "`--max_length 0`",
+          lambda ws: distill(ws, "f8", max_length="0"), r"--max_length must be a positive number, got 0"),
+    _case("block-size-zero", "flags", "`--block_size 0`",
+          lambda ws: distill(ws, "f9", block_size="0"), r"--block_size must be a positive number"),
+    _case("max-train-samples-zero", "flags", "`--max_train_samples 0`",
+          lambda ws: distill(ws, "f10", max_train_samples="0"), r"--max_train_samples must be a positive number"),
+    _case("eval-fraction-one", "flags", "`--eval_fraction 1`",
+          lambda ws: distill(ws, "f11", eval_fraction="1"), r"--eval_fraction must lie in \(0, 1\)"),
+    _case("yaml-unquoted-yes", "flags", "a recipe with `save_strategy: yes` (YAML's true)",
+          lambda ws: distill(ws, "f12", config=str(ws / "recipe-yes.yaml")), r"save_strategy: YAML reads an unquoted"),
+    _case("yaml-unknown-option", "flags", "a recipe with a typo (`temprature: 2.0`)",
+          lambda ws: distill(ws, "f13", config=str(ws / "recipe-typo.yaml")), r"Unknown option\(s\) in .*temprature"),
+    _case("yaml-missing", "flags", "`--config` naming a missing file",
+          lambda ws: distill(ws, "f14", config=str(ws / "nowhere.yaml")), r"Config file .* does not exist"),
+    _case("route-anchor-missing", "flags", "`--teacher_route` with a missing checkpoint folder",
+          lambda ws: distill(ws, "f15", teacher_route=f"{ws / 'teacher'},{ws / 'nowhere' / 'ckpt'}"),
+          r"--teacher_route '.*nowhere/ckpt': no such folder"),
+    _case("route-and-cache", "flags", "`--teacher_route` together with `--teacher_cache`",
+          lambda ws: distill(ws, "f16", teacher_route=str(ws / "teacher"), teacher_cache=str(ws / "teacher")),
+          r"--teacher_route and --teacher_cache are two different teachers"),
+    _case("no-teacher", "flags", "no `--teacher`",
+          lambda ws: distill(ws, "f17", teacher=None), r"--teacher is required"),
+    _case("dataset-file-missing", "data", "`--dataset ./nowhere.csv`",
+          lambda ws: distill(ws, "d1", dataset=str(ws / "nowhere.csv")), r"Dataset file .*nowhere.csv' does not exist"),
+    _case("text-column-missing", "data", "`--text_column review` (not in the data)",
+          lambda ws: distill(ws, "d2", text_column="review"), r"Column 'review' is not in the dataset.*--text_column"),
+    _case("label-column-missing-with-task-loss", "data", "no label column, task loss on",
+          lambda ws: distill(ws, "d3", label_column="stars"), r"Column 'stars' is not in the dataset.*--label_column"),
+    _case("unknown-task", "flags", "`--task translation`",
+          lambda ws: distill(ws, "a1", task="translation"), r"argument --task: invalid choice: 'translation'"),
+    _case("unknown-on-nonfinite", "flags", "`--on_nonfinite ignore`",
+          lambda ws: distill(ws, "a2", on_nonfinite="ignore"), r"argument --on_nonfinite/--on-nonfinite: invalid choice"),
+    _case("unknown-logits-loss", "flags", "`--logits_loss kl`",
+          lambda ws: distill(ws, "a3", logits_loss="kl"), r"argument --logits_loss/--logits-loss: invalid choice: 'kl'"),
+]
+
+
+def run_case(case: Case, ws: Path) -> str:
+    """Run a case; the message the user sees (argparse's for its own refusals), with the workspace path as <ws>."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            case.run(ws)
+    except SystemExit:
+        message = stderr.getvalue().strip().splitlines()[-1]
+    except Exception as error:  # noqa: BLE001 - what the user sees is the point
+        message = str(error)
+    else:
+        raise AssertionError(f"{case.name}: no error")
+    return " ".join(message.replace(str(ws), "<ws>").split())
+
+
+def table(messages: dict[str, str]) -> str:
+    """docs/reliability.md: one row per case, in `CASES` order."""
+    rows = ["# Reliability: bad input and what the user sees", "",
+            "Generated by `python -m tests.test_reliability` from the test suite's own list of cases "
+            "(`tests/test_reliability.py::CASES`); `test_bad_input_is_refused_and_nothing_changes` runs every case, "
+            "checks that the message below is the one the user sees and that nothing on disk changed (every file "
+            "and folder of the workspace hashed before and after). `<ws>` stands for the workspace folder. The "
+            "command line shows each message as one line, `hf-distill distill: error: <message>`, exit code 2 "
+            "(argparse's own refusals: its usage line and the message).", "",
+            f"{len(CASES)} cases.", "",
+            "| case | item | bad input | what the user sees | on disk |", "|---|---|---|---|---|"]
+    for case in CASES:
+        message = messages[case.name].replace("|", "\\|")
+        rows.append(f"| `{case.name}` | {case.item} | {case.what} | {message} | unchanged |")
+    return "\n".join(rows) + "\n"
+
+
+def documented() -> dict[str, str]:
+    rows = {}
+    for line in DOC.read_text().splitlines() if DOC.exists() else []:
+        found = re.match(r"\| `([^`]+)` \| [^|]* \| .*? \| (.*) \| unchanged \|$", line)
+        if found:
+            rows[found.group(1)] = found.group(2).replace("\\|", "|")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("reliability") / "ws")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_bad_input_is_refused_and_nothing_changes(case, workspace):
+    before = fingerprint(workspace)
+    message = run_case(case, workspace)
+    assert re.search(case.expect, message), message
+    assert fingerprint(workspace) == before
+    assert documented().get(case.name) == message, (
+        f"docs/reliability.md is out of date for {case.name}: run `python -m tests.test_reliability`")
+
+
+def test_the_table_lists_every_case_and_no_other():
+    assert len(CASES) >= 40 and len({case.name for case in CASES}) == len(CASES)
+    assert list(documented()) == [case.name for case in CASES]
+
+
+def main() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        ws = make_workspace(Path(folder) / "ws")
+        messages = {case.name: run_case(case, ws) for case in CASES}
+    DOC.write_text(table(messages))
+    print(f"wrote {DOC} ({len(CASES)} cases)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
