@@ -124,7 +124,8 @@ class NonFiniteGuard:
             return False
         terms = [name for i, name in enumerate(self.names)
                  if name != "loss" and bool(every[:, i].any())]
-        ranks = [r for r in range(every.shape[0]) if bool(every[r].any())]
+        losses = every[:, :-1]  # where the loss went non-finite (the gradient norm is shared once gradients are reduced)
+        ranks = [r for r in range(every.shape[0]) if bool((losses if bool(losses.any()) else every)[r].any())]
         what = (f"the term(s) {', '.join(terms)}" if terms else
                 "the total loss" if bool(every[:, 0].any()) else "the gradient norm (every loss term was finite)")
         where = f" on process(es) {ranks}" if every.shape[0] > 1 else ""

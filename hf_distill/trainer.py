@@ -37,7 +37,14 @@ from .modeling import (
 )
 from .output_dir import API_WORDS, prepare_output_dir
 from .positions import PositionUnit, align_labels, batch_size_of, infer_position_unit, position_mask, token_mask
-from .safety import NonFiniteGuard, check_finite_weights, check_label_values, check_one_run, drop_gradients
+from .safety import (
+    NonFiniteGuard,
+    check_finite_weights,
+    check_label_values,
+    check_one_run,
+    classification_labels,
+    drop_gradients,
+)
 from .signal_modules import ATTACHED_NAME, SignalModules
 from .signals import Signal, SignalView, task_loss_sum
 from .signals.build import TEACHER_WEIGHT_FIELDS, build_signals
@@ -174,8 +181,9 @@ class DistillationTrainer(Trainer):
                 f"{', '.join(f'{k}={v}' for k, v in teacher_terms.items())} compares the student with a teacher, so "
                 "it needs a teacher: pass teacher_model=..., or set it to 0 to train on the task loss alone."
             )
-        if any(getattr(args, f) > 0 for f in LABEL_WEIGHT_FIELDS):  # before the Trainer writes anything
-            check_label_values(kwargs.get("train_dataset"), model, ("labels",))
+        sizes = {classification_labels(m) for m in (model, *teachers)}
+        if any(getattr(args, f) > 0 for f in LABEL_WEIGHT_FIELDS) and len(sizes) == 1:  # (else: the size check says it)
+            check_label_values(kwargs.get("train_dataset"), model, ("labels",))  # before the Trainer writes anything
         super().__init__(model=model, args=args, **kwargs)
         # Built after the Trainer has seeded the RNGs, so projections start the same way in every run with one seed.
         self.signals = build_signals(args, model, teachers[0] if teachers else None)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import datasets
 import pytest
@@ -462,11 +463,8 @@ def test_trainer_distils_from_the_cache_without_a_teacher(teacher, dataset, tmp_
     assert logged and all(math.isfinite(entry["logits_loss"]) for entry in logged)
 
 
-def test_a_truncated_shard_is_named_with_the_fix(cache, tmp_path):
-    import shutil
-
-    copy = tmp_path / "cache"
-    shutil.copytree(cache, copy)
+def test_a_truncated_shard_is_named_with_the_fix(teacher, dataset, tmp_path):
+    copy = Path(build(teacher, dataset, tmp_path / "cache"))
     shard = sorted(copy.glob("*/*.arrow"))[0]
     with open(shard, "r+b") as handle:
         handle.truncate(shard.stat().st_size // 2)

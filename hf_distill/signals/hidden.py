@@ -113,7 +113,7 @@ def attention_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> to
     tiny = torch.finfo(student_probs.dtype).tiny
     log_t = teacher_probs.clamp_min(tiny).log()
     log_s = student_probs.clamp_min(tiny).log()
-    terms = torch.where(teacher_probs > 0, teacher_probs * (log_t - log_s), torch.zeros_like(teacher_probs))
+    terms = torch.where(teacher_probs == 0, torch.zeros_like(teacher_probs), teacher_probs * (log_t - log_s))
     return terms.sum(dim=-1).mean(dim=1)
 
 

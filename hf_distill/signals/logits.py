@@ -18,9 +18,9 @@ SOFT_LOSSES: frozenset[str] = frozenset({"forward_kl", "reverse_kl", "jsd", "tvd
 
 
 def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p_v (log p_v - log q_v) per row, with 0 * log 0 = 0."""
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) per row, with 0 * log 0 = 0 (a NaN p stays NaN: never dropped)."""
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    terms = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
     return terms.sum(dim=-1)
 
 
