@@ -292,7 +292,8 @@ def check_model_arguments(model_args: ModelArguments, args: DistillationConfig) 
     if model_args.student and model_args.student_layers:
         raise ValueError("Give either --student (a model to start from) or --student_layers (cut from the teacher), "
                          "not both.")
-    resolve_source(model_args.teacher) if model_args.teacher and not model_args.teacher.startswith("asset:") else None
+    if model_args.teacher and not model_args.teacher.startswith("asset:"):
+        resolve_source(model_args.teacher)
     if model_args.student and not model_args.student.startswith("asset:"):
         resolve_source(model_args.student, "--student")
     for anchor in args.teacher_route or []:
