@@ -96,7 +96,7 @@ def _is_boolean(type_text: str) -> bool:
     return type_text.replace(" ", "") in ("bool", "bool|None", "Optional[bool]")
 
 
-def config_file_arguments(path: str, known: dict[str, str] | set[str]) -> list[str]:
+def config_file_arguments(path: str, known: dict[str, str]) -> list[str]:
     """The flags a YAML (or JSON) recipe stands for: ``key: value`` -> ``--key value`` (lists -> several values;
     `layer_map` pairs and dicts -> JSON). YAML reads an unquoted ``no`` / ``off`` as false: for an option that is not
     a boolean (``save_strategy: no``) that means the choice "no"; an unquoted ``yes`` / ``on`` there is refused."""
@@ -109,14 +109,14 @@ def config_file_arguments(path: str, known: dict[str, str] | set[str]) -> list[s
         values = yaml.safe_load(handle) or {}
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a mapping of option: value, got {type(values).__name__}.")
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(set(values) - known.keys())
     if unknown:
         raise ValueError(f"Unknown option(s) in {path}: {', '.join(unknown)}. See --help for the options.")
     argv: list[str] = []
     for key, value in values.items():
         if value is None:
             continue
-        if isinstance(value, bool) and isinstance(known, dict) and not _is_boolean(known.get(key, "bool")):
+        if isinstance(value, bool) and not _is_boolean(known[key]):
             if value:
                 raise ValueError(
                     f"{path}: {key}: YAML reads an unquoted yes/on/true as the boolean true, but {key} takes a word. "

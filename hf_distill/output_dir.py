@@ -67,15 +67,21 @@ def move_aside(folder: str) -> str:
     return str(target)
 
 
-def prepare_output_dir(args, resuming: bool, checkpoints_only: bool = False,
-                       words: tuple[str, str] = CLI_WORDS) -> str | None:
-    """`check_output_dir` on every process, then the main process moves an earlier run aside (the others wait for it).
-    `args`: `TrainingArguments` with `overwrite_output_dir`. Returns where the earlier run went, or None."""
-    if not check_output_dir(args.output_dir, resuming, getattr(args, "overwrite_output_dir", False),
-                            checkpoints_only, words):
-        return None
+def move_aside_on_main(args) -> str | None:
+    """`move_aside(args.output_dir)` on the main process while the others wait for it (`args`: `TrainingArguments`);
+    returns the earlier run's new name on the main process, None on the others."""
     moved = None
     with args.main_process_first(local=False, desc="moving the earlier run aside"):
         if args.process_index == 0:
             moved = move_aside(args.output_dir)
     return moved
+
+
+def prepare_output_dir(args, resuming: bool, checkpoints_only: bool = False,
+                       words: tuple[str, str] = CLI_WORDS) -> str | None:
+    """`check_output_dir` on every process, then `move_aside_on_main` where it says so. `args`: `TrainingArguments`
+    with `overwrite_output_dir`. Returns where the earlier run went, or None."""
+    if not check_output_dir(args.output_dir, resuming, getattr(args, "overwrite_output_dir", False),
+                            checkpoints_only, words):
+        return None
+    return move_aside_on_main(args)

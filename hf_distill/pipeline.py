@@ -29,7 +29,7 @@ from .cli import CacheArguments, ModelArguments, parse_distill_args
 from .config import DistillationConfig
 from .data import DataArguments, PreparedData, load_raw, named_labels, prepare_datasets, split_dataset
 from .hub import CardInfo, hub_errors
-from .output_dir import check_output_dir, prepare_output_dir
+from .output_dir import check_output_dir, move_aside_on_main
 from .signal_modules import ATTACHED_NAME
 from .students import model_depth, shrink_model
 from .teacher_cache import build_teacher_cache, cache_manifest, cache_size, load_teacher_cache
@@ -68,13 +68,13 @@ def resolve_source(source: str, flag: str = "--teacher") -> str:
 
 
 def load_model(source: str, task: str, data: PreparedData | None, gguf_file: str | None = None,
-               trust_remote_code: bool = False, flag: str = "--teacher", labels: bool = True) -> torch.nn.Module:
-    """A model for `task` from a Hub id / folder / asset (GGUF dequantised to float32). With `labels`, a classifier
-    gets the data's label set (`data.id2label`: the teacher's own when it names its labels)."""
+               trust_remote_code: bool = False, flag: str = "--teacher") -> torch.nn.Module:
+    """A model for `task` from a Hub id / folder / asset (GGUF dequantised to float32); a classifier gets the data's
+    label set (`data.id2label`: the teacher's own when it names its labels). `flag` names the source in errors."""
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if task == "regression":
         kwargs.update(num_labels=1, problem_type="regression")
-    elif task == "sequence-classification" and labels and data is not None and data.num_labels:
+    elif task == "sequence-classification" and data is not None and data.num_labels:
         kwargs.update(num_labels=data.num_labels, id2label=data.id2label,
                       label2id={v: k for k, v in data.id2label.items()})
     if gguf_file:
@@ -356,7 +356,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
                          "or --use_peft alone (LoRA self-distillation).")
     eval_labelled = "labels" in data.eval.column_names or task in ("causal-lm", "masked-lm")
     if move_earlier:
-        prepare_output_dir(args, resuming=False)
+        move_aside_on_main(args)
     with hub_errors(args):
         trainer = DistillationTrainer(
             model=student, teacher_model=teacher if cached is None and not args.teacher_route else None, args=args,
@@ -483,7 +483,7 @@ def train_teacher_main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model = load_model(model_args.teacher, model_args.task, data, model_args.teacher_gguf_file,
                        model_args.trust_remote_code)
     if move_earlier:
-        prepare_output_dir(args, resuming=False)
+        move_aside_on_main(args)
     with hub_errors(args):
         trainer = Trainer(
             model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,

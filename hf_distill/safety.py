@@ -42,8 +42,8 @@ def classification_labels(model: nn.Module) -> int | None:
     base = unwrap(model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     config = getattr(base, "config", None)
-    architectures = getattr(config, "architectures", None) or [type(base).__name__]
-    if config is None or not any("SequenceClassification" in name for name in [*architectures, type(base).__name__]):
+    names = [*(getattr(config, "architectures", None) or []), type(base).__name__]
+    if config is None or not any("SequenceClassification" in name for name in names):
         return None
     if getattr(config, "problem_type", None) not in (None, "single_label_classification"):
         return None
@@ -53,10 +53,12 @@ def classification_labels(model: nn.Module) -> int | None:
 def check_label_values(dataset: Any, model: nn.Module, label_names: Iterable[str]) -> None:
     """For a single-label sequence classifier with `num_labels` classes, the dataset's label column must hold integer
     class ids in ``[0, num_labels)`` (-100: ignored): float labels would be truncated, others fail at some later step
-    (an `IndexError`) or never, if unsampled. Reads the column's type and range from its Arrow table (no copy)."""
+    (an `IndexError`) or never, if unsampled. Reads the column's type and range in Arrow (the rows the dataset holds,
+    after any `select` / `filter`; no copy without those)."""
+    import datasets
+
     num_labels = classification_labels(model)
-    table = getattr(dataset, "data", None)
-    if num_labels is None or table is None or not hasattr(dataset, "column_names"):
+    if num_labels is None or not isinstance(dataset, datasets.Dataset):
         return
     column = next((name for name in (*label_names, "label", "label_ids") if name in dataset.column_names), None)
     if column is None:
@@ -64,7 +66,7 @@ def check_label_values(dataset: Any, model: nn.Module, label_names: Iterable[str
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    values = table.column(column)
+    values = dataset.with_format("arrow")[column]
     if pa.types.is_floating(values.type):
         raise ValueError(
             f"The training set's `{column}` column holds floats ({values.type}), but the student is a classifier with "

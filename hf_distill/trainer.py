@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import os
 import random
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -181,8 +180,8 @@ class DistillationTrainer(Trainer):
                 f"{', '.join(f'{k}={v}' for k, v in teacher_terms.items())} compares the student with a teacher, so "
                 "it needs a teacher: pass teacher_model=..., or set it to 0 to train on the task loss alone."
             )
-        sizes = {classification_labels(m) for m in (model, *teachers)}
-        if any(getattr(args, f) > 0 for f in LABEL_WEIGHT_FIELDS) and len(sizes) == 1:  # (else: the size check says it)
+        sizes = {n for n in map(classification_labels, (model, *teachers)) if n is not None}
+        if any(getattr(args, f) > 0 for f in LABEL_WEIGHT_FIELDS) and len(sizes) <= 1:  # (else: the size check says it)
             check_label_values(kwargs.get("train_dataset"), model, ("labels",))  # before the Trainer writes anything
         super().__init__(model=model, args=args, **kwargs)
         # Built after the Trainer has seeded the RNGs, so projections start the same way in every run with one seed.
@@ -546,7 +545,7 @@ class DistillationTrainer(Trainer):
         with FinalHiddenTap(model) as tap:
             student_outputs = model(**model_inputs(model, inputs, drop=drop), logits_to_keep=1, **options)
         student_head = output_head(model)
-        self._check_head(model, student_head, tap.value, student_outputs, "student", self.accelerator.autocast)
+        self._check_head(model, student_head, tap.value, student_outputs, "student")
         student_rows = tap.value[mask]
 
         teacher_outputs, heads, hidden = None, [], []
@@ -556,7 +555,7 @@ class DistillationTrainer(Trainer):
                     outputs = teacher(**model_inputs(teacher, inputs, drop=self._teacher_drop), logits_to_keep=1,
                                       **options)
                 head = output_head(teacher)
-                self._check_head(teacher, head, teacher_tap.value, outputs, "teacher", self.accelerator.autocast)
+                self._check_head(teacher, head, teacher_tap.value, outputs, "teacher")
                 teacher_outputs = outputs if index == 0 else teacher_outputs
                 heads.append(head)
                 hidden.append(teacher_tap.value[mask])
@@ -587,10 +586,8 @@ class DistillationTrainer(Trainer):
             coefficients["logits"] = self._term_weights["logits"] * scales[self._term_units["logits"]]
         if terms.agreement:
             coefficients["agreement"] = 0.0
-        fused, sums = None, {}
-        if coefficients:  # (no output term active: a run of hidden-state signals alone)
-            fused, sums = chunked_head_losses(student_rows, student_head, terms, coefficients, self.logits_chunk_size,
-                                              precision=self.accelerator.autocast)
+        fused, sums = chunked_head_losses(student_rows, student_head, terms, coefficients, self.logits_chunk_size,
+                                          precision=self.accelerator.autocast)
         agreement = sums.pop("agreement", None)
         view = SignalView(
             None, None, mask, inputs, student_outputs, teacher_outputs,
@@ -604,13 +601,13 @@ class DistillationTrainer(Trainer):
         fused_terms = frozenset(name for name in coefficients if name != "agreement")
         return _BatchTerms(sums, counts, student_outputs, view, scales, fused, fused_terms, agreement)
 
-    def _check_head(self, model: nn.Module, head, hidden: torch.Tensor, outputs: Any, who: str,
-                    precision=nullcontext) -> None:
-        """Once per model: our output layer reproduces the logits the model returned for its last position (in the
-        precision its forward ran in: the student's under the accelerator's autocast, the teacher's as it is)."""
+    def _check_head(self, model: nn.Module, head, hidden: torch.Tensor, outputs: Any, who: str) -> None:
+        """Once per model: our output layer reproduces the logits the model returned for its last position, in the
+        precision its forward ran in (the accelerator's autocast wraps the student's and the teachers' forwards)."""
         if id(model) in self._heads_checked:
             return
-        check_head_reproduces_logits(head, hidden.detach(), output_logits(outputs).detach(), who, precision)
+        check_head_reproduces_logits(head, hidden.detach(), output_logits(outputs).detach(), who,
+                                     self.accelerator.autocast)
         self._heads_checked.add(id(model))
 
     def _shared_vocabulary(

@@ -193,3 +193,18 @@ def test_command_line_errors_are_one_line_with_exit_code_2(ws):
     assert lines == ["hf-distill distill: error: temperature=inf: settings must be finite numbers (NaN or infinity "
                      "make every loss and weight of the student NaN, or silently drop a term). Give finite values."]
     assert not (ws / "o").exists()
+
+
+def test_the_label_check_reads_the_rows_the_dataset_holds(make_args):
+    """A label outside [0, num_labels) in a row that `select` dropped is not the training set's: accepted; one that
+    remains is refused."""
+    from hf_distill import DistillationTrainer
+
+    from .conftest import classification_dataset, tiny_bert
+
+    data = classification_dataset(n=8).remove_columns("labels").add_column("labels", [0, 1, 2, 9, 1, 0, 2, 1])
+    DistillationTrainer(model=tiny_bert(layers=1), teacher_model=tiny_bert(), args=make_args(),
+                        train_dataset=data.select([0, 1, 2, 4, 5]))
+    with pytest.raises(ValueError, match=r"labels \[9\] outside \[0, 3\)"):
+        DistillationTrainer(model=tiny_bert(layers=1), teacher_model=tiny_bert(), args=make_args(),
+                            train_dataset=data.select([0, 3]))

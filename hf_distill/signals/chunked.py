@@ -174,7 +174,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 z = z.float().detach().requires_grad_(want_grad)
                 capped = torch.tanh(z / head_softcap) * head_softcap if head_softcap is not None else z
                 terms = terms_fn(capped, start, end)
-                weighted = sum((coefficients[k] * terms[k].float() for k in names), torch.zeros((), device=z.device))
+                weighted = sum(coefficients[k] * terms[k].float() for k in names)
                 if want_grad and weighted.requires_grad:
                     (grad_z,) = torch.autograd.grad(weighted, z)
                 else:
@@ -222,6 +222,8 @@ def chunked_head_losses(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     names = tuple(coefficients)
+    if not names:  # no output term is active (hidden-state signals alone): nothing to compute
+        return hidden.new_zeros((), dtype=torch.float32), {}
     total, sums = _ChunkedHeadLoss.apply(
         hidden, head.weight, head.bias, head.softcap, terms_fn, names, coefficients, int(chunk_size), precision
     )
