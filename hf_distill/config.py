@@ -7,20 +7,14 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from .signals.hidden import HIDDEN_LOSSES, HIDDEN_PROJECTIONS, parse_layer_map
+from .options import check_choice
+from .signals import registered_signals, signal_weight_fields
+from .signals.hidden import HIDDEN_LOSSES, HIDDEN_PROJECTIONS
 from .signals.logits import LOGITS_LOSSES
 
-#: Weight fields of the combined loss ``L = task_weight * L_task + sum_k weight_k * L_k``. Later signals add theirs.
-WEIGHT_FIELDS: tuple[str, ...] = (
-    "task_weight",
-    "logits_weight",
-    "hidden_weight",
-    "attention_weight",
-    "input_grad_weight",
-    "adversarial_grad_weight",
-    "feature_grad_weight",
-    "similarity_weight",
-)
+#: Weight fields of the combined loss ``L = task_weight * L_task + sum_k weight_k * L_k`` of the built-in signals (the
+#: registry names them: `signals.registry`; a registered signal of your own adds its field).
+WEIGHT_FIELDS: tuple[str, ...] = ("task_weight", *signal_weight_fields())
 ENSEMBLE_MODES = ("mean_probs", "mean_logits")
 
 TEACHER_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -242,8 +236,9 @@ class DistillationConfig(TrainingArguments):
 
     @property
     def loss_weights(self) -> dict[str, float]:
-        """The weight of every term of the combined loss, by field name."""
-        return {name: float(getattr(self, name)) for name in WEIGHT_FIELDS}
+        """The weight of every term of the combined loss, by field name (the task's and every registered signal's
+        these settings have)."""
+        return {name: float(getattr(self, name)) for name in ("task_weight", *signal_weight_fields(self))}
 
     def validate_distillation(self) -> None:
         """Raise a `ValueError` naming the field and the fix for every inconsistent distillation setting."""
@@ -261,31 +256,18 @@ class DistillationConfig(TrainingArguments):
         if all(v == 0 for v in weights.values()):
             raise ValueError(
                 f"All loss weights are zero ({weights}): there is nothing to train on. Set at least one of "
-                f"{', '.join(WEIGHT_FIELDS)} > 0."
+                f"{', '.join(weights)} > 0."
             )
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(
                 f"jsd_beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}."
             )
-        if self.logits_loss not in LOGITS_LOSSES:
-            raise ValueError(
-                f"Unknown logits_loss {self.logits_loss!r}; choose one of {', '.join(LOGITS_LOSSES)}."
-            )
-        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(
-                f"Unknown teacher_dtype {self.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)} or None."
-            )
-        if self.hidden_loss not in HIDDEN_LOSSES:
-            raise ValueError(f"Unknown hidden_loss {self.hidden_loss!r}; choose one of {', '.join(HIDDEN_LOSSES)}.")
-        if self.hidden_projection not in HIDDEN_PROJECTIONS:
-            raise ValueError(
-                f"Unknown hidden_projection {self.hidden_projection!r}; choose one of {', '.join(HIDDEN_PROJECTIONS)}."
-            )
-        parse_layer_map(self.layer_map)  # raises with the accepted formats
+        for signal_class in registered_signals():
+            signal_class.check_options(self)
+        check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES, allow_none=True)
         if not self.discriminator_lr > 0:
             raise ValueError(f"discriminator_lr must be > 0, got {self.discriminator_lr}.")
-        if self.ensemble not in ENSEMBLE_MODES:
-            raise ValueError(f"Unknown ensemble {self.ensemble!r}; choose one of {', '.join(ENSEMBLE_MODES)}.")
+        check_choice("ensemble", self.ensemble, ENSEMBLE_MODES)
         if self.route_steps is not None:
             if not self.teacher_route:
                 raise ValueError("route_steps is set but teacher_route is not: give the route's checkpoints too.")
@@ -296,14 +278,8 @@ class DistillationConfig(TrainingArguments):
                     "increasing positive global steps: the steps at which anchors 2, 3, ... take over."
                 )
         self.logits_chunk_size = parse_chunk_size(self.logits_chunk_size)
-        if self.on_nonfinite not in NONFINITE_MODES:
-            raise ValueError(
-                f"Unknown on_nonfinite {self.on_nonfinite!r}; choose one of {', '.join(NONFINITE_MODES)}."
-            )
-        if self.vocab_mismatch not in VOCAB_MISMATCH_MODES:
-            raise ValueError(
-                f"Unknown vocab_mismatch {self.vocab_mismatch!r}; choose one of {', '.join(VOCAB_MISMATCH_MODES)}."
-            )
+        check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_MODES)
+        check_choice("vocab_mismatch", self.vocab_mismatch, VOCAB_MISMATCH_MODES)
 
 
 def check_finite_settings(settings: object) -> None:

@@ -12,27 +12,28 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .positions import PositionUnit
-
 logger = logging.get_logger(__name__)
 
 #: Config attributes holding the attention-probability dropout, by family (BERT-likes, Llama-likes / DistilBERT, GPT-2).
 ATTENTION_DROPOUT_ATTRIBUTES: tuple[str, ...] = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module under DDP / DataParallel / compile / PEFT wrappers."""
+def unwrap(model: nn.Module, peft: bool = True) -> nn.Module:
+    """The user's module under DDP / DataParallel / DeepSpeed / compile wrappers and, with `peft`, under a PEFT
+    model (its `get_base_model()`, which holds the injected adapters)."""
     while True:
         if hasattr(model, "module") and isinstance(model.module, nn.Module):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
+        elif peft and hasattr(model, "get_base_model"):
+            model = model.get_base_model()
         else:
             return model
 
 
 def _forward_signature(model: nn.Module) -> tuple[frozenset[str], bool]:
-    params = inspect.signature(unwrap(model).forward).parameters
+    params = inspect.signature(unwrap(model, peft=False).forward).parameters
     names = frozenset(name for name, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     return names, takes_any
@@ -96,11 +97,11 @@ def output_loss(outputs: Any) -> torch.Tensor | None:
     return loss if torch.is_tensor(loss) else None
 
 
-def declared_output_size(model: nn.Module, unit: PositionUnit) -> int | None:
+def declared_output_size(model: nn.Module, unit: Any) -> int | None:
     """The width of the model's outputs as its configuration declares it, or `None` when it cannot be known before
-    a forward pass: the output embedding's rows for language models, ``config.num_labels`` for classifiers."""
+    a forward pass: the output embedding's rows for language models, ``config.num_labels`` for classifiers (`unit`:
+    the student's `accounting.PositionUnit`)."""
     base = unwrap(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     if unit.is_token_level and hasattr(base, "get_output_embeddings"):
         head = base.get_output_embeddings()
         if head is not None and getattr(head, "weight", None) is not None:
@@ -122,7 +123,6 @@ def describe(model: nn.Module) -> str:
 def text_config(model: nn.Module | None) -> Any:
     """The (text) config of a model under its wrappers (DDP, PEFT, compile), or `None` for plain modules."""
     base = unwrap(model) if model is not None else None
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     config = getattr(base, "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 

@@ -40,7 +40,6 @@ def check_one_run(args: Any) -> None:
 def classification_labels(model: nn.Module) -> int | None:
     """The number of classes of a single-label sequence classifier (transformers config), else None."""
     base = unwrap(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     config = getattr(base, "config", None)
     names = [*(getattr(config, "architectures", None) or []), type(base).__name__]
     if config is None or not any("SequenceClassification" in name for name in names):

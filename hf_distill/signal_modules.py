@@ -14,7 +14,15 @@ from typing import Any, Callable, Iterable
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import logging
 
+from .files import atomic_path
+from .signals.base import Signal
+
+logger = logging.get_logger(__name__)
+
+#: File holding the signals' own training state (e.g. GREAT's discriminator and its optimizer) in a checkpoint.
+SIGNAL_STATE_FILE = "hf_distill_signal_state.pt"
 #: File holding the signals' modules inside a checkpoint folder.
 MODULES_FILE = "hf_distill_modules.safetensors"
 #: Under DeepSpeed the modules are attached to the student under this name (DeepSpeed optimises, reduces, clips and
@@ -76,11 +84,9 @@ class SignalModules(nn.ModuleDict):
 
     def save(self, folder: str) -> None:
         """Write the modules' weights to ``folder/hf_distill_modules.safetensors`` (atomically)."""
-        path = os.path.join(folder, MODULES_FILE)
-        partial = path + ".partial"
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, partial, metadata={"format": "pt"})
-        os.replace(partial, path)
+        with atomic_path(os.path.join(folder, MODULES_FILE)) as partial:
+            save_file(state, partial, metadata={"format": "pt"})
 
     def load(self, folder: str) -> bool:
         """Load the modules' weights from a checkpoint folder; `False` when the folder has none."""
@@ -89,3 +95,32 @@ class SignalModules(nn.ModuleDict):
             return False
         self.load_state_dict(load_file(path, device="cpu"), strict=True)
         return True
+
+
+def _is_stateful(signal: Signal) -> bool:
+    return type(signal).checkpoint_state is not Signal.checkpoint_state
+
+
+def save_signal_state(signals: Iterable[Signal], folder: str) -> None:
+    """Write the signals' own states (`Signal.checkpoint_state`, e.g. GREAT's discriminator optimizer) to
+    ``folder/hf_distill_signal_state.pt`` (atomically; nothing when no signal has a state)."""
+    states = {signal.name: signal.checkpoint_state() for signal in signals}
+    states = {name: state for name, state in states.items() if state}
+    if states:
+        with atomic_path(os.path.join(folder, SIGNAL_STATE_FILE)) as partial:
+            torch.save(states, partial)
+
+
+def load_signal_state(signals: Iterable[Signal], folder: str, device: Any) -> None:
+    """Restore what `save_signal_state` wrote into every signal that keeps a state (a warning when the file is
+    missing: those states start afresh)."""
+    stateful = [signal for signal in signals if _is_stateful(signal)]
+    if not stateful:
+        return
+    path = os.path.join(folder, SIGNAL_STATE_FILE)
+    if not os.path.isfile(path):
+        logger.warning("Checkpoint %s has no %s: the signals' own state starts afresh.", folder, SIGNAL_STATE_FILE)
+        return
+    states = torch.load(path, map_location=device, weights_only=True)
+    for signal in stateful:
+        signal.load_checkpoint_state(states.get(signal.name, {}))

@@ -25,8 +25,15 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from .modeling import accepts_input, declared_output_size, model_inputs, output_logits, unwrap
-from .positions import infer_position_unit, position_mask
+from .accounting import infer_position_unit, position_mask
+from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
+from .modeling import (
+    accepts_input,
+    declared_output_size,
+    model_inputs,
+    output_logits,
+    unwrap,
+)
 
 #: The columns a cache adds to each row: top-k ids, their log-probabilities, the log of the remaining mass.
 CACHE_COLUMNS: tuple[str, str, str] = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
@@ -34,7 +41,6 @@ CACHE_FORMAT_VERSION = 1
 #: Prefix of the manifest JSON in a loaded cache's ``info.description`` (read back by `cache_manifest`).
 MANIFEST_MARKER = "hf_distill.teacher_cache:"
 MANIFEST_FILE = "manifest.json"
-PARTIAL_SUFFIX = ".partial"
 CACHE_FEATURES = datasets.Features({
     CACHE_COLUMNS[0]: datasets.Sequence(datasets.Value("int32")),
     CACHE_COLUMNS[1]: datasets.Sequence(datasets.Value("float16")),
@@ -144,7 +150,11 @@ def _list_column(values: np.ndarray, lengths: Sequence[int], arrow_type: pa.Data
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """No `datasets` progress bars inside (the build shows its own)."""
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from datasets.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     was_enabled = not are_progress_bars_disabled()
     disable_progress_bars()
@@ -156,10 +166,8 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write `payload` to `path` atomically: ``path.partial`` first, then ``os.replace``."""
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    partial.write_text(json.dumps(payload, indent=2))
-    os.replace(partial, path)
+    """Write `payload` to `path` atomically (`atomic_path`)."""
+    atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
 
 
 def read_cache_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -304,10 +312,8 @@ def build_teacher_cache(
             features = datasets.Features({**dataset.features, **CACHE_FEATURES})
             shard = datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))
             name = f"shard-{len(manifest['shards']):05d}"
-            partial = output / (name + PARTIAL_SUFFIX)
-            with _quiet_datasets():
-                shard.save_to_disk(str(partial))
-            os.replace(partial, output / name)
+            with _quiet_datasets(), atomic_path(output / name) as partial:
+                shard.save_to_disk(partial)
             manifest["shards"].append({"name": name, "num_examples": end - start, "num_positions": sum(counts)})
             manifest["counted_positions"] += sum(counts)
             done = end

@@ -10,7 +10,7 @@ build. Distil from it by loading `hf_distill.teacher_cache.load_teacher_cache(di
 """
 
 from hf_distill.cli import clear_errors
-from hf_distill.pipeline import cache_teacher_main
+from hf_distill.cli.jobs import cache_teacher_main
 
 if __name__ == "__main__":
     with clear_errors("hf-distill cache-teacher"):

@@ -10,7 +10,7 @@ report (`<output_dir>/_report/report.md` + report.png).
 """
 
 from hf_distill.cli import clear_errors
-from hf_distill.pipeline import distill_main
+from hf_distill.cli.jobs import distill_main
 
 if __name__ == "__main__":
     with clear_errors("hf-distill distill"):

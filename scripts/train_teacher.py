@@ -7,7 +7,7 @@ Takes the same --config / data / model flags as scripts/distill.py, and every Tr
 """
 
 from hf_distill.cli import clear_errors
-from hf_distill.pipeline import train_teacher_main
+from hf_distill.cli.jobs import train_teacher_main
 
 if __name__ == "__main__":
     with clear_errors("hf-distill train-teacher"):

@@ -41,7 +41,7 @@ def main() -> None:
                                   temperature=2.0, logits_chunk_size=chunk)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
         plain_teacher = trainer.compute_loss(student, dict(batch)).item()
-        trainer.teachers = [sharded]
+        trainer.teacher_source.models[:] = [sharded]
         losses[chunk] = (plain_teacher, trainer.compute_loss(student, dict(batch)).item())
     grads = [p.grad for p in sharded.parameters() if p.grad is not None]
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:

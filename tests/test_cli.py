@@ -180,7 +180,7 @@ def tiny_run(tmp_path, tokenizer):
 
 
 def test_distill_command_end_to_end(tiny_run, tmp_path):
-    from hf_distill.pipeline import distill_main
+    from hf_distill.cli.jobs import distill_main
 
     summary = distill_main(tiny_run)
     out = tmp_path / "student"
@@ -203,7 +203,7 @@ def test_push_to_hub_uploads_the_student_and_its_card_only(tiny_run, tmp_path, m
     import huggingface_hub
     from huggingface_hub import RepoUrl
 
-    from hf_distill.pipeline import distill_main
+    from hf_distill.cli.jobs import distill_main
 
     calls = {}
 
@@ -250,7 +250,7 @@ def test_distill_script_runs_as_two_processes(tiny_run, tmp_path):
 
 
 def test_lora_self_distillation_from_the_command_line(tiny_run, tmp_path):
-    from hf_distill.pipeline import distill_main
+    from hf_distill.cli.jobs import distill_main
 
     argv = [a for a in tiny_run]
     i = argv.index("--student_layers")

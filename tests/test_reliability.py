@@ -123,13 +123,13 @@ def base_argv(ws: Path, name: str, **changes: str | None) -> list[str]:
 
 
 def distill(ws: Path, name: str, **changes: str | None) -> None:
-    from hf_distill.pipeline import distill_main
+    from hf_distill.cli.jobs import distill_main
 
     distill_main(base_argv(ws, name, **changes))
 
 
 def train_teacher(ws: Path, name: str, **changes: str | None) -> None:
-    from hf_distill.pipeline import train_teacher_main
+    from hf_distill.cli.jobs import train_teacher_main
 
     train_teacher_main(base_argv(ws, name, **{"student_layers": None, **changes}))
 

@@ -26,7 +26,7 @@ def ws(tmp_path):
 
 
 def _run(argv):
-    from hf_distill.pipeline import distill_main
+    from hf_distill.cli.jobs import distill_main
 
     return distill_main(argv)
 
@@ -102,7 +102,7 @@ def test_make_demo_recipes_move_an_earlier_run_aside():
 
 def test_resume_true_picks_the_last_checkpoint(ws):
     from hf_distill import DistillationConfig
-    from hf_distill.pipeline import resume_checkpoint
+    from hf_distill.cli.models import resume_checkpoint
 
     for step in (2, 10, 4):
         (ws / "run" / f"checkpoint-{step}").mkdir(parents=True)
@@ -163,7 +163,7 @@ def test_the_push_comes_last_once_and_a_failed_push_keeps_everything(ws, monkeyp
 
 
 def test_teacher_route_works_from_the_command_line(ws, monkeypatch):
-    import hf_distill.pipeline as pipeline_module
+    import hf_distill.cli.jobs as pipeline_module
     from hf_distill import DistillationTrainer
 
     made = []
@@ -181,7 +181,7 @@ def test_teacher_route_works_from_the_command_line(ws, monkeypatch):
                              max_steps="4", logging_steps="1"))
     anchors = [row["teacher_anchor"] for row in made[0].state.log_history if "teacher_anchor" in row]
     assert anchors == [0, 0, 1, 1]
-    assert made[0].route.paths == [str(early), str(late)] and "accuracy" in summary["teacher"]
+    assert made[0].teacher_source.route.paths == [str(early), str(late)] and "accuracy" in summary["teacher"]
 
 
 def test_command_line_errors_are_one_line_with_exit_code_2(ws):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import BertTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hf_distill.positions import infer_position_unit, position_mask
+from hf_distill.accounting import infer_position_unit, position_mask
 from hf_distill.teacher_cache import (
     CACHE_COLUMNS,
     MANIFEST_MARKER,
@@ -307,7 +307,7 @@ def _command_line_inputs(tmp_path):
 def test_cache_teacher_command_writes_a_loadable_cache(tmp_path, capsys):
     from hf_distill.cli import main
     from hf_distill.data import DataArguments, load_raw, prepare_datasets, split_dataset
-    from hf_distill.pipeline import cache_teacher_main
+    from hf_distill.cli.jobs import cache_teacher_main
 
     tokenizer, common = _command_line_inputs(tmp_path)
     argv = [*common, "--top_k", "4", "--temperature", "2.0", "--batch_size", "4", "--shard_size", "5",
@@ -339,7 +339,7 @@ def test_cache_teacher_command_writes_a_loadable_cache(tmp_path, capsys):
 
 
 def test_distill_command_trains_from_the_cache_without_running_the_teacher(tmp_path, monkeypatch):
-    import hf_distill.pipeline as pipeline
+    import hf_distill.cli.jobs as pipeline
 
     tokenizer, common = _command_line_inputs(tmp_path)
     pipeline.cache_teacher_main([*common, "--top_k", "4", "--temperature", "2.0", "--output_dir",
@@ -358,7 +358,7 @@ def test_distill_command_trains_from_the_cache_without_running_the_teacher(tmp_p
         "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no",
     ])
     (trainer,) = trainers
-    assert trainer.teacher_model is None and trainer.teacher_cache["top_k"] == 4
+    assert trainer.teacher_model is None and trainer.teacher_source.manifest["top_k"] == 4
     assert trainer.train_dataset[:] == load_teacher_cache(tmp_path / "cache")[:]
     logged = [row for row in trainer.state.log_history if "logits_loss" in row]
     assert len(logged) == 3 and all(math.isfinite(row["logits_loss"]) and row["logits_loss"] > 0 for row in logged)
@@ -435,7 +435,7 @@ def test_trainer_distils_from_the_cache_without_a_teacher(teacher, dataset, tmp_
                                    data_collator=pad_collator, processing_class=tokenizer)
 
     plain, chunked = trainer(0), trainer(4)
-    assert plain.teacher_cache is not None and not plain.teachers
+    assert plain.teacher_source.manifest is not None and not plain.teacher_source.models
     batch = plain.data_collator([cache[i] for i in range(len(cache))])
     loss_plain = plain.compute_loss(student, dict(batch)).detach()
     loss_chunked = chunked.compute_loss(student, dict(batch)).detach()

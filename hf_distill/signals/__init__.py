@@ -1,6 +1,16 @@
-"""Distillation signals: each turns (student outputs, teacher outputs, batch) into one summed scalar."""
+"""Distillation signals: each turns (student outputs, teacher outputs, batch) into one summed scalar.
 
-from .base import Signal, SignalView
+Importing this package registers the built-in signals (in the order their terms are built); `register_signal` adds
+one of your own.
+"""
+
+from .base import BuildContext, Signal, SignalView
+from .gradients import (  # noqa: E402
+    AdversarialGradientSignal,
+    FeatureGradientSignal,
+    InputGradientSignal,
+)
+from .hidden import AttentionSignal, HiddenStateSignal  # noqa: E402  (registration order: logits, hidden, ...)
 from .logits import (
     LOGITS_LOSSES,
     LogitsSignal,
@@ -11,18 +21,38 @@ from .logits import (
     reverse_kl,
     total_variation,
 )
+from .registry import (
+    fields_where,
+    register_signal,
+    registered_signals,
+    signal_weight_fields,
+    unregister_signal,
+)
+from .relational import SimilaritySignal  # noqa: E402
 from .task import task_loss_sum
 
 __all__ = [
     "LOGITS_LOSSES",
+    "AdversarialGradientSignal",
+    "AttentionSignal",
+    "BuildContext",
+    "FeatureGradientSignal",
+    "HiddenStateSignal",
+    "InputGradientSignal",
     "LogitsSignal",
     "Signal",
     "SignalView",
+    "SimilaritySignal",
+    "fields_where",
     "forward_kl",
     "generalized_jsd",
     "logits_divergence",
     "logits_mse",
+    "register_signal",
+    "registered_signals",
     "reverse_kl",
+    "signal_weight_fields",
     "task_loss_sum",
     "total_variation",
+    "unregister_signal",
 ]

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
 
-from ..positions import token_mask
+from ..accounting import token_mask
+from ..options import check_choice
+
+
+def upcast_half(tensor: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 tensors as float32 (signals compare in float32); other dtypes unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 @dataclass
@@ -65,17 +71,56 @@ class SignalView:
         return self._token_mask
 
 
+@dataclass
+class BuildContext:
+    """What a signal reads to build itself (`Signal.from_config`): the settings, both models, and a memo for what
+    several signals share (one layer map for hidden states and attention, one input-gradient computation for
+    Sobolev and GREAT), built by the first signal that asks."""
+
+    args: Any
+    student: nn.Module | None = None
+    teacher: nn.Module | None = None
+    _shared: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def shared(self, key: str, make: Callable[[], Any]) -> Any:
+        """`make()` the first time `key` is asked for, the same object afterwards."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
+
+    def weight(self, field_name: str) -> float:
+        """A weight field's value (0 when the settings have no such field)."""
+        return float(getattr(self.args, field_name, 0.0) or 0.0)
+
+
 class Signal:
-    """One term of the combined loss. Subclasses set `name` and implement `loss_sum`.
+    """One term of the combined loss. Subclasses set `name`, `weight_field` and implement `loss_sum`; registered
+    classes (`register_signal`) are built from the settings by `from_config` whenever their weight is > 0.
 
     `loss_sum` returns the *sum* of the term over the counted positions (or tokens, see `unit`) of the batch; the
     trainer divides by how many count in the whole accumulated (and, in distributed runs, global) batch, which makes
     gradient accumulation and multi-device training exact. The term is logged as ``<name>_loss``.
+
+    The class attributes declare what the signal needs; the trainer, the teacher sources and the checks read them
+    (never the signal's name).
     """
 
     name: str = "signal"
+    #: the settings field holding the term's weight (`DistillationConfig.<weight_field>`, or a subclass's field)
+    weight_field: ClassVar[str] = ""
+    #: settings fields the signal reads besides its weight, and those among them with a fixed set of values
+    option_fields: ClassVar[tuple[str, ...]] = ()
+    option_choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: where the signal is built among the active ones (built-ins 10..70; yours after them by default)
+    build_order: ClassVar[int] = 100
     #: whether the teacher must run for this signal
     needs_teacher: bool = True
+    #: whether the term needs the batch's labels (the gradient signals differentiate the task loss)
+    needs_labels: bool = False
+    #: whether it can learn from an offline teacher cache (top-k output distributions only)
+    works_from_cache: bool = False
+    #: whether it needs a teacher of its own (not the PEFT student with its adapters disabled)
+    needs_separate_teacher: bool = False
     #: what the term is summed over, and so divided by: "positions" (the task's positions: examples, labelled tokens)
     #: "tokens" (every token the attention mask keeps) or "examples" (rows of the batch)
     unit: str = "positions"
@@ -83,10 +128,26 @@ class Signal:
     needs_hidden_states: bool = False
     needs_attentions: bool = False
     #: whether `loss_sum` reads the full logits (`view.student_logits` / `counted_logits`): when no active signal
-    #: but the logits term does, causal LMs can use the chunked logits path (`logits_chunk_size`)
+    #: but the output term does, causal LMs can use the chunked output path (`logits_chunk_size`)
     reads_logits: bool = True
+    #: the output term: the output strategy computes it (from full logits, or chunk by chunk from the output layer)
+    is_output_term: bool = False
     #: whether the trainer must capture each model's feature (`feature_layer` output / head input) in the main forward
     needs_features: bool = False
+    #: whether the student's graph is differentiated twice (its attention must then support double backward: eager)
+    differentiates_twice: bool = False
+
+    @classmethod
+    def from_config(cls, context: BuildContext) -> "Signal":
+        """Build the signal from the settings (`context.args`) and the models; called when its weight is > 0."""
+        return cls()
+
+    @classmethod
+    def check_options(cls, args: Any) -> None:
+        """Refuse unknown values of the signal's options (run for every registered signal, whatever its weight)."""
+        for option, choices in cls.option_choices.items():
+            if hasattr(args, option):
+                check_choice(option, getattr(args, option), choices)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules the signal learns with the student (e.g. projections), by name: trained by the student's optimizer,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling import accepts_input, unwrap
+from ..modeling import accepts_input, output_logits, unwrap
 from .logits import bucket_divergence, logits_divergence
 
 #: Elements of one ``[chunk, vocab]`` float32 tensor that "auto" aims at (64 MB): chunk = 2**24 // vocab.
@@ -53,7 +53,7 @@ class OutputHead:
 
 def _causal_lm(model: nn.Module) -> nn.Module:
     base = unwrap(model)
-    return base.get_base_model() if hasattr(base, "get_base_model") else base
+    return base
 
 
 def chunking_obstacle(model: nn.Module) -> str | None:
@@ -142,6 +142,21 @@ def check_head_reproduces_logits(head: OutputHead, hidden: torch.Tensor, logits:
             f"{tolerance:.1e} its precision allows): this model changes its logits in a way the chunked path does not "
             "know. Set logits_chunk_size=0 to use the full logits."
         )
+
+
+class HeadCheck:
+    """`check_head_reproduces_logits` once per model (the first batch it sees)."""
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self._checked: set[int] = set()
+
+    def __call__(self, model: nn.Module, head: OutputHead, hidden: torch.Tensor, outputs: Any,
+                 precision: Callable[[], ContextManager] = nullcontext) -> None:
+        if id(model) in self._checked:
+            return
+        check_head_reproduces_logits(head, hidden.detach(), output_logits(outputs).detach(), self.who, precision)
+        self._checked.add(id(model))
 
 
 #: terms_fn(z, start, end) -> {term: sum over the chunk's rows}; z the student's ``[chunk, vocab]`` logits.

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import model_inputs, output_logits, unwrap
-from .base import Signal, SignalView
+from .base import BuildContext, Signal, SignalView
+from .geometry import embedding_width, is_token_model
+from .registry import register_signal
 from .task import task_loss_sum
 
 
@@ -87,11 +89,35 @@ def input_gradients(
     return result
 
 
-class InputGradientSignal(Signal):
+def _shared_input_gradient(context: BuildContext) -> "InputGradientSignal":
+    """The one input-gradient computation Sobolev and GREAT share (its projection and per-batch gradients)."""
+
+    def make() -> InputGradientSignal:
+        args, student, teacher = context.args, context.student, context.teacher
+        embeddings = args.input_grad_key is None and is_token_model(student) and is_token_model(teacher)
+        widths = (embedding_width(teacher), embedding_width(student)) if embeddings else (None, None)
+        return InputGradientSignal(args.input_grad_key, embeddings, *widths)
+
+    return context.shared("input_gradient", make)
+
+
+class _GradientSignal(Signal):
+    """What every gradient signal declares: it differentiates the task loss, so it needs labels and a teacher of its
+    own (a live model it can differentiate), and it cannot learn from a cache."""
+
+    needs_labels = True
+    needs_separate_teacher = True
+
+
+@register_signal
+class InputGradientSignal(_GradientSignal):
     """Sobolev training (Czarnecki et al. 2017): ``sum over rows of mean over features (g_t - g_s)^2`` with g the
     input gradient of the summed per-example task loss (see `input_gradients`)."""
 
     name = "input_grad"
+    weight_field = "input_grad_weight"
+    build_order = 40
+    option_fields = ("input_grad_key",)
 
     def __init__(self, key: str | None, embeddings: bool, teacher_width: int | None = None,
                  student_width: int | None = None) -> None:
@@ -106,6 +132,10 @@ class InputGradientSignal(Signal):
             else None
         )
 
+    @classmethod
+    def from_config(cls, context: BuildContext) -> "InputGradientSignal":
+        return _shared_input_gradient(context)
+
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"embedding_projection": self.projection} if self.projection is not None else {}
 
@@ -114,12 +144,16 @@ class InputGradientSignal(Signal):
         return (g_teacher.float() - g_student.float()).pow(2).mean(dim=-1).sum()
 
 
-class AdversarialGradientSignal(Signal):
+@register_signal
+class AdversarialGradientSignal(_GradientSignal):
     """GREAT (Sinha et al. 2018): a discriminator D (an MLP on gradient rows) learns with its own Adam optimizer to
     tell teacher input gradients (label 1) from student ones (label 0); the student term is
     ``sum over rows of -log D(g_s)`` (= softplus(-logit)). D updates once per optimizer step, after the student."""
 
     name = "adversarial_grad"
+    weight_field = "adversarial_grad_weight"
+    build_order = 50
+    option_fields = ("input_grad_key", "discriminator_lr")
 
     def __init__(self, key: str | None, embeddings: bool, lr: float, input_gradient: InputGradientSignal,
                  hidden: int = 64) -> None:
@@ -136,6 +170,14 @@ class AdversarialGradientSignal(Signal):
         self._saved_state: dict[str, Any] | None = None
         #: True when the input-gradient term is off: this signal then trains the shared embedding projection
         self.owns_projection = False
+
+    @classmethod
+    def from_config(cls, context: BuildContext) -> "AdversarialGradientSignal":
+        input_gradient = _shared_input_gradient(context)
+        signal = cls(context.args.input_grad_key, input_gradient.embeddings, context.args.discriminator_lr,
+                     input_gradient)
+        signal.owns_projection = context.weight(InputGradientSignal.weight_field) == 0
+        return signal
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         projection = self.input_gradient.projection
@@ -260,12 +302,16 @@ class FeatureTap:
         self._handle.remove()
 
 
-class FeatureGradientSignal(Signal):
+@register_signal
+class FeatureGradientSignal(_GradientSignal):
     """Feature-gradient matching: ``sum over rows of mean over features (g_t - P(g_s))^2`` with g the gradient of
     the summed per-example task loss with respect to the feature (the head's input by default), one row per counted
     position (or per example), P a learned projection where widths differ."""
 
     name = "feature_grad"
+    weight_field = "feature_grad_weight"
+    build_order = 60
+    option_fields = ("feature_layer",)
 
     def __init__(self, feature_layer: str | None, student_width: int | None, teacher_width: int | None) -> None:
         self.feature_layer = feature_layer
@@ -276,6 +322,11 @@ class FeatureGradientSignal(Signal):
             if student_width and teacher_width and student_width != teacher_width
             else None
         )
+
+    @classmethod
+    def from_config(cls, context: BuildContext) -> "FeatureGradientSignal":
+        layer = context.args.feature_layer
+        return cls(layer, feature_width(context.student, layer), feature_width(context.teacher, layer))
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"gradient_projection": self.projection} if self.projection is not None else {}

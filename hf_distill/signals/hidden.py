@@ -13,7 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Signal, SignalView
+from ..modeling import unwrap
+from ..options import check_choice
+from .base import BuildContext, Signal, SignalView, upcast_half
+from .geometry import layer_geometry
+from .registry import register_signal
 
 #: `hidden_loss` kinds.
 HIDDEN_LOSSES: tuple[str, ...] = ("cosine", "mse")
@@ -92,12 +96,12 @@ def resolve_layer_map(
 
 def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Per row: 1 - cos(h_s, h_t) = 1 - <h_s, h_t> / (||h_s|| ||h_t||) (DistilBERT's cosine embedding loss)."""
-    return 1.0 - F.cosine_similarity(_float(student), _float(teacher), dim=-1, eps=1e-8)
+    return 1.0 - F.cosine_similarity(upcast_half(student), upcast_half(teacher), dim=-1, eps=1e-8)
 
 
 def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Per row: mean over features of (h_s - h_t)^2 (FitNets' hint loss)."""
-    return (_float(student) - _float(teacher)).pow(2).mean(dim=-1)
+    return (upcast_half(student) - upcast_half(teacher)).pow(2).mean(dim=-1)
 
 
 def attention_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
@@ -106,7 +110,7 @@ def attention_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> to
     ``sum_k A_t[k] (log A_t[k] - log A_s[k])``, with 0 log 0 = 0. When the head counts differ, both maps are first
     averaged over their heads (a distribution again) and compared once.
     """
-    student_probs, teacher_probs = _float(student_probs), _float(teacher_probs)
+    student_probs, teacher_probs = upcast_half(student_probs), upcast_half(teacher_probs)
     if student_probs.shape[1] != teacher_probs.shape[1]:
         student_probs = student_probs.mean(dim=1, keepdim=True)
         teacher_probs = teacher_probs.mean(dim=1, keepdim=True)
@@ -115,10 +119,6 @@ def attention_kl(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> to
     log_s = student_probs.clamp_min(tiny).log()
     terms = torch.where(teacher_probs == 0, torch.zeros_like(teacher_probs), teacher_probs * (log_t - log_s))
     return terms.sum(dim=-1).mean(dim=1)
-
-
-def _float(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def output_field(outputs: Any, name: str, who: str) -> tuple[torch.Tensor, ...]:
@@ -134,6 +134,21 @@ def output_field(outputs: Any, name: str, who: str) -> tuple[torch.Tensor, ...]:
     return tuple(value)
 
 
+def shared_layer_map(context: BuildContext) -> LayerMap:
+    """The layer map the hidden-state and attention signals share, resolved once from `layer_map` and both models'
+    depths (`resolve_layer_map`)."""
+
+    def resolve() -> LayerMap:
+        names = [cls.weight_field for cls in (HiddenStateSignal, AttentionSignal) if context.weight(cls.weight_field) > 0]
+        student_depth, _ = layer_geometry(context.student, "student", names)
+        teacher_depth, _ = layer_geometry(context.teacher, "teacher", names)
+        distilled_from = getattr(getattr(unwrap(context.student), "config", None), "distilled_from_layers", None)
+        return resolve_layer_map(context.args.layer_map, student_depth, teacher_depth, distilled_from)
+
+    return context.shared("layer_map", resolve)
+
+
+@register_signal
 class HiddenStateSignal(Signal):
     """Hidden-state matching through a layer map, summed over counted tokens and averaged over the mapped pairs:
 
@@ -143,6 +158,10 @@ class HiddenStateSignal(Signal):
     """
 
     name = "hidden"
+    weight_field = "hidden_weight"
+    build_order = 20
+    option_fields = ("hidden_loss", "layer_map", "hidden_projection")
+    option_choices = {"hidden_loss": HIDDEN_LOSSES, "hidden_projection": HIDDEN_PROJECTIONS}
     unit = "tokens"
     reads_logits = False
     needs_hidden_states = True
@@ -155,16 +174,29 @@ class HiddenStateSignal(Signal):
         teacher_width: int,
         projection: str = "auto",
     ) -> None:
-        if kind not in HIDDEN_LOSSES:
-            raise ValueError(f"Unknown hidden_loss {kind!r}; choose one of {', '.join(HIDDEN_LOSSES)}.")
-        if projection not in HIDDEN_PROJECTIONS:
-            raise ValueError(f"Unknown hidden_projection {projection!r}; choose one of {', '.join(HIDDEN_PROJECTIONS)}.")
+        check_choice("hidden_loss", kind, HIDDEN_LOSSES)
+        check_choice("hidden_projection", projection, HIDDEN_PROJECTIONS)
         self.kind = kind
         self.layer_map = list(layer_map)
         self.projections = nn.ModuleDict()
         if projection == "linear" or student_width != teacher_width:
             for s, t in self.layer_map:
                 self.projections[f"{s}_{t}"] = nn.Linear(student_width, teacher_width)
+
+    @classmethod
+    def from_config(cls, context: BuildContext) -> "HiddenStateSignal":
+        layer_map = shared_layer_map(context)
+        names = [cls.weight_field]
+        _, student_width = layer_geometry(context.student, "student", names)
+        _, teacher_width = layer_geometry(context.teacher, "teacher", names)
+        args = context.args
+        return cls(args.hidden_loss, layer_map, student_width, teacher_width, args.hidden_projection)
+
+    @classmethod
+    def check_options(cls, args: Any) -> None:
+        super().check_options(args)
+        if hasattr(args, "layer_map"):
+            parse_layer_map(args.layer_map)  # raises with the accepted formats
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"hidden_projections": self.projections} if len(self.projections) else {}
@@ -186,6 +218,7 @@ class HiddenStateSignal(Signal):
         return total / len(self.layer_map)
 
 
+@register_signal
 class AttentionSignal(Signal):
     """Attention-distribution matching (MiniLM / TinyBERT): per counted query token, the KL between teacher and
     student attention rows of mapped layers, averaged over heads and over the mapped layer pairs, summed over tokens.
@@ -195,6 +228,9 @@ class AttentionSignal(Signal):
     """
 
     name = "attention"
+    weight_field = "attention_weight"
+    build_order = 30
+    option_fields = ("layer_map",)
     unit = "tokens"
     reads_logits = False
     needs_attentions = True
@@ -206,6 +242,10 @@ class AttentionSignal(Signal):
                 "embeddings (index 0). Use layer_map='auto', 'last' or pairs with indices >= 1."
             )
         self.layer_pairs = list(layer_pairs)
+
+    @classmethod
+    def from_config(cls, context: BuildContext) -> "AttentionSignal":
+        return cls(attention_pairs(shared_layer_map(context)))
 
     def loss_sum(self, view: SignalView) -> torch.Tensor:
         student_maps = output_field(view.student_outputs, "attentions", "student")

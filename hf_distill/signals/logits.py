@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Signal, SignalView
+from ..options import check_choice
+from .base import BuildContext, Signal, SignalView, upcast_half
+from .registry import register_signal
 
 #: The `logits_loss` kinds, in the order the docs list them.
 LOGITS_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd", "mse")
@@ -24,13 +26,8 @@ def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor
     return terms.sum(dim=-1)
 
 
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits are compared in float32; float32 / float64 stay as they are."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(_upcast(logits) / temperature, dim=-1)
+    return F.log_softmax(upcast_half(logits) / temperature, dim=-1)
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -73,7 +70,7 @@ def total_variation(
 
 def logits_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the raw outputs per row: mean_v (z_s - z_t)^2 (Bucilua 2006; ||y_s - y_t||^2 for one output)."""
-    return (_upcast(student_logits) - _upcast(teacher_logits)).pow(2).mean(dim=-1)
+    return (upcast_half(student_logits) - upcast_half(teacher_logits)).pow(2).mean(dim=-1)
 
 
 def logits_divergence(
@@ -96,24 +93,45 @@ def logits_divergence(
     elif kind == "tvd":
         values = total_variation(student_logits, teacher_logits, temperature)
     else:
-        raise ValueError(f"Unknown logits_loss {kind!r}; choose one of {', '.join(LOGITS_LOSSES)}.")
+        check_choice("logits_loss", kind, LOGITS_LOSSES)
+        raise AssertionError(kind)  # (a kind in LOGITS_LOSSES without a branch above)
     return values * (temperature**2) if scale_by_temperature_squared else values
 
 
+@register_signal
 class LogitsSignal(Signal):
-    """Teacher-student output divergence summed over counted positions: sum_i D(z_s[i], z_t[i]) (times T^2 if soft)."""
+    """Teacher-student output divergence summed over counted positions: sum_i D(z_s[i], z_t[i]) (times T^2 if soft).
+
+    The output term: the run's output strategy computes it from full logits or, chunk by chunk, from the output layer
+    (`signals.chunked`); an offline top-k teacher cache serves it for every soft kind.
+    """
 
     name = "logits"
+    weight_field = "logits_weight"
+    build_order = 10
+    option_fields = ("logits_loss", "temperature", "jsd_beta", "scale_by_temperature_squared")
+    option_choices = {"logits_loss": LOGITS_LOSSES}
+    is_output_term = True
+    works_from_cache = True
 
     def __init__(
         self, kind: str, temperature: float, jsd_beta: float = 0.5, scale_by_temperature_squared: bool = True
     ) -> None:
-        if kind not in LOGITS_LOSSES:
-            raise ValueError(f"Unknown logits_loss {kind!r}; choose one of {', '.join(LOGITS_LOSSES)}.")
+        check_choice("logits_loss", kind, LOGITS_LOSSES)
         self.kind = kind
         self.temperature = temperature
         self.jsd_beta = jsd_beta
         self.scale_by_temperature_squared = scale_by_temperature_squared
+
+    @classmethod
+    def from_config(cls, context: BuildContext) -> "LogitsSignal":
+        args = context.args
+        return cls(args.logits_loss, args.temperature, args.jsd_beta, args.scale_by_temperature_squared)
+
+    @property
+    def soft(self) -> bool:
+        """Whether the term compares temperature-softened distributions (an ensemble then averages probabilities)."""
+        return self.kind in SOFT_LOSSES
 
     def loss_sum(self, view: SignalView) -> torch.Tensor:
         if view.cached_targets is not None:

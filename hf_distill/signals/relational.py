@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Signal, SignalView
+from .base import BuildContext, Signal, SignalView, upcast_half
+from .geometry import is_token_model
 from .hidden import output_field
+from .registry import register_signal
 
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     """``G = F F^T`` over one feature vector per example (flattened), each row L2-normalised (Tung & Mori, eq. 2)."""
     flat = features.reshape(features.shape[0], -1)
-    flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+    flat = upcast_half(flat)
     return F.normalize(flat @ flat.T, p=2, dim=1)
 
 
@@ -28,19 +30,28 @@ def mean_over_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
 
 
+@register_signal
 class SimilaritySignal(Signal):
     """Similarity-preserving KD over the batch's examples. Counted in *examples*: `loss_sum` returns
     ``||G_s - G_t||_F^2 / b``, which the trainer divides by the b examples (exactly L_SP for one batch; with
     accumulation, the example-weighted mean of the micro-batches' L_SP)."""
 
     name = "similarity"
+    weight_field = "similarity_weight"
+    build_order = 70
+    option_fields = ("feature_layer",)
     unit = "examples"
     reads_logits = False
+    needs_separate_teacher = True
 
     def __init__(self, token_model: bool) -> None:
         self.token_model = token_model
         self.needs_hidden_states = token_model
         self.needs_features = not token_model
+
+    @classmethod
+    def from_config(cls, context: BuildContext) -> "SimilaritySignal":
+        return cls(is_token_model(context.student) and is_token_model(context.teacher))
 
     def loss_sum(self, view: SignalView) -> torch.Tensor:
         if self.token_model:

@@ -1,32 +1,19 @@
-"""Teachers beyond one live model: ensembles (combined soft targets) and checkpoint routes (RCO, Jin et al. 2019)."""
+"""Checkpoint routes (route-constrained optimisation, Jin et al. 2019): the teacher changes along the run."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
+from .live import LiveTeachers
 
-def combine_teacher_logits(
-    logits: Sequence[torch.Tensor], mode: str, temperature: float, soft: bool = True
-) -> torch.Tensor:
-    """One set of teacher logits standing for an ensemble.
-
-    ``mean_logits`` (and every non-soft comparison such as MSE): ``mean_k z_k``. ``mean_probs``: logits whose
-    temperature-softened distribution is the mean of the teachers' ones, ``T * log(mean_k softmax(z_k / T))``, so that
-    any divergence applying ``softmax(z / T)`` sees ``p = mean_k p_k``. One teacher is returned unchanged.
-    """
-    if len(logits) == 1:
-        return logits[0]
-    if mode == "mean_logits" or not soft:
-        return torch.stack([z.float() for z in logits]).mean(dim=0)
-    if mode != "mean_probs":
-        raise ValueError(f"Unknown ensemble {mode!r}; choose mean_probs or mean_logits.")
-    log_probs = torch.stack([torch.log_softmax(z.float() / temperature, dim=-1) for z in logits])
-    return temperature * (torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(len(logits)))))
+logger = logging.get_logger(__name__)
 
 
 def route_boundaries(num_anchors: int, total_steps: int, route_steps: Sequence[int] | None = None) -> list[int]:
@@ -92,32 +79,26 @@ class TeacherRoute:
         return self.loader(self.paths[index])
 
 
-class AdapterDisabledTeacher(nn.Module):
-    """Self-distillation from the base model: the PEFT student itself with its adapters disabled, in eval mode, for
-    the teacher's forward pass. One copy of the weights in memory.
+class RouteTeachers(LiveTeachers):
+    """The route's anchors as the teacher source: anchor k teaches from its boundary step on, one in memory."""
 
-    The student is held as a plain attribute, not a submodule, so that what the trainer does to "the teacher" (freeze,
-    cast, move) never touches the student.
-    """
+    def __init__(self, paths: Sequence[str], loader: Callable[[str], nn.Module] | None,
+                 route_steps: Sequence[int] | None) -> None:
+        self.route = TeacherRoute(paths, loader or load_checkpoint_model, route_steps)
+        super().__init__([self.route.load(0)])
 
-    is_self_distillation_teacher = True
+    def on_step(self, state: Any) -> None:
+        """Load the anchor that teaches at this global step (the previous one is released first)."""
+        route = self.route
+        route.plan(state.max_steps)
+        anchor = route.anchor_for(state.global_step)
+        if anchor == route.current:
+            return
+        self._models = []
+        gc.collect()
+        logger.info("Route: anchor %d (%s) teaches from step %d.", anchor, route.paths[anchor], state.global_step)
+        self._models = [self.prepare_model(route.load(anchor))]
+        self.on_new_models()
 
-    def __init__(self, peft_model: nn.Module) -> None:
-        super().__init__()
-        if not hasattr(peft_model, "disable_adapter"):
-            raise TypeError("Self-distillation needs a PEFT student (a model with disable_adapter()).")
-        object.__setattr__(self, "student", peft_model)
-
-    @property
-    def config(self):
-        return self.student.config
-
-    def forward(self, *args, **kwargs):
-        """``student(...)`` with adapters disabled and dropout off; the student's train/eval mode is restored."""
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            with self.student.disable_adapter():
-                return self.student(*args, **kwargs)
-        finally:
-            self.student.train(was_training)
+    def log_values(self) -> dict[str, float]:
+        return {"teacher_anchor": self.route.current} if self.route.current is not None else {}

@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 from transformers import HfArgumentParser
 
-from .config import DistillationConfig
-from .data import TASKS, DataArguments
-from .students import SHRINK_STRATEGIES
+from ..config import DistillationConfig
+from ..data import TASKS, DataArguments
+from ..students import SHRINK_STRATEGIES
 
 
 @dataclass
@@ -193,67 +193,3 @@ def parse_distill_args(
     parsed = parser.parse_args_into_dataclasses(args=file_argv + argv)
     return tuple(parsed[: len(dataclass_types)])  # the last item is the namespace holding --config
 
-
-COMMANDS = {
-    "distill": "distill a teacher into a student (scripts/distill.py)",
-    "train-teacher": "fine-tune a teacher on the task first (scripts/train_teacher.py)",
-    "cache-teacher": "store the teacher's top-k outputs on the training set (scripts/cache_teacher.py)",
-    "assets": "fetch the offline real models and datasets: hf-distill assets fetch NAME [NAME ...] | list",
-}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``hf-distill COMMAND ...``: distill, train-teacher, cache-teacher, assets."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<14} {text}" for name, text in COMMANDS.items()]
-        print("usage: hf-distill COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
-        if argv and argv[0] not in ("-h", "--help"):
-            raise SystemExit(f"hf-distill: unknown command {argv[0]!r}")
-        return
-    command, rest = argv[0], argv[1:]
-    with clear_errors(f"hf-distill {command}"):
-        _run_command(command, rest)
-
-
-#: Errors that mean the input is wrong (not the code): shown as one line, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
-
-
-class clear_errors:
-    """Context manager for the command line: a bad input (`USER_ERRORS`) ends the program with exit code 2 and one
-    line ``<command>: error: <message>`` on stderr instead of a traceback (``HF_DISTILL_TRACEBACK=1`` shows it)."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __enter__(self) -> "clear_errors":
-        return self
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        import os
-
-        if error is None or not isinstance(error, USER_ERRORS) or os.environ.get("HF_DISTILL_TRACEBACK") == "1":
-            return False
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{self.command}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _run_command(command: str, rest: list[str]) -> None:
-    if command == "distill":
-        from .pipeline import distill_main
-
-        distill_main(rest)
-    elif command == "train-teacher":
-        from .pipeline import train_teacher_main
-
-        train_teacher_main(rest)
-    elif command == "cache-teacher":
-        from .pipeline import cache_teacher_main
-
-        cache_teacher_main(rest)
-    else:
-        from .assets import assets_main
-
-        assets_main(rest)

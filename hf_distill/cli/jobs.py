@@ -1,0 +1,227 @@
+"""The command-line jobs: fine-tune a teacher, distil it into a student, evaluate both, report, push."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+from transformers import (
+    Trainer,
+    set_seed,
+)
+from transformers.utils import logging
+
+from ..config import DistillationConfig
+from ..data import (
+    DataArguments,
+)
+from ..hub import CardInfo, hub_errors
+from ..output_dir import check_output_dir, move_aside_on_main
+from ..safety import check_one_run
+from ..students import model_depth, shrink_model
+from ..teacher_cache import (
+    build_teacher_cache,
+    cache_size,
+    load_teacher_cache,
+)
+from ..trainer import DistillationTrainer, label_weights
+from .arguments import CacheArguments, ModelArguments, parse_distill_args
+from .models import (
+    check_model_arguments,
+    check_same_vocabulary,
+    collator_for,
+    load_model,
+    lora_config,
+    prepare_inputs,
+    resolve_source,
+    resume_checkpoint,
+    teacher_cache_for,
+)
+from .report import (
+    Row,
+    accuracy_metrics,
+    displayed,
+    evaluate_model,
+    folder_size,
+    parameters,
+    regression_metrics,
+    throughput,
+    write_report,
+)
+
+logger = logging.get_logger(__name__)
+
+
+def distill_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``scripts/distill.py`` / ``hf-distill distill``: distil, evaluate teacher and student, report, save, push."""
+    model_args, data_args, args = parse_distill_args(argv)
+    return run_distillation(model_args, data_args, args)
+
+
+def run_distillation(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> dict[str, Any]:
+    """The whole job. Every check that can run before a model loads does (flags, output folder, processes), and the
+    order of the end is: save the student and its card, write the report, merge adapters, push last."""
+    check_one_run(args)
+    check_model_arguments(model_args, args)
+    resume = resume_checkpoint(args)
+    move_earlier = check_output_dir(args.output_dir, resuming=resume is not None, overwrite=args.overwrite_output_dir)
+    set_seed(args.seed)
+    labelled = bool(label_weights(args))
+    tokenizer, data = prepare_inputs(model_args, data_args, args, require_labels=labelled)
+    task = model_args.task
+    teacher = load_model(model_args.teacher, task, data, model_args.teacher_gguf_file, model_args.trust_remote_code)
+    cached = teacher_cache_for(model_args.teacher_cache, tokenizer, data.train) if model_args.teacher_cache else None
+    peft_config = lora_config(model_args) if model_args.use_peft else None
+    if model_args.student:
+        student = load_model(model_args.student, task, data, trust_remote_code=model_args.trust_remote_code,
+                             flag="--student")
+        check_same_vocabulary(tokenizer, model_args.student, model_args.trust_remote_code)
+    elif model_args.student_layers:
+        student = shrink_model(teacher, num_layers=model_args.student_layers, strategy=model_args.shrink_strategy)
+    elif model_args.use_peft:  # self-distillation: LoRA on the teacher, whose adapter-free base teaches
+        student, teacher = teacher, None
+    else:
+        raise ValueError("Give the student: --student (Hub id / folder), --student_layers N (cut from the teacher), "
+                         "or --use_peft alone (LoRA self-distillation).")
+    eval_labelled = "labels" in data.eval.column_names or task in ("causal-lm", "masked-lm")
+    if move_earlier:
+        move_aside_on_main(args)
+    with hub_errors(args):
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher if cached is None and not args.teacher_route else None, args=args,
+            peft_config=peft_config, train_dataset=data.train if cached is None else cached, eval_dataset=data.eval,
+            processing_class=tokenizer, data_collator=collator_for(task, tokenizer, args.seed),
+            route_loader=(lambda path: load_model(path, task, data, trust_remote_code=model_args.trust_remote_code,
+                                                  flag="--teacher_route")) if args.teacher_route else None,
+            compute_metrics={"sequence-classification": accuracy_metrics,
+                             "regression": regression_metrics}.get(task) if eval_labelled else None,
+        )
+    student = trainer.model
+    if cached is None and not args.teacher_route:
+        teacher = trainer.teacher_model
+    trainer.card_info = CardInfo(
+        teacher=model_args.teacher, student_source=model_args.student,
+        kept_layers=getattr(student.config, "distilled_from_layers", None) if not model_args.student else None,
+        teacher_layers=model_depth(teacher.config), student_layers=model_depth(student.config), task=task,
+        dataset=data_args.dataset, loss_weights=args.loss_weights, temperature=args.temperature,
+        logits_loss=args.logits_loss, parameters={"teacher": parameters(teacher), "student": parameters(student)},
+        labels=data.labels.described if data.labels is not None else None,
+        labels_note=data.labels.warning if data.labels is not None else None,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    student_eval = trainer.evaluate()
+    if cached is not None or args.teacher_route:  # the teacher only now runs: for the comparison
+        teacher = teacher.to(args.device).eval()
+    teacher_scores = evaluate_model(teacher, trainer, task) if eval_labelled else {}
+    student_scores = evaluate_model(trainer.model, trainer, task) if eval_labelled else {}
+    trainer.card_info.metrics = {k: {"teacher": teacher_scores[k], "student": student_scores[k]} for k in teacher_scores}
+    if "eval_teacher_agreement" in student_eval:
+        trainer.card_info.metrics["teacher agreement"] = {"teacher": 1.0,
+                                                          "student": student_eval["eval_teacher_agreement"]}
+    trainer.save_model(args.output_dir, _internal_call=True)  # the push comes last, once
+
+    batch = next(iter(trainer.get_eval_dataloader()))
+    batch = {k: v.to(args.device) for k, v in batch.items() if k != "labels"}
+    speed = {"teacher": throughput(teacher, batch), "student": throughput(trainer.model, batch)}
+    teacher_size = folder_size(resolve_source(model_args.teacher) if not model_args.teacher_gguf_file else None)
+    student_size = folder_size(args.output_dir)
+    device = args.device.type
+    megabytes = {k: v / 1e6 if v else None for k, v in (("teacher", teacher_size), ("student", student_size))}
+    rows: list[Row] = [
+        ("layers", model_depth(teacher.config), model_depth(student.config), "{:d}"),
+        ("parameters", parameters(teacher) / 1e6, parameters(student) / 1e6, "{:.1f}M"),
+        ("size on disk", megabytes["teacher"], megabytes["student"], "{:.1f}MB"),
+        *[(f"held-out {k}", teacher_scores[k], student_scores[k], "{:.4f}") for k in teacher_scores],
+    ]
+    if "eval_teacher_agreement" in student_eval:
+        rows.append(("teacher agreement", 1.0, student_eval["eval_teacher_agreement"], "{:.4f}"))
+    rows.append((f"{device.upper()} examples/s (batch {len(next(iter(batch.values())))})",
+                 speed["teacher"], speed["student"], "{:.0f}"))
+    shown = displayed(rows)
+    summary = {"rows": shown, "teacher": teacher_scores, "student": student_scores, "eval": student_eval}
+    if trainer.is_world_process_zero():
+        table = ["", f"| {'':<30} | {'teacher':>10} | {'student':>10} |", f"|{'-' * 32}|{'-' * 12}|{'-' * 12}|"]
+        table += [f"| {n:<30} | {t:>10} | {s:>10} |" for n, t, s in shown]
+        print("\n".join(table))
+        # the report sits in `_report`, which the Hub upload skips (only student files are pushed)
+        summary["report"] = write_report(os.path.join(args.output_dir, "_report"), rows, trainer.state.log_history)
+        print(f"\nstudent, tokenizer and model card in {args.output_dir}; report in {summary['report'][0]}")
+    if model_args.merge_adapters and hasattr(trainer.model, "merge_and_unload") and trainer.is_world_process_zero():
+        merged_dir = os.path.join(args.output_dir, "merged")
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+        summary["merged"] = merged_dir
+        print(f"student with merged adapters (a plain model) in {merged_dir}")
+    if args.push_to_hub:
+        with hub_errors(args, pushing=True):
+            trainer.push_to_hub()
+    return summary
+
+
+def train_teacher_main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """``scripts/train_teacher.py`` / ``hf-distill train-teacher``: fine-tune `--teacher` (a backbone) on the task
+    with the plain Trainer; saves model and tokenizer to `--output_dir`."""
+    # DistillationConfig is a TrainingArguments: the recipes of `distill` work here too (their distillation fields are
+    # simply unused by the plain Trainer)
+    model_args, data_args, args = parse_distill_args(argv, prog="hf-distill train-teacher")
+    check_one_run(args)
+    check_model_arguments(model_args, args)
+    resume = resume_checkpoint(args)
+    move_earlier = check_output_dir(args.output_dir, resuming=resume is not None, overwrite=args.overwrite_output_dir)
+    set_seed(args.seed)
+    tokenizer, data = prepare_inputs(model_args, data_args, args, teacher_head_trained=False)
+    model = load_model(model_args.teacher, model_args.task, data, model_args.teacher_gguf_file,
+                       model_args.trust_remote_code)
+    if move_earlier:
+        move_aside_on_main(args)
+    with hub_errors(args):
+        trainer = Trainer(
+            model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+            data_collator=collator_for(model_args.task, tokenizer, args.seed),
+            compute_metrics={"sequence-classification": accuracy_metrics,
+                             "regression": regression_metrics}.get(model_args.task),
+        )
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir, _internal_call=True)
+    metrics = evaluate_model(model, trainer, model_args.task)
+    if trainer.is_world_process_zero():
+        print(f"teacher saved to {args.output_dir}; held-out " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.push_to_hub:
+        with hub_errors(args, pushing=True):
+            trainer.push_to_hub()
+    return metrics
+
+
+def cache_teacher_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``scripts/cache_teacher.py`` / ``hf-distill cache-teacher``: the teacher's top-k log-probabilities on the
+    training split, tokenised and collated as `distill` does with the same flags (see `build_teacher_cache`); prints
+    where the cache is, its size on disk and bytes per counted token."""
+    model_args, data_args, cache_args = parse_distill_args(argv, (ModelArguments, DataArguments, CacheArguments),
+                                                           prog="hf-distill cache-teacher")
+    if cache_args.output_dir is None:
+        raise ValueError("--output_dir is required: the folder the cache goes to.")
+    if model_args.task == "masked-lm":
+        raise ValueError("--task masked-lm cannot be cached: its collator masks other tokens every time, so the "
+                         "counted positions change between caching and training. Use a live teacher.")
+    tokenizer, data = prepare_inputs(model_args, data_args, cache_args)
+    teacher = load_model(model_args.teacher, model_args.task, data, model_args.teacher_gguf_file,
+                         model_args.trust_remote_code)
+    teacher.to(cache_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = build_teacher_cache(
+        teacher, data.train, cache_args.output_dir, tokenizer=tokenizer, top_k=cache_args.top_k,
+        temperature=cache_args.temperature, batch_size=cache_args.batch_size, shard_size=cache_args.shard_size,
+        data_collator=collator_for(model_args.task, tokenizer, cache_args.seed), teacher_id=model_args.teacher,
+    )
+    cache = load_teacher_cache(path, tokenizer)
+    sizes = cache_size(path, cache)
+    positions, on_disk, teacher_bytes = sizes["counted_positions"], sizes["bytes_on_disk"], sizes["teacher_bytes"]
+    summary = {"path": path, "examples": len(cache), "counted_positions": positions, "bytes_on_disk": on_disk,
+               "bytes_per_position": on_disk / max(positions, 1),
+               "teacher_bytes_per_position": teacher_bytes / max(positions, 1)}
+    size = f"{on_disk / 1e6:.1f} MB" if on_disk >= 1e6 else f"{on_disk / 1e3:.1f} kB"
+    print(f"teacher cache in {path}: {len(cache)} examples, {positions} counted tokens, {size} on disk = "
+          f"{summary['bytes_per_position']:.0f} B per counted token (teacher columns "
+          f"{summary['teacher_bytes_per_position']:.0f} B at top_k={cache_args.top_k})")
+    return summary

@@ -1,0 +1,238 @@
+"""Models, tokenizers and data for the command-line jobs: where each comes from, checked before anything loads."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    TrainingArguments,
+)
+from transformers.utils import logging
+
+from ..config import DistillationConfig
+from ..data import (
+    DataArguments,
+    PreparedData,
+    load_raw,
+    named_labels,
+    prepare_datasets,
+    split_dataset,
+)
+from ..teacher_cache import (
+    cache_manifest,
+    load_teacher_cache,
+)
+from .arguments import CacheArguments, ModelArguments
+
+logger = logging.get_logger(__name__)
+
+
+AUTO_CLASSES = {
+    "sequence-classification": AutoModelForSequenceClassification,
+    "regression": AutoModelForSequenceClassification,
+    "causal-lm": AutoModelForCausalLM,
+    "masked-lm": AutoModelForMaskedLM,
+}
+
+
+def resolve_source(source: str, flag: str = "--teacher") -> str:
+    """``asset:NAME`` -> the local folder of a packaged asset (fetched when needed); a local folder -> itself; a Hub
+    id (``name`` or ``owner/name``) unchanged. Something that can only be a path (``./x``, ``/x``, ``a/b/c``) and does
+    not exist is refused naming `flag`."""
+    if source.startswith("asset:"):
+        from ..assets import fetch
+
+        return str(fetch(source.split(":", 1)[1]))
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{flag} {source!r} is a file: give the model's folder (with config.json), a "
+                                     "Hub id or asset:NAME.")
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source:
+        raise FileNotFoundError(
+            f"{flag} {source!r}: no such folder. Give an existing model folder (with config.json), a Hub id "
+            "(owner/name) or asset:NAME (hf-distill assets list)."
+        )
+    return source
+
+
+def load_model(source: str, task: str, data: PreparedData | None, gguf_file: str | None = None,
+               trust_remote_code: bool = False, flag: str = "--teacher") -> torch.nn.Module:
+    """A model for `task` from a Hub id / folder / asset (GGUF dequantised to float32); a classifier gets the data's
+    label set (`data.id2label`: the teacher's own when it names its labels). `flag` names the source in errors."""
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if task == "regression":
+        kwargs.update(num_labels=1, problem_type="regression")
+    elif task == "sequence-classification" and data is not None and data.num_labels:
+        kwargs.update(num_labels=data.num_labels, id2label=data.id2label,
+                      label2id={v: k for k, v in data.id2label.items()})
+    if gguf_file:
+        kwargs.update(gguf_file=gguf_file, dtype=torch.float32)
+    folder = resolve_source(source, flag)
+    try:
+        model = AUTO_CLASSES[task].from_pretrained(folder, **kwargs)
+    except Exception as error:
+        broken = unreadable_weights(folder) if Path(folder).is_dir() else None
+        if broken:
+            raise ValueError(
+                f"{flag} {source!r}: the weights file {broken} cannot be read ({error}). It is truncated or corrupt: "
+                "save or download the model again."
+            ) from error
+        if isinstance(error, OSError) and not Path(folder).is_dir():
+            raise ValueError(f"{flag} {source!r}: cannot load it from the Hub ({' '.join(str(error).split())[:300]}). "
+                             "Check the id, the network and your token, or give a local folder.") from error
+        raise
+    if gguf_file:  # a plain float model from here on (saves and reloads without the quantizer)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def unreadable_weights(folder: str) -> str | None:
+    """The first ``*.safetensors`` file in `folder` that safetensors cannot open (truncated, corrupt), or None."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except Exception as error:  # safetensors raises its own SafetensorError
+            logger.debug("cannot open %s: %s", file, error)
+            return str(file)
+    return None
+
+
+def collator_for(task: str, tokenizer: Any, seed: int):
+    if task == "causal-lm":
+        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    if task == "masked-lm":
+        return DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=seed)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments | CacheArguments,
+                   teacher_head_trained: bool = True, require_labels: bool = True):
+    """Tokenizer and tokenised splits for a job (the teacher's tokenizer); `args` gives the seed of the held-out
+    split (and, for training jobs, `main_process_first`). Classification labels become the teacher's class ids
+    (`hf_distill.data.label_plan`); `teacher_head_trained`: the teacher's number of classes bounds the labels (not
+    for `train-teacher`, which trains the head)."""
+    if model_args.teacher is None:
+        raise ValueError("--teacher is required: a Hub id, a local folder, or asset:NAME.")
+    if data_args.dataset is None:
+        raise ValueError("--dataset is required: a Hub dataset name or a local csv/json/jsonl/parquet/txt file.")
+    teacher_source = resolve_source(model_args.teacher)
+    tokenizer_kwargs = {"gguf_file": model_args.teacher_gguf_file} if model_args.teacher_gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(teacher_source, trust_remote_code=model_args.trust_remote_code,
+                                              **tokenizer_kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    teacher_labels, teacher_classes = None, None
+    if model_args.task == "sequence-classification":
+        config = AutoConfig.from_pretrained(teacher_source, trust_remote_code=model_args.trust_remote_code,
+                                            **tokenizer_kwargs)
+        teacher_labels = named_labels(config)
+        teacher_classes = int(config.num_labels) if teacher_head_trained else None
+    raw = load_raw(resolve_source(data_args.dataset) if data_args.dataset.startswith("asset:") else data_args.dataset,
+                   data_args.dataset_config)
+    train, held_out = split_dataset(raw, data_args, args.seed)
+    first = args.main_process_first(desc="tokenising") if hasattr(args, "main_process_first") else nullcontext()
+    with first:
+        prepared = prepare_datasets(model_args.task, train, held_out, tokenizer, data_args, teacher_labels,
+                                    teacher_classes, require_labels)
+    if prepared.labels is not None and prepared.labels.warning and teacher_head_trained:
+        logger.warning(prepared.labels.warning)
+    return tokenizer, prepared
+
+
+def check_model_arguments(model_args: ModelArguments, args: DistillationConfig) -> None:
+    """The model flags that cannot work, refused before anything loads."""
+    if model_args.student_layers is not None and model_args.student_layers < 1:
+        raise ValueError(
+            f"--student_layers must be at least 1 (the number of teacher layers the student keeps), got "
+            f"{model_args.student_layers}. For LoRA self-distillation without a smaller student, drop --student_layers "
+            "and pass --use_peft true."
+        )
+    if model_args.student and model_args.student_layers:
+        raise ValueError("Give either --student (a model to start from) or --student_layers (cut from the teacher), "
+                         "not both.")
+    if model_args.teacher and not model_args.teacher.startswith("asset:"):
+        resolve_source(model_args.teacher)
+    if model_args.student and not model_args.student.startswith("asset:"):
+        resolve_source(model_args.student, "--student")
+    for anchor in args.teacher_route or []:
+        resolve_source(anchor, "--teacher_route")
+    if args.teacher_route and model_args.teacher_cache:
+        raise ValueError("--teacher_route and --teacher_cache are two different teachers: give one of them.")
+
+
+def resume_checkpoint(args: TrainingArguments) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names: a folder, or ``true`` for the last ``checkpoint-*`` in
+    `output_dir` (as the HF example scripts do); ``false`` / unset: None."""
+    value = args.resume_from_checkpoint
+    if value is None or str(value).strip().lower() in ("", "false", "no", "none"):
+        return None
+    if str(value).strip().lower() in ("true", "yes", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None:
+            raise ValueError(
+                f"--resume_from_checkpoint true: output_dir {args.output_dir!r} holds no checkpoint-* folder to resume. "
+                "Start a fresh run (drop the flag) or name a checkpoint folder."
+            )
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder.")
+    return str(value)
+
+
+def teacher_cache_for(path: str, tokenizer: Any, train: Any) -> Any:
+    """The offline teacher cache at `path` as the training set (refused when made with another tokenizer); a warning
+    when it was built from other training data than these data flags give (its own examples are what trains)."""
+    cached = load_teacher_cache(path, tokenizer)
+    made_from = (cache_manifest(cached) or {}).get("dataset_fingerprint")
+    if made_from and made_from != getattr(train, "_fingerprint", None):
+        logger.warning(
+            "The teacher cache %s was built from other training data than these data flags give: training reads the "
+            "cache's %d examples, evaluation the held-out split of these flags. Rebuild the cache with the same data "
+            "flags and --seed to be sure they do not overlap.", path, len(cached),
+        )
+    return cached
+
+
+def lora_config(model_args: ModelArguments):
+    """The LoRA config of `--use_peft`: rank, alpha, dropout and target modules ("all-linear" by default)."""
+    from peft import LoraConfig, TaskType
+
+    task_type = {"sequence-classification": TaskType.SEQ_CLS, "regression": TaskType.SEQ_CLS,
+                 "causal-lm": TaskType.CAUSAL_LM}.get(model_args.task)
+    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules=model_args.lora_target_modules or "all-linear", task_type=task_type)
+
+
+def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code: bool) -> None:
+    """A student with its own tokenizer must share the teacher's vocabulary (token -> id)."""
+    try:
+        student_tokenizer = AutoTokenizer.from_pretrained(resolve_source(student_source),
+                                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # the student ships no tokenizer: it is used with the teacher's
+    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"The student {student_source!r} has a different vocabulary from the teacher's tokenizer: their logits "
+            "would compare different tokens. Use a student that shares the teacher's tokenizer (or --student_layers)."
+        )

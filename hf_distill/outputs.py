@@ -1,0 +1,218 @@
+"""How the output terms (the task loss and the output term, e.g. the logits KL) are computed: the run's output
+strategy, chosen once (`plan_output`).
+
+- `FullLogits`: the models return full logits ``[..., V]``; the task loss comes from them (or from the loss the
+  student returns), the output term reads them like every other signal.
+- `HeadChunks`: causal LMs; each model returns its last position's logits only (``logits_to_keep=1``, checked once
+  against our output layer) and its final hidden states; the task and output terms are computed chunk by chunk
+  from those (`signals.chunked.chunked_head_losses`), so no ``[tokens, V]`` tensor exists.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .accounting import Measure, PositionUnit, align_labels
+from .checks import check_output_sizes
+from .modeling import accepts_input, describe, model_inputs, output_logits, output_loss
+from .signals import Signal, task_loss_sum
+from .signals.chunked import (
+    FinalHiddenTap,
+    HeadCheck,
+    OutputTerms,
+    auto_chunk_size,
+    chunked_head_losses,
+    chunking_obstacle,
+    output_head,
+)
+from .teachers import TeacherOutputs
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class OutputResult:
+    """The output terms of one batch: per-term sums (detached where `fused` carries their gradient), the fused
+    weighted loss ``sum_k c_k * S_k`` of the chunked terms, the names it covers, the (shared-vocabulary) logits the
+    other signals read, and the top-1 agreement with the teacher on evaluation batches."""
+
+    sums: dict[str, torch.Tensor]
+    student_logits: torch.Tensor | None = None
+    teacher_logits: torch.Tensor | None = None
+    fused: torch.Tensor | None = None
+    fused_terms: frozenset[str] = frozenset()
+    agreement: torch.Tensor | None = None
+
+
+@dataclass
+class OutputContext:
+    """What a strategy reads to compute the output terms of one batch."""
+
+    measure: Measure
+    labels: torch.Tensor | None  # the targets when the task term is on, else None
+    teacher: TeacherOutputs | None
+    output_signal: Signal | None
+    coefficient: Callable[[str], torch.Tensor]  # term -> weight * 1 / denominator
+    training: bool
+    vocab_mismatch: str
+    student: nn.Module
+
+
+class FullLogits:
+    """The plain path: full logits from every model."""
+
+    head_only = False
+
+    def __init__(self, label_names: tuple[str, ...]) -> None:
+        self.label_names = label_names
+
+    def fuses(self, signal: Signal) -> bool:
+        return False
+
+    def forward(self, model: nn.Module, inputs: Mapping[str, Any], measure: Measure, want_task: bool,
+                drop: tuple[str, ...], options: dict[str, bool]) -> tuple[Any, None]:
+        self.pass_labels = want_task and accepts_input(model, self.label_names[0])
+        drop = drop if self.pass_labels else (*self.label_names, *drop)
+        outputs = model(**model_inputs(model, inputs, drop=drop), **options)
+        logits = output_logits(outputs)
+        if measure.mask.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"The student returned outputs of shape {tuple(logits.shape)}, but the batch was counted as "
+                f"{measure.unit.value} positions of shape {tuple(measure.mask.shape)}. Token-level models need "
+                "per-token labels (-100 for ignored tokens) or an attention_mask; sequence-level models one output row "
+                "per example."
+            )
+        return outputs, None
+
+    def terms(self, context: OutputContext, outputs: Any, rows: None) -> OutputResult:
+        measure, teacher = context.measure, context.teacher
+        student_logits = output_logits(outputs)
+        sums: dict[str, torch.Tensor] = {}
+        if context.labels is not None:
+            model_loss = output_loss(outputs) if self.pass_labels else None
+            sums["task"] = task_loss_sum(student_logits, context.labels, measure.mask, measure.unit,
+                                         model_loss=model_loss)
+        teacher_logits = teacher.logits if teacher is not None else None
+        if teacher_logits is not None:
+            student_logits, teacher_logits = shared_vocabulary(student_logits, teacher_logits, measure.unit, context)
+        agreement = None
+        if not context.training and student_logits.shape[-1] > 1:
+            if teacher is not None and teacher.cached is not None:
+                agreement = (student_logits[measure.mask].argmax(dim=-1) == teacher.cached.ids[:, 0]).sum()
+            elif teacher_logits is not None:
+                mask = measure.mask
+                agreement = (student_logits[mask].argmax(-1) == teacher_logits[mask].argmax(-1)).sum()
+        return OutputResult(sums, student_logits, teacher_logits, agreement=agreement)
+
+
+class HeadChunks:
+    """The chunked path (causal LMs): the output terms from final hidden states and output layers, `chunk_size`
+    counted tokens at a time, in the precision of the models' forwards (`precision`: the accelerator's autocast)."""
+
+    head_only = True
+
+    def __init__(self, chunk_size: int, label_names: tuple[str, ...], precision: Callable[[], Any]) -> None:
+        self.chunk_size = chunk_size
+        self.label_names = label_names
+        self.precision = precision
+        self.head_check = HeadCheck("student")
+
+    def fuses(self, signal: Signal) -> bool:
+        return signal.is_output_term
+
+    def forward(self, model: nn.Module, inputs: Mapping[str, Any], measure: Measure, want_task: bool,
+                drop: tuple[str, ...], options: dict[str, bool]) -> tuple[Any, torch.Tensor]:
+        drop = (*self.label_names, *drop)  # labels would make the model compute a full-vocabulary loss
+        with FinalHiddenTap(model) as tap:
+            outputs = model(**model_inputs(model, inputs, drop=drop), logits_to_keep=1, **options)
+        self.student_head = output_head(model)
+        self.head_check(model, self.student_head, tap.value, outputs, self.precision)
+        return outputs, tap.value[measure.mask]
+
+    def terms(self, context: OutputContext, outputs: Any, rows: torch.Tensor) -> OutputResult:
+        measure, teacher, head = context.measure, context.teacher, self.student_head
+        heads = teacher.heads if teacher is not None else ()
+        shared = None
+        if heads:
+            sizes = {head.vocab_size, *(h.vocab_size for h in heads)}
+            if len(sizes) > 1:
+                check_output_sizes(head.vocab_size, heads[0].vocab_size, measure.unit, context.vocab_mismatch,
+                                   teacher.model, context.student)
+                shared = min(sizes)
+        signal = context.output_signal if teacher is not None else None
+        terms = OutputTerms(
+            labels=None if context.labels is None else align_labels(context.labels, measure.unit)[measure.mask],
+            signal=signal,
+            teacher_heads=tuple(heads),
+            teacher_hidden=tuple(teacher.hidden) if teacher is not None else (),
+            combine=teacher.combine if teacher is not None else None,
+            cached=teacher.cached if teacher is not None else None,
+            shared_vocab=shared,
+            agreement=teacher is not None and not context.training,
+            precision=self.precision,
+        )
+        coefficients: dict[str, Any] = {}
+        if terms.labels is not None:
+            coefficients["task"] = context.coefficient("task")
+        if signal is not None:
+            coefficients[signal.name] = context.coefficient(signal.name)
+        if terms.agreement:
+            coefficients["agreement"] = 0.0
+        fused, sums = chunked_head_losses(rows, head, terms, coefficients, self.chunk_size, precision=self.precision)
+        agreement = sums.pop("agreement", None)
+        return OutputResult(sums, fused=fused, fused_terms=frozenset(sums), agreement=agreement)
+
+
+def shared_vocabulary(student_logits: torch.Tensor, teacher_logits: torch.Tensor, unit: PositionUnit,
+                      context: OutputContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logits cut to the ids they share (``vocab_mismatch="truncate"``; else sizes must be equal)."""
+    if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"Teacher outputs of shape {tuple(teacher_logits.shape)} do not line up with the student's "
+            f"{tuple(student_logits.shape)}: both models must see the same batch and produce one row per position."
+        )
+    student_size, teacher_size = student_logits.shape[-1], teacher_logits.shape[-1]
+    if student_size == teacher_size:
+        return student_logits, teacher_logits
+    check_output_sizes(student_size, teacher_size, unit, context.vocab_mismatch, context.teacher.model,
+                       context.student)
+    shared = min(student_size, teacher_size)
+    return student_logits[..., :shared], teacher_logits[..., :shared]
+
+
+def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module, teachers: list[nn.Module],
+                signals: list[tuple[Signal, float]], distributed_type: str, label_names: tuple[str, ...],
+                precision: Callable[[], Any] = nullcontext) -> FullLogits | HeadChunks:
+    """The output strategy of a run (`logits_chunk_size`): `HeadChunks` where the models allow it ("auto", or an
+    integer that insists, with an error saying why it cannot), else `FullLogits`."""
+    if setting == 0:
+        return FullLogits(label_names)
+    reasons = []
+    if model_unit is not PositionUnit.NEXT_TOKEN:
+        reasons.append(f"the student {describe(student)} is not a causal LM")
+    else:
+        for who, model in (("student", student), *(("teacher", t) for t in teachers)):
+            obstacle = chunking_obstacle(model)
+            if obstacle:
+                reasons.append(f"the {who}: {obstacle}")
+    readers = [signal.name for signal, _ in signals if signal.reads_logits and not signal.is_output_term]
+    if readers:
+        reasons.append(f"the {', '.join(readers)} signal(s) read the full logits")
+    if distributed_type not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU"):
+        reasons.append(f"{distributed_type} shards the output layer")
+    if reasons:
+        if setting == "auto":
+            logger.info("Logits loss on full logits (not chunked): %s.", "; ".join(reasons))
+            return FullLogits(label_names)
+        raise ValueError(
+            f"logits_chunk_size={setting} asks for the chunked logits loss, but {'; '.join(reasons)}. Set "
+            "logits_chunk_size=0 for the full-logits path, or 'auto' to chunk only where possible."
+        )
+    size = auto_chunk_size(output_head(student).vocab_size) if setting == "auto" else int(setting)
+    return HeadChunks(size, label_names, precision)

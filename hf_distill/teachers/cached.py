@@ -1,0 +1,84 @@
+"""The offline teacher: top-k output distributions stored with the training set (`hf-distill cache-teacher`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from transformers.utils import logging
+
+from ..signals import fields_where
+from ..signals.chunked import CachedTargets
+from ..teacher_cache import CACHE_COLUMNS, TeacherCacheCollator, tokenizer_hash
+from .base import TeacherOutputs, TeacherRequest, TeacherSource
+
+logger = logging.get_logger(__name__)
+
+
+class CachedTeacher(TeacherSource):
+    """Teacher targets read from the batch (the cache columns, collated by `TeacherCacheCollator`): no teacher
+    model runs. Serves the signals that declare `works_from_cache` (the soft output term), at the cache's
+    temperature and for the tokenizer it was made with."""
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        self.manifest = manifest
+
+    def outputs(self, inputs: Mapping[str, Any], request: TeacherRequest) -> TeacherOutputs | None:
+        if CACHE_COLUMNS[0] not in inputs:
+            return None  # an evaluation batch without the cache: no teacher terms
+        ids, log_probs, tail = (inputs[name] for name in CACHE_COLUMNS)
+        counted = int(request.mask.sum())
+        if ids.shape[0] != counted:
+            raise ValueError(
+                f"The teacher cache holds {ids.shape[0]} positions for this batch, but the batch counts {counted}: the "
+                "cache was built from other data, labels or collation. Rebuild it with `hf-distill cache-teacher` on "
+                "the training data as tokenised for this run."
+            )
+        return TeacherOutputs(cached=CachedTargets(ids.long(), log_probs, tail))
+
+    def input_columns(self) -> list[str]:
+        return list(CACHE_COLUMNS)
+
+    def batch_only_keys(self) -> tuple[str, ...]:
+        return CACHE_COLUMNS
+
+    def wrap_collator(self, collator: Callable) -> Callable:
+        return TeacherCacheCollator(collator)
+
+    def declared_vocab_size(self) -> int | None:
+        return self.manifest.get("vocab_size")
+
+    def check_run(self, args: Any, active: dict[str, float], processing_class: Any = None) -> None:
+        """A cache serves the output-distribution term only, at the temperature and for the tokenizer it was made
+        for (the same vocabulary hash: its token ids must mean the student's tokens)."""
+        others = fields_where(args, needs_teacher=True, works_from_cache=False)
+        if others:
+            raise ValueError(
+                f"The training set is an offline teacher cache, which holds the teacher's top-k output distributions "
+                f"only; {', '.join(f'{k}={v}' for k, v in others.items())} need(s) the live teacher's internals. Pass "
+                "teacher_model=... (and the plain tokenised dataset), or set these weights to 0."
+            )
+        if args.logits_loss == "mse":
+            raise ValueError(
+                "logits_loss='mse' compares raw logits, which a top-k teacher cache does not hold: use forward_kl, "
+                "reverse_kl, jsd or tvd with a cache."
+            )
+        made_at = float(self.manifest.get("temperature", 1.0))
+        if abs(made_at - args.temperature) > 1e-9:
+            raise ValueError(
+                f"The teacher cache holds log-probabilities at temperature {made_at}, but temperature="
+                f"{args.temperature}: set temperature={made_at}, or rebuild the cache with --temperature "
+                f"{args.temperature}."
+            )
+        expected = self.manifest.get("tokenizer_hash")
+        if processing_class is not None and expected and hasattr(processing_class, "get_vocab"):
+            if tokenizer_hash(processing_class) != expected:
+                raise ValueError(
+                    f"The teacher cache was made for another tokenizer (teacher {self.manifest.get('teacher_id')!r}): "
+                    "its token ids mean other tokens for this student. Rebuild the cache with the student's tokenizer "
+                    "(`hf-distill cache-teacher`), or distil from the live teacher."
+                )
+        elif processing_class is None:
+            logger.warning(
+                "Training from a teacher cache without processing_class: the cache's tokenizer cannot be checked "
+                "against the student's. Pass processing_class=tokenizer to check it."
+            )
