@@ -33,18 +33,12 @@ from .safety import (
     drop_gradients,
 )
 from .signal_modules import ATTACHED_NAME, SignalModules, load_signal_state, save_signal_state
-from .signals import fields_where
+from .signals import fields_where, label_weights
 from .signals.build import build_signals
 from .teachers import TeacherSource
 from .teachers import teacher_source as pick_teacher_source
 
 logger = logging.get_logger(__name__)
-
-
-def label_weights(args: Any) -> dict[str, float]:
-    """The active weights whose terms need labels: the task loss and every signal declaring `needs_labels`."""
-    task = {"task_weight": args.task_weight} if args.task_weight > 0 else {}
-    return {**task, **fields_where(args, needs_labels=True)}
 
 
 class DistillationTrainer(Trainer):

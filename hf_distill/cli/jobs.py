@@ -19,13 +19,14 @@ from ..data import (
 from ..hub import CardInfo, hub_errors
 from ..output_dir import check_output_dir, move_aside_on_main
 from ..safety import check_one_run
+from ..signals import label_weights
 from ..students import model_depth, shrink_model
 from ..teacher_cache import (
     build_teacher_cache,
     cache_size,
     load_teacher_cache,
 )
-from ..trainer import DistillationTrainer, label_weights
+from ..trainer import DistillationTrainer
 from .arguments import CacheArguments, ModelArguments, parse_distill_args
 from .models import (
     check_model_arguments,

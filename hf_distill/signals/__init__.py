@@ -1,16 +1,16 @@
 """Distillation signals: each turns (student outputs, teacher outputs, batch) into one summed scalar.
 
-Importing this package registers the built-in signals (in the order their terms are built); `register_signal` adds
-one of your own.
+Importing this package registers the built-in signals (built in `Signal.build_order`); `register_signal` adds one
+of your own.
 """
 
 from .base import BuildContext, Signal, SignalView
-from .gradients import (  # noqa: E402
+from .gradients import (
     AdversarialGradientSignal,
     FeatureGradientSignal,
     InputGradientSignal,
 )
-from .hidden import AttentionSignal, HiddenStateSignal  # noqa: E402  (registration order: logits, hidden, ...)
+from .hidden import AttentionSignal, HiddenStateSignal
 from .logits import (
     LOGITS_LOSSES,
     LogitsSignal,
@@ -23,12 +23,13 @@ from .logits import (
 )
 from .registry import (
     fields_where,
+    label_weights,
     register_signal,
     registered_signals,
     signal_weight_fields,
     unregister_signal,
 )
-from .relational import SimilaritySignal  # noqa: E402
+from .relational import SimilaritySignal
 from .task import task_loss_sum
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "fields_where",
     "forward_kl",
     "generalized_jsd",
+    "label_weights",
     "logits_divergence",
     "logits_mse",
     "register_signal",

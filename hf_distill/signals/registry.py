@@ -61,3 +61,9 @@ def fields_where(args: Any, **needs: bool) -> dict[str, float]:
         if weight > 0 and all(bool(getattr(cls, need)) == value for need, value in needs.items()):
             active[field] = weight
     return active
+
+
+def label_weights(args: Any) -> dict[str, float]:
+    """The active weights whose terms need labels: the task loss and every signal declaring `needs_labels`."""
+    task = {"task_weight": args.task_weight} if getattr(args, "task_weight", 0) > 0 else {}
+    return {**task, **fields_where(args, needs_labels=True)}
