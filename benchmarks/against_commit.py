@@ -6,7 +6,7 @@
 
 The other tree's benchmarks run with its own `hf_distill` (its folder first on the path, this tree's editable
 install hidden). Prints per row the median over rounds for each tree and the ratio this / other (time: lower is
-better; tokens/s: higher is better).
+better; tokens/s: higher is better). An empty ``--trl_args ""`` or ``--loss_args ""`` skips that benchmark.
 """
 
 from __future__ import annotations
@@ -51,11 +51,13 @@ def main() -> None:
         for round_ in range(opts.rounds):
             for name, tree in (("other", other), ("this", HERE)):
                 print(f"round {round_ + 1}/{opts.rounds}: {name} ({tree})", file=sys.stderr, flush=True)
-                trl = run(tree, "bench_vs_trl.py", opts.trl_args.split(), env_dir, Path(work) / "trl.json")
+                trl = run(tree, "bench_vs_trl.py", opts.trl_args.split(), env_dir, Path(work) / "trl.json") \
+                    if opts.trl_args else {"rows": []}
                 for row in trl["rows"]:
                     samples.setdefault((f"bench_vs_trl {row['trainer']} tokens/s", name), []).append(
                         row["tokens_per_s"])
-                loss = run(tree, "bench_logits_loss.py", opts.loss_args.split(), env_dir, Path(work) / "loss.json")
+                loss = run(tree, "bench_logits_loss.py", opts.loss_args.split(), env_dir, Path(work) / "loss.json") \
+                    if opts.loss_args else {"rows": []}
                 for pair in loss["rows"]:
                     for path, row in pair.items():
                         key = f"bench_logits_loss {path} {row['vocab']}x{row['tokens']} s"

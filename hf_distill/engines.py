@@ -5,6 +5,9 @@
   each process holds 1/world of the teacher between forwards; it is never given to the optimizer.
 - DeepSpeed: a ZeRO-3 inference engine (parameters partitioned) under ZeRO-3, else stage 0 (a full copy per process);
   the optimizer, scheduler and offloaded-optimizer blocks of the training config are dropped.
+
+Also `average_gradients`, the all-reduce that modules outside the engine's wrapper (signal modules, GREAT's
+discriminator) use to stay in step across processes.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.utils import logging
 
@@ -91,3 +95,17 @@ def prepare_frozen_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
     if prepared in accelerator._models:
         accelerator._models.remove(prepared)
     return prepared
+
+
+def average_gradients(parameters: list[nn.Parameter]) -> None:
+    """Average the parameters' gradients over the processes of a distributed run (no-op in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    for parameter in parameters:
+        if parameter.grad is None:  # keep every process in the same collective sequence
+            parameter.grad = torch.zeros_like(parameter)
+        torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
+        parameter.grad.div_(world)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import logging
 
+from .engines import average_gradients
 from .files import atomic_path
 from .signals.base import Signal
 
@@ -28,20 +29,6 @@ MODULES_FILE = "hf_distill_modules.safetensors"
 #: Under DeepSpeed the modules are attached to the student under this name (DeepSpeed optimises, reduces, clips and
 #: checkpoints only the parameters of the module it wraps); the exported student never holds them.
 ATTACHED_NAME = "hf_distill_signal_modules"
-
-
-def average_gradients(parameters: list[nn.Parameter]) -> None:
-    """Average the parameters' gradients over the processes of a distributed run (no-op in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return
-    for parameter in parameters:
-        if parameter.grad is None:  # keep every process in the same collective sequence
-            parameter.grad = torch.zeros_like(parameter)
-        torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
-        parameter.grad.div_(world)
 
 
 class SignalModules(nn.ModuleDict):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engines import average_gradients
 from ..modeling import model_inputs, output_logits, unwrap
 from .base import BuildContext, Signal, SignalView
 from .geometry import embedding_width, is_token_model
@@ -218,8 +219,6 @@ class AdversarialGradientSignal(_GradientSignal):
         loss = F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real)) + \
             F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
         loss.backward()
-        from ..signal_modules import average_gradients
-
         average_gradients(list(self.discriminator.parameters()))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import unwrap
-from ..options import check_choice
 from .base import BuildContext, Signal, SignalView, upcast_half
 from .geometry import layer_geometry
 from .registry import register_signal
@@ -174,9 +173,7 @@ class HiddenStateSignal(Signal):
         teacher_width: int,
         projection: str = "auto",
     ) -> None:
-        check_choice("hidden_loss", kind, HIDDEN_LOSSES)
-        check_choice("hidden_projection", projection, HIDDEN_PROJECTIONS)
-        self.kind = kind
+        self.kind = kind  # (kind and projection are checked by `check_options` with the settings)
         self.layer_map = list(layer_map)
         self.projections = nn.ModuleDict()
         if projection == "linear" or student_width != teacher_width:

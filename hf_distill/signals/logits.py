@@ -117,8 +117,7 @@ class LogitsSignal(Signal):
     def __init__(
         self, kind: str, temperature: float, jsd_beta: float = 0.5, scale_by_temperature_squared: bool = True
     ) -> None:
-        check_choice("logits_loss", kind, LOGITS_LOSSES)
-        self.kind = kind
+        self.kind = kind  # (checked by `check_options` with the settings, and by `logits_divergence` when used)
         self.temperature = temperature
         self.jsd_beta = jsd_beta
         self.scale_by_temperature_squared = scale_by_temperature_squared

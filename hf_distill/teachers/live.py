@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..config import ENSEMBLE_MODES
 from ..engines import prepare_frozen_teacher
 from ..modeling import (
     forward_parameter_names,
@@ -36,7 +37,7 @@ def combine_teacher_logits(
         return logits[0]
     if mode == "mean_logits" or not soft:
         return torch.stack([z.float() for z in logits]).mean(dim=0)
-    check_choice("ensemble", mode, ("mean_probs", "mean_logits"))
+    check_choice("ensemble", mode, ENSEMBLE_MODES)
     log_probs = torch.stack([torch.log_softmax(z.float() / temperature, dim=-1) for z in logits])
     return temperature * (torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(len(logits)))))
 
