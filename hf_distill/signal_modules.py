@@ -65,6 +65,14 @@ class SignalModules(nn.ModuleDict):
         """All-reduce (mean) the gradients, as DDP does for the student's parameters."""
         average_gradients(self.trainable_parameters())
 
+    def clipped_with(self, model: nn.Module, distributed_type: str) -> list[nn.Parameter] | None:
+        """The parameters to clip under one global norm: the student's and these modules', when there are modules
+        and the engine clips plain parameter lists (no engine, DDP); None: let the engine clip (FSDP and DeepSpeed
+        clip what they wrap; under DeepSpeed the modules ride inside the student)."""
+        if not len(self) or distributed_type not in ("NO", "MULTI_CPU", "MULTI_GPU"):
+            return None
+        return [*model.parameters(), *self.parameters()]
+
     def zero_gradients(self) -> None:
         for parameter in self.parameters():
             parameter.grad = None

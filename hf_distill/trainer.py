@@ -249,11 +249,10 @@ class DistillationTrainer(Trainer):
         return loss
 
     def _clip_grad_norm(self, model: nn.Module):
-        """Clip the student's and the signal modules' gradients together (one global norm)."""
-        plain = self.accelerator.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU")
-        if not len(self.signal_modules) or not plain:
+        """Clip the student's and the signal modules' gradients together (one global norm) where the engine lets us."""
+        parameters = self.signal_modules.clipped_with(model, self.accelerator.distributed_type.value)
+        if parameters is None:
             return super()._clip_grad_norm(model)
-        parameters = [*model.parameters(), *self.signal_modules.parameters()]
         return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm=None):
