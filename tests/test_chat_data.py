@@ -1,0 +1,139 @@
+"""Chat and prompt-completion data: which tokens count, checked against hand-made masks on tiny tokenizers."""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from hf_distill import DistillationTrainer
+from hf_distill.chat import conversation_mask, detect_format, prepare_chat_dataset, prompt_completion_mask
+
+from .conftest import tiny_llama
+
+WORDS = ["user", "assistant", "system", "hello", "hi", "there", "how", "are", "you", "fine", "thanks", "be", "brief",
+         "ok", "\n", " "]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+          "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+         "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+         "<|end_header_id|>\n\n{% endif %}")
+SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+           "<|end_header_id|>", "<|eot_id|>"]
+TWO_TURNS = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
+             {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine thanks"}]
+
+
+def chat_tokenizer(template: str | None, eos: str) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(r"\n| "), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", unk_token="<unk>", eos_token=eos,
+                                        additional_special_tokens=[t for t in SPECIAL[2:] if t != eos])
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def counted_tokens(tokenizer, ids, counted):
+    return [tokenizer.convert_ids_to_tokens(i) for i, c in zip(ids, counted) if c]
+
+
+def test_chatml_assistant_mask_by_markers_and_by_prefix_diff_equals_the_hand_made_one():
+    tokenizer = chat_tokenizer(CHATML, "<|im_end|>")
+    ids, by_markers = conversation_mask(tokenizer, TWO_TURNS)
+    diff_ids, by_diff = conversation_mask(tokenizer, TWO_TURNS, use_markers=False)
+    assert ids == diff_ids and by_markers == by_diff
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    # by hand: <|im_start|> assistant \n | hi ' ' there <|im_end|>  (the header never counts)
+    hand = [False] * len(tokens)
+    for start in [i for i, t in enumerate(tokens) if t == "assistant"]:
+        end = tokens.index("<|im_end|>", start)
+        for j in range(start + 2, end + 1):
+            hand[j] = True
+    assert by_diff == hand
+    assert counted_tokens(tokenizer, ids, by_diff) == ["hi", " ", "there", "<|im_end|>", "fine", " ", "thanks",
+                                                       "<|im_end|>"]
+
+
+def test_llama_style_template_without_markers_counts_content_and_end_of_turn_only():
+    tokenizer = chat_tokenizer(LLAMA, "<|eot_id|>")
+    system = [{"role": "system", "content": "be brief"}, *TWO_TURNS]
+    ids, counted = conversation_mask(tokenizer, system)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[:4] == ["<|begin_of_text|>", "<|start_header_id|>", "system", "<|end_header_id|>"]  # context kept
+    assert counted_tokens(tokenizer, ids, counted) == ["hi", " ", "there", "<|eot_id|>", "fine", " ", "thanks",
+                                                       "<|eot_id|>"]
+    # by hand: every assistant header ("<|start_header_id|> assistant <|end_header_id|> \n \n") is uncounted
+    for i, token in enumerate(tokens):
+        if token == "assistant":
+            assert not any(counted[i - 1: i + 4])
+
+
+def test_prompt_completion_counts_the_completion_only():
+    tokenizer = chat_tokenizer(CHATML, "<|im_end|>")
+    ids, counted = prompt_completion_mask(tokenizer, "how are you", "fine thanks")
+    assert counted_tokens(tokenizer, ids, counted) == ["fine", " ", "thanks", "<|im_end|>"]
+    assert tokenizer.convert_ids_to_tokens(ids)[:5] == ["how", " ", "are", " ", "you"]
+    prompt, completion = TWO_TURNS[:3], TWO_TURNS[3:]
+    ids, counted = prompt_completion_mask(tokenizer, prompt, completion)
+    assert counted_tokens(tokenizer, ids, counted) == ["fine", " ", "thanks", "<|im_end|>"]  # not the first answer
+
+
+def test_formats_are_detected_and_bad_input_is_refused():
+    assert detect_format(["messages"]) == "messages"
+    assert detect_format(["prompt", "completion"]) == "prompt_completion"
+    assert detect_format(["prompt"]) == "prompt_only"
+    assert detect_format(["text", "id"]) == "text"
+    with pytest.raises(ValueError, match="Cannot tell the data format"):
+        detect_format(["question"])
+    with pytest.raises(ValueError, match="Unknown data_format"):
+        detect_format(["messages"], "chat")
+    with pytest.raises(ValueError, match="has no chat template"):
+        conversation_mask(chat_tokenizer(None, "<|im_end|>"), TWO_TURNS)
+    with pytest.raises(ValueError, match="Unknown role 'bot'"):
+        conversation_mask(chat_tokenizer(CHATML, "<|im_end|>"), [{"role": "bot", "content": "hi"}])
+    with pytest.raises(ValueError, match="prompt-only data is the input of generation"):
+        prepare_chat_dataset(datasets.Dataset.from_dict({"prompt": ["hello"]}), chat_tokenizer(CHATML, "<|im_end|>"))
+
+
+def test_truncation_keeps_the_start_and_rows_with_nothing_counted_are_dropped(caplog):
+    tokenizer = chat_tokenizer(LLAMA, "<|eot_id|>")
+    rows = {"messages": [TWO_TURNS, TWO_TURNS[:1] + [{"role": "assistant", "content": "ok"}], TWO_TURNS[:1]]}
+    with caplog.at_level(logging.WARNING):
+        full, _ = prepare_chat_dataset(datasets.Dataset.from_dict(rows), tokenizer)
+    assert len(full) == 2  # the user-only row has nothing to learn
+    ids, counted = conversation_mask(tokenizer, TWO_TURNS)
+    assert full[0]["labels"] == [i if c else -100 for i, c in zip(ids, counted)]
+    cut = 14  # inside the first answer: "hi" is kept, the rest of the conversation is cut
+    short, collator = prepare_chat_dataset(datasets.Dataset.from_dict(rows), tokenizer, max_length=cut)
+    assert [len(r) for r in short["input_ids"]] == [cut, cut]
+    assert counted_tokens(tokenizer, short[0]["input_ids"], [x != -100 for x in short[0]["labels"]]) == ["hi"]
+    assert short[0]["input_ids"] == ids[:cut]
+    kept = prepare_chat_dataset(datasets.Dataset.from_dict(rows), tokenizer, max_length=cut, truncation_side="left")[0]
+    assert kept[0]["input_ids"] == ids[-cut:]
+    with pytest.raises(ValueError, match="No row has a token to learn from"):
+        prepare_chat_dataset(datasets.Dataset.from_dict({"messages": [TWO_TURNS[:1]]}), tokenizer)
+    batch = collator([short[0], short[1]])
+    assert batch["labels"].shape == batch["input_ids"].shape and (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_a_student_distils_on_chat_data_counting_assistant_tokens_only(make_args):
+    tokenizer = chat_tokenizer(CHATML, "<|im_end|>")
+    rows = {"messages": [TWO_TURNS, TWO_TURNS[:2], [{"role": "system", "content": "be brief"}, *TWO_TURNS]] * 2}
+    train, collator = prepare_chat_dataset(datasets.Dataset.from_dict(rows), tokenizer)
+    vocab = len(tokenizer)
+    teacher, student = tiny_llama(vocab=vocab, seed=0), tiny_llama(vocab=vocab, seed=1)
+    args = make_args(max_steps=1, per_device_train_batch_size=6, task_weight=0.5, logits_weight=0.5)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train,
+                                  data_collator=collator)
+    trainer.train()
+    labels = torch.tensor([r + [-100] * (40 - len(r)) for r in train["labels"]])
+    expected = int((labels[:, 1:] != -100).sum())  # causal LM: position t predicts the counted token t + 1
+    assert int(trainer.accounting.step_counts["positions"]) == expected
+    assert expected == 2 * (8 + 4 + 8)  # assistant content + end-of-turn tokens of the six rows
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
