@@ -163,6 +163,42 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, data_format: str, max_leng
             "labels": [i if c else IGNORE_INDEX for i, c in zip(ids, counted)]}
 
 
+#: The conversation rendered to find a template's end-of-turn token and to compare two tokenizers' renderings.
+PROBE = [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The token that closes an assistant turn in the chat template: the last counted token of a rendered turn."""
+    ids, counted = conversation_mask(tokenizer, PROBE)
+    last = max((i for i, c in enumerate(counted) if c), default=None)
+    return None if last is None else ids[last]
+
+
+def chat_generation_config(model: Any, tokenizer: Any) -> None:
+    """Make `model.generation_config` stop at the template's end-of-turn token (and the tokenizer's end of
+    sequence) and pad with the tokenizer's pad token, so ``pipeline("text-generation")`` answers a `messages` list
+    with one assistant turn."""
+    stops = [t for t in dict.fromkeys([end_of_turn_id(tokenizer), tokenizer.eos_token_id]) if t is not None]
+    config = model.generation_config
+    config.eos_token_id = stops[0] if len(stops) == 1 else stops
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+
+
+def check_same_rendering(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    """Teacher and student must turn a conversation into the same ids (same tokenizer, same template), else their
+    per-token distributions compare different tokens: refuse, showing both renderings' first difference."""
+    ids = [conversation_mask(t, PROBE)[0] for t in (teacher_tokenizer, student_tokenizer)]
+    if ids[0] == ids[1]:
+        return
+    at = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
+    shown = [repr(t.decode(i[at: at + 8])) for t, i in zip((teacher_tokenizer, student_tokenizer), ids)]
+    raise ValueError(
+        f"The teacher's and the student's chat templates render the same conversation to different tokens (first "
+        f"difference at token {at}: teacher {shown[0]}, student {shown[1]}): their outputs would compare different "
+        "positions. Use one tokenizer and template for both (cross-tokenizer distillation is not supported yet)."
+    )
+
+
 class CompletionCollator:
     """Pads a batch of tokenised rows on the right: ``input_ids`` with the pad id, ``attention_mask`` with 0,
     ``labels`` with -100 (padding never counts)."""
@@ -184,6 +220,10 @@ def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = 
     the collator to train on it with; rows left with nothing counted (after truncation) are dropped and counted in
     the log."""
     data_format = detect_format(dataset.column_names, data_format)
+    needed = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"]}.get(data_format, [])
+    missing = [c for c in needed if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{data_format} data needs the column(s) {missing}; the dataset has {dataset.column_names}.")
     if data_format not in ("messages", "prompt_completion"):
         raise ValueError(
             f"prepare_chat_dataset trains on messages or prompt-completion data; this is {data_format} data "
@@ -191,6 +231,9 @@ def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = 
         )
     if data_format == "messages" or not isinstance(dataset[0]["prompt"], str):
         check_chat_tokenizer(tokenizer)
+    elif not any(str(text or "").strip() for text in dataset["completion"]):
+        raise ValueError("The completion column is empty in every row: there is nothing to learn from. Point it at "
+                         "the column of answers (or generate them with the teacher).")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("The tokenizer has neither a pad token nor an end-of-sequence token to pad batches with.")

@@ -9,6 +9,9 @@ from typing import Any
 
 import datasets
 
+from .chat import DATA_FORMATS, detect_format, prepare_chat_dataset
+from .options import check_choice
+
 #: The tasks of the command line.
 TASKS: tuple[str, ...] = ("sequence-classification", "regression", "causal-lm", "masked-lm")
 #: Local file suffix -> `datasets` builder.
@@ -26,14 +29,22 @@ class DataArguments:
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text (the first of a pair)."})
-    text_column_2: str | None = field(default=None, metadata={"help": "Second text column, for sentence pairs."})
+    text_column_2: str | None = field(
+        default=None, metadata={"help": "Second text column: sentence pairs; for --task causal-lm, the completion of a "
+                                        "plain prompt-completion dataset (prompt in --text_column)."})
+    data_format: str = field(
+        default="auto", metadata={"help": "Causal LMs: text (packed blocks), messages (chat turns), prompt_completion, "
+                                          "or auto (from the columns).", "choices": ["auto", *DATA_FORMATS]})
+    truncation_side: str = field(
+        default="right", metadata={"help": "Chat / prompt-completion rows longer than --max_length: keep the start "
+                                           "('right' cuts the end) or the end ('left').", "choices": ["right", "left"]})
     label_column: str = field(default="label", metadata={"help": "Column holding the label (classification/regression)."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str | None = field(
         default=None, metadata={"help": "Split to evaluate on; without it, --eval_fraction of the training split."}
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "Held-out fraction when there is no --eval_split."})
-    max_length: int = field(default=128, metadata={"help": "Truncation length (classification, regression, MLM)."})
+    max_length: int = field(default=128, metadata={"help": "Truncation length (classification, regression, MLM, chat)."})
     block_size: int = field(default=128, metadata={"help": "Causal-LM text is packed into blocks of this length."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
@@ -48,6 +59,8 @@ class DataArguments:
                     + (" (omit it to keep every row)." if name.startswith("max_") and "samples" in name
                        else " (tokens per example; e.g. 128).")
                 )
+        check_choice("data_format", self.data_format, ("auto", *DATA_FORMATS))
+        check_choice("truncation_side", self.truncation_side, ("right", "left"))
         if self.eval_split is None and not 0 < self.eval_fraction < 1:
             raise ValueError(f"--eval_fraction must lie in (0, 1), got {self.eval_fraction} (or give --eval_split).")
 
@@ -120,6 +133,8 @@ class PreparedData:
     num_labels: int | None = None
     id2label: dict[int, str] | None = None
     labels: "LabelPlan | None" = None  #: how the label values became class ids (classification)
+    collator: Any = None  #: the collator the data needs (chat / prompt-completion rows); None: the task's default
+    data_format: str | None = None  #: causal LMs: the format the rows were read as (`chat.DATA_FORMATS`)
 
 
 def prepare_datasets(
@@ -141,13 +156,16 @@ def prepare_datasets(
     if data.text_column_2:
         flags[data.text_column_2] = "--text_column_2"
     labelled = task in ("sequence-classification", "regression") and require_labels
-    if data.text_column_2 and task in ("causal-lm", "masked-lm"):
+    if data.text_column_2 and task == "masked-lm":
         raise ValueError(
             f"--text_column_2 {data.text_column_2!r} pairs two texts for classification and regression; a {task} run "
-            "would train on --text_column alone and silently drop it. For language models put all the text in "
-            "--text_column (one column of plain text, packed into --block_size blocks); prompt-completion and chat "
-            "data are not supported yet."
+            "would train on --text_column alone and silently drop it. For masked LMs put all the text in --text_column."
         )
+    if task == "causal-lm":
+        data_format = _lm_format(train, data)
+        if data_format != "text":
+            return _chat_splits(train, held_out, tokenizer, data, data_format)
+        text_columns = [data.text_column]
     for split in (train, held_out):
         _require_columns(split, text_columns + ([data.label_column] if labelled else []), flags)
 
@@ -172,7 +190,7 @@ def prepare_datasets(
             raise ValueError(
                 f"Packing into --block_size {data.block_size} left no block in a split: lower --block_size or add text."
             )
-        return PreparedData(out[0], out[1])
+        return PreparedData(out[0], out[1], data_format="text" if task == "causal-lm" else None)
 
     num_labels, id2label, plan = None, None, None
     has_labels = data.label_column in train.column_names
@@ -199,6 +217,37 @@ def prepare_datasets(
 
     prepared = [split.map(encode, batched=True, remove_columns=split.column_names) for split in (train, held_out)]
     return PreparedData(prepared[0], prepared[1], num_labels, id2label, plan)
+
+
+def _lm_format(train: datasets.Dataset, data: DataArguments) -> str:
+    """The format of causal-LM data: `--text_column_2` makes plain prompt-completion rows; else `--data_format`, or
+    (auto) plain text when the text column is there, else what the columns say (`chat.detect_format`)."""
+    if data.text_column_2:
+        return "prompt_completion"
+    if data.data_format != "auto":
+        return data.data_format
+    return "text" if data.text_column in train.column_names else detect_format(train.column_names)
+
+
+def _chat_splits(train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any, data: DataArguments,
+                 data_format: str) -> PreparedData:
+    """Both splits tokenised with completion-only labels (`chat.prepare_chat_dataset`)."""
+    splits = []
+    for split in (train, held_out):
+        if data.text_column_2:  # plain prompt-completion in two named columns
+            _require_columns(split, [data.text_column, data.text_column_2],
+                             {data.text_column: "--text_column", data.text_column_2: "--text_column_2"})
+            kind = split.features[data.text_column_2]
+            if getattr(kind, "dtype", "string") not in ("string", "large_string"):
+                raise ValueError(
+                    f"--text_column_2 {data.text_column_2!r} is the completion of a causal-lm run, but it holds "
+                    f"{getattr(kind, 'dtype', kind)} values, not text: point it at the column of completions."
+                )
+            split = split.select_columns([data.text_column, data.text_column_2]).rename_columns(
+                {data.text_column: "prompt", data.text_column_2: "completion"})
+        splits.append(prepare_chat_dataset(split, tokenizer, data.max_length, data_format, data.truncation_side))
+    (train_rows, collator), (eval_rows, _) = splits
+    return PreparedData(train_rows, eval_rows, collator=collator, data_format=data_format)
 
 
 #: The names transformers gives labels nobody named (``LABEL_0``, ``LABEL_1``, ...): nothing to match by.

@@ -97,6 +97,12 @@ def test_formats_are_detected_and_bad_input_is_refused():
         conversation_mask(chat_tokenizer(None, "<|im_end|>"), TWO_TURNS)
     with pytest.raises(ValueError, match="Unknown role 'bot'"):
         conversation_mask(chat_tokenizer(CHATML, "<|im_end|>"), [{"role": "bot", "content": "hi"}])
+    with pytest.raises(ValueError, match="completion column is empty in every row"):
+        prepare_chat_dataset(datasets.Dataset.from_dict({"prompt": ["hello"], "completion": [" "]}),
+                             chat_tokenizer(CHATML, "<|im_end|>"))
+    with pytest.raises(ValueError, match=r"messages data needs the column\(s\) \['messages'\]"):
+        prepare_chat_dataset(datasets.Dataset.from_dict({"text": ["hello"]}), chat_tokenizer(CHATML, "<|im_end|>"),
+                             data_format="messages")
     with pytest.raises(ValueError, match="prompt-only data is the input of generation"):
         prepare_chat_dataset(datasets.Dataset.from_dict({"prompt": ["hello"]}), chat_tokenizer(CHATML, "<|im_end|>"))
 
@@ -137,3 +143,68 @@ def test_a_student_distils_on_chat_data_counting_assistant_tokens_only(make_args
     assert int(trainer.accounting.step_counts["positions"]) == expected
     assert expected == 2 * (8 + 4 + 8)  # assistant content + end-of-turn tokens of the six rows
     assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+
+
+# ---- the command line ------------------------------------------------------------------------------------------
+
+
+def _chat_teacher(tmp_path, template=CHATML, eos="<|im_end|>", name="teacher"):
+    tokenizer = chat_tokenizer(template, eos)
+    folder = tmp_path / name
+    model = tiny_llama(vocab=len(tokenizer), layers=2, seed=0)
+    model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, tokenizer
+
+
+def _argv(tmp_path, teacher, data, *extra):
+    return ["--teacher", str(teacher), "--task", "causal-lm", "--dataset", str(data), "--output_dir",
+            str(tmp_path / "student"), "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none",
+            "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true", "--eval_fraction", "0.25", *extra]
+
+
+def test_distill_command_on_conversations_saves_a_student_that_answers_messages(tmp_path):
+    from transformers import AutoModelForCausalLM, GenerationConfig, pipeline
+
+    from hf_distill.cli.jobs import distill_main
+
+    teacher, tokenizer = _chat_teacher(tmp_path)
+    data = tmp_path / "chat.jsonl"
+    datasets.Dataset.from_dict({"messages": [TWO_TURNS, TWO_TURNS[:2]] * 8}).to_json(str(data))
+    distill_main(_argv(tmp_path, teacher, data, "--student_layers", "1"))
+    out = tmp_path / "student"
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert GenerationConfig.from_pretrained(out).eos_token_id == end_of_turn
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+    chat = pipeline("text-generation", model=str(out), device="cpu")
+    answer = chat(TWO_TURNS[:1], max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert answer[:1] == TWO_TURNS[:1] and answer[-1]["role"] == "assistant"
+
+
+def test_text_column_2_is_the_completion_of_a_plain_prompt_completion_dataset(tmp_path):
+    from hf_distill.cli.models import prepare_inputs
+    from hf_distill.cli.arguments import parse_distill_args
+
+    teacher, tokenizer = _chat_teacher(tmp_path)
+    data = tmp_path / "pairs.csv"
+    datasets.Dataset.from_dict({"question": ["how are you"] * 8, "answer": ["fine thanks"] * 8}).to_csv(str(data))
+    model_args, data_args, args = parse_distill_args(
+        _argv(tmp_path, teacher, data, "--text_column", "question", "--text_column_2", "answer"))
+    _, prepared = prepare_inputs(model_args, data_args, args)
+    row = prepared.train[0]
+    assert counted_tokens(tokenizer, row["input_ids"], [x != -100 for x in row["labels"]]) == [
+        "fine", " ", "thanks", "<|im_end|>"]
+    assert prepared.data_format == "prompt_completion" and prepared.collator is not None
+
+
+def test_a_student_whose_template_renders_otherwise_is_refused_before_training(tmp_path):
+    from hf_distill.cli.jobs import distill_main
+
+    teacher, _ = _chat_teacher(tmp_path)
+    student, _ = _chat_teacher(tmp_path, template=CHATML.replace("\n", " "), name="student-model")
+    data = tmp_path / "chat.jsonl"
+    datasets.Dataset.from_dict({"messages": [TWO_TURNS] * 8}).to_json(str(data))
+    with pytest.raises(ValueError, match="render the same conversation to different tokens.*teacher .*student "):
+        distill_main(_argv(tmp_path, teacher, data, "--student", str(student)))
+    assert not (tmp_path / "student").exists()

@@ -213,9 +213,10 @@ CASES: list[Case] = [
     Case("jsd-beta-outside", "settings", "`--jsd_beta 2`",
           lambda ws: distill(ws, "n9", jsd_beta="2"), r"jsd_beta must lie in \[0, 1\]"),
     # 3. text silently dropped
-    Case("text-column-2-causal-lm", "dropped text", "`--task causal-lm --text_column_2 completion`",
-          lambda ws: distill(ws, "t1", task="causal-lm", text_column_2="label"),
-          r"--text_column_2 'label' .* causal-lm run would train on --text_column alone"),
+    Case("text-column-2-causal-lm", "dropped text", "`--task causal-lm --text_column_2 completion` (the completion "
+         "column of prompt-completion data) on data without it",
+          lambda ws: distill(ws, "t1", task="causal-lm", text_column_2="completion"),
+          r"Column 'completion' is not in the dataset .*point --text_column_2 at the right one"),
     Case("text-column-2-masked-lm", "dropped text", "`--task masked-lm --text_column_2 ...`",
           lambda ws: distill(ws, "t2", task="masked-lm", text_column_2="label"),
           r"masked-lm run would train on --text_column alone"),

@@ -12,11 +12,13 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from ..chat import chat_generation_config
 from ..config import DistillationConfig
 from ..data import (
     DataArguments,
 )
 from ..hub import CardInfo, hub_errors
+from ..modeling import unwrap
 from ..output_dir import check_output_dir, move_aside_on_main
 from ..safety import check_one_run
 from ..signals import label_weights
@@ -77,7 +79,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     if model_args.student:
         student = load_model(model_args.student, task, data, trust_remote_code=model_args.trust_remote_code,
                              flag="--student")
-        check_same_vocabulary(tokenizer, model_args.student, model_args.trust_remote_code)
+        check_same_vocabulary(tokenizer, model_args.student, model_args.trust_remote_code,
+                              chat=data.data_format == "messages")
     elif model_args.student_layers:
         student = shrink_model(teacher, num_layers=model_args.student_layers, strategy=model_args.shrink_strategy)
     elif model_args.use_peft:  # self-distillation: LoRA on the teacher, whose adapter-free base teaches
@@ -92,7 +95,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         trainer = DistillationTrainer(
             model=student, teacher_model=teacher if cached is None and not args.teacher_route else None, args=args,
             peft_config=peft_config, train_dataset=data.train if cached is None else cached, eval_dataset=data.eval,
-            processing_class=tokenizer, data_collator=collator_for(task, tokenizer, args.seed),
+            processing_class=tokenizer, data_collator=collator_for(task, tokenizer, args.seed, data),
             route_loader=(lambda path: load_model(path, task, data, trust_remote_code=model_args.trust_remote_code,
                                                   flag="--teacher_route")) if args.teacher_route else None,
             compute_metrics={"sequence-classification": accuracy_metrics,
@@ -120,6 +123,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     if "eval_teacher_agreement" in student_eval:
         trainer.card_info.metrics["teacher agreement"] = {"teacher": 1.0,
                                                           "student": student_eval["eval_teacher_agreement"]}
+    if data.data_format == "messages":  # the student answers a conversation and stops at the end of its turn
+        chat_generation_config(unwrap(trainer.model), tokenizer)
     trainer.save_model(args.output_dir, _internal_call=True)  # the push comes last, once
 
     batch = next(iter(trainer.get_eval_dataloader()))
@@ -180,7 +185,7 @@ def train_teacher_main(argv: Sequence[str] | None = None) -> dict[str, float]:
     with hub_errors(args):
         trainer = Trainer(
             model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-            data_collator=collator_for(model_args.task, tokenizer, args.seed),
+            data_collator=collator_for(model_args.task, tokenizer, args.seed, data),
             compute_metrics={"sequence-classification": accuracy_metrics,
                              "regression": regression_metrics}.get(model_args.task),
         )
@@ -213,7 +218,8 @@ def cache_teacher_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     path = build_teacher_cache(
         teacher, data.train, cache_args.output_dir, tokenizer=tokenizer, top_k=cache_args.top_k,
         temperature=cache_args.temperature, batch_size=cache_args.batch_size, shard_size=cache_args.shard_size,
-        data_collator=collator_for(model_args.task, tokenizer, cache_args.seed), teacher_id=model_args.teacher,
+        data_collator=collator_for(model_args.task, tokenizer, cache_args.seed, data),
+        teacher_id=model_args.teacher,
     )
     cache = load_teacher_cache(path, tokenizer)
     sizes = cache_size(path, cache)

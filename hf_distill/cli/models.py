@@ -20,6 +20,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from ..chat import check_same_rendering
 from ..config import DistillationConfig
 from ..data import (
     DataArguments,
@@ -116,7 +117,10 @@ def unreadable_weights(folder: str) -> str | None:
     return None
 
 
-def collator_for(task: str, tokenizer: Any, seed: int):
+def collator_for(task: str, tokenizer: Any, seed: int, data: PreparedData | None = None):
+    """The collator of a job: the one the data needs (chat / prompt-completion), else the task's."""
+    if data is not None and data.collator is not None:
+        return data.collator
     if task == "causal-lm":
         return DataCollatorForLanguageModeling(tokenizer, mlm=False)
     if task == "masked-lm":
@@ -224,8 +228,10 @@ def lora_config(model_args: ModelArguments):
                       target_modules=model_args.lora_target_modules or "all-linear", task_type=task_type)
 
 
-def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code: bool) -> None:
-    """A student with its own tokenizer must share the teacher's vocabulary (token -> id)."""
+def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code: bool,
+                          chat: bool = False) -> None:
+    """A student with its own tokenizer must share the teacher's vocabulary (token -> id) and, for chat data
+    (`chat`), render conversations to the same ids (`chat.check_same_rendering`)."""
     try:
         student_tokenizer = AutoTokenizer.from_pretrained(resolve_source(student_source),
                                                           trust_remote_code=trust_remote_code)
@@ -236,3 +242,5 @@ def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code
             f"The student {student_source!r} has a different vocabulary from the teacher's tokenizer: their logits "
             "would compare different tokens. Use a student that shares the teacher's tokenizer (or --student_layers)."
         )
+    if chat:
+        check_same_rendering(tokenizer, student_tokenizer)
