@@ -183,8 +183,8 @@ def test_distill_command_on_conversations_saves_a_student_that_answers_messages(
 
 
 def test_text_column_2_is_the_completion_of_a_plain_prompt_completion_dataset(tmp_path):
-    from hf_distill.cli.models import prepare_inputs
     from hf_distill.cli.arguments import parse_distill_args
+    from hf_distill.cli.models import prepare_inputs
 
     teacher, tokenizer = _chat_teacher(tmp_path)
     data = tmp_path / "pairs.csv"
