@@ -226,8 +226,9 @@ def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = 
         raise ValueError(f"{data_format} data needs the column(s) {missing}; the dataset has {dataset.column_names}.")
     if data_format not in ("messages", "prompt_completion"):
         raise ValueError(
-            f"prepare_chat_dataset trains on messages or prompt-completion data; this is {data_format} data "
-            "(prompt-only data is the input of generation, text data goes through the plain language-modelling path)."
+            f"Training needs messages or prompt-completion data; this is {data_format} data (prompt-only data is the "
+            "input of generation: answer the prompts with the teacher first, `hf-distill generate`, and distil on "
+            "its output; text data goes through the plain language-modelling path)."
         )
     if data_format == "messages" or not isinstance(dataset[0]["prompt"], str):
         check_chat_tokenizer(tokenizer)

@@ -10,6 +10,7 @@ from typing import Any
 import datasets
 
 from .chat import DATA_FORMATS, detect_format, prepare_chat_dataset
+from .generate import is_generations, load_generations
 from .options import check_choice
 
 #: The tasks of the command line.
@@ -68,6 +69,8 @@ class DataArguments:
 def load_raw(dataset: str, dataset_config: str | None = None) -> datasets.DatasetDict:
     """A `DatasetDict` from a local file (by suffix; a folder loads like the Hub) or a Hub dataset name."""
     path = Path(dataset)
+    if is_generations(path):  # a folder `hf-distill generate` wrote
+        return datasets.DatasetDict({"train": load_generations(path)})
     if path.is_file():
         builder = LOCAL_FORMATS.get(path.suffix.lower())
         if builder is None:

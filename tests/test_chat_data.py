@@ -208,3 +208,83 @@ def test_a_student_whose_template_renders_otherwise_is_refused_before_training(t
     with pytest.raises(ValueError, match="render the same conversation to different tokens.*teacher .*student "):
         distill_main(_argv(tmp_path, teacher, data, "--student", str(student)))
     assert not (tmp_path / "student").exists()
+
+
+# ---- sequence-level KD: the teacher's answers --------------------------------------------------------------------
+
+PROMPTS = [[{"role": "user", "content": w}] for w in ("hello", "how are you", "hi", "ok", "fine", "thanks", "be brief")]
+
+
+def _generation_settings(folder, **overrides):
+    from hf_distill.generate import GenerationArguments
+
+    values = dict(output_dir=str(folder), max_new_tokens=3, temperature=1.0, batch_size=2, shard_size=3, seed=7)
+    values.update(overrides)
+    return GenerationArguments(**values)
+
+
+def _shards(folder):
+    from hf_distill.generate import load_generations
+
+    return load_generations(folder).to_dict()
+
+
+def test_generate_writes_shards_that_a_killed_run_resumes_to_exactly(tmp_path, monkeypatch):
+    import hf_distill.generate as generate
+
+    teacher_dir, tokenizer = _chat_teacher(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    prompts = datasets.Dataset.from_dict({"messages": PROMPTS})
+    straight = generate.generate_completions(teacher, tokenizer, prompts, str(tmp_path / "a"),
+                                             _generation_settings(tmp_path / "a"), "t")
+    calls, real = [], generate._answer
+
+    def dies_in_the_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "_answer", dies_in_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        generate.generate_completions(teacher, tokenizer, prompts, str(tmp_path / "b"),
+                                      _generation_settings(tmp_path / "b"), "t")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["manifest.json", "shard-00000"]
+    with pytest.raises(ValueError, match="unfinished generation run"):
+        _shards(tmp_path / "b")
+    monkeypatch.setattr(generate, "_answer", real)
+    generate.generate_completions(teacher, tokenizer, prompts, str(tmp_path / "b"), _generation_settings(tmp_path / "b"),
+                                  "t")
+    rows = _shards(straight)
+    assert rows == _shards(tmp_path / "b") and len(rows["prompt"]) == len(PROMPTS)
+    assert rows["prompt"] == PROMPTS and all(c[0]["role"] == "assistant" for c in rows["completion"])
+    # another teacher's (or other settings') shards are refused, and left as they were
+    before = (tmp_path / "b" / "manifest.json").read_text()
+    with pytest.raises(ValueError, match="already holds generations of another run .*settings"):
+        generate.generate_completions(teacher, tokenizer, prompts, str(tmp_path / "b"),
+                                      _generation_settings(tmp_path / "b", temperature=0.5), "t")
+    with pytest.raises(ValueError, match="teacher"):
+        generate.generate_completions(teacher, tokenizer, prompts, str(tmp_path / "b"),
+                                      _generation_settings(tmp_path / "b"), "another")
+    assert (tmp_path / "b" / "manifest.json").read_text() == before
+    with pytest.raises(ValueError, match="--max_new_tokens must be a positive number"):
+        _generation_settings(tmp_path / "c", max_new_tokens=0)
+
+
+def test_generate_then_distill_on_the_teachers_answers(tmp_path):
+    from hf_distill.cli import main
+    from hf_distill.cli.jobs import distill_main
+
+    teacher, _ = _chat_teacher(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    datasets.Dataset.from_dict({"prompt": PROMPTS * 2}).to_json(str(prompts))
+    main(["generate", "--teacher", str(teacher), "--dataset", str(prompts), "--output_dir", str(tmp_path / "gen"),
+          "--max_new_tokens", "4", "--temperature", "0", "--shard_size", "5"])
+    rows = _shards(tmp_path / "gen")
+    assert len(rows["prompt"]) == 14 and rows["prompt"][:7] == PROMPTS
+    summary = distill_main(_argv(tmp_path, teacher, tmp_path / "gen", "--student_layers", "1"))
+    assert (tmp_path / "student" / "model.safetensors").is_file() and summary["rows"]
+    with pytest.raises(ValueError, match="prompt-only data is the input of generation.*hf-distill generate"):
+        distill_main(_argv(tmp_path, teacher, prompts, "--student_layers", "1", "--output_dir", str(tmp_path / "x")))

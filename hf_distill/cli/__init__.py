@@ -21,6 +21,7 @@ COMMANDS = {
     "distill": "distill a teacher into a student (scripts/distill.py)",
     "train-teacher": "fine-tune a teacher on the task first (scripts/train_teacher.py)",
     "cache-teacher": "store the teacher's top-k outputs on the training set (scripts/cache_teacher.py)",
+    "generate": "the teacher answers a prompt-only dataset: prompt-completion data to distil on",
     "assets": "fetch the offline real models and datasets: hf-distill assets fetch NAME [NAME ...] | list",
 }
 
@@ -70,6 +71,10 @@ def _run_command(command: str, rest: list[str]) -> None:
         from .jobs import train_teacher_main
 
         train_teacher_main(rest)
+    elif command == "generate":
+        from .jobs import generate_main
+
+        generate_main(rest)
     elif command == "cache-teacher":
         from .jobs import cache_teacher_main
 

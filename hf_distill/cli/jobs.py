@@ -16,7 +16,9 @@ from ..chat import chat_generation_config
 from ..config import DistillationConfig
 from ..data import (
     DataArguments,
+    load_raw,
 )
+from ..generate import GenerationArguments, generate_completions
 from ..hub import CardInfo, hub_errors
 from ..modeling import unwrap
 from ..output_dir import check_output_dir, move_aside_on_main
@@ -35,6 +37,7 @@ from .models import (
     check_same_vocabulary,
     collator_for,
     load_model,
+    load_tokenizer,
     lora_config,
     prepare_inputs,
     resolve_source,
@@ -232,3 +235,28 @@ def cache_teacher_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{summary['bytes_per_position']:.0f} B per counted token (teacher columns "
           f"{summary['teacher_bytes_per_position']:.0f} B at top_k={cache_args.top_k})")
     return summary
+
+
+def generate_main(argv: Sequence[str] | None = None) -> str:
+    """``hf-distill generate``: the teacher answers every prompt of the training split (`--dataset`, prompt-only:
+    `prompt`, or `messages` ending in a user turn) and writes a prompt-completion dataset to distil on
+    (`generate.generate_completions`); returns its folder."""
+    model_args, data_args, settings = parse_distill_args(argv, (ModelArguments, DataArguments, GenerationArguments),
+                                                         prog="hf-distill generate")
+    if settings.output_dir is None:
+        raise ValueError("--output_dir is required: the folder the generated dataset goes to.")
+    if model_args.teacher is None:
+        raise ValueError("--teacher is required: the model that answers the prompts.")
+    if data_args.dataset is None:
+        raise ValueError("--dataset is required: the prompts (a `prompt` column, or `messages` ending in a user turn).")
+    raw = load_raw(data_args.dataset, data_args.dataset_config)
+    prompts = raw[data_args.train_split]
+    if data_args.max_train_samples is not None:
+        prompts = prompts.select(range(min(data_args.max_train_samples, len(prompts))))
+    tokenizer = load_tokenizer(model_args)
+    teacher = load_model(model_args.teacher, "causal-lm", None, model_args.teacher_gguf_file,
+                         model_args.trust_remote_code)
+    teacher.to(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    folder = generate_completions(teacher, tokenizer, prompts, settings.output_dir, settings, model_args.teacher)
+    print(f"generations in {folder}: distil on them with `hf-distill distill --dataset {folder} --task causal-lm`")
+    return str(folder)

@@ -128,6 +128,17 @@ def collator_for(task: str, tokenizer: Any, seed: int, data: PreparedData | None
     return DataCollatorWithPadding(tokenizer)
 
 
+def load_tokenizer(model_args: ModelArguments) -> Any:
+    """The teacher's tokenizer (from its folder, Hub id or GGUF file), with its end-of-sequence token as the pad
+    token when it has none."""
+    kwargs = {"gguf_file": model_args.teacher_gguf_file} if model_args.teacher_gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(model_args.teacher),
+                                              trust_remote_code=model_args.trust_remote_code, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments | CacheArguments,
                    teacher_head_trained: bool = True, require_labels: bool = True):
     """Tokenizer and tokenised splits for a job (the teacher's tokenizer); `args` gives the seed of the held-out
@@ -140,10 +151,7 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
         raise ValueError("--dataset is required: a Hub dataset name or a local csv/json/jsonl/parquet/txt file.")
     teacher_source = resolve_source(model_args.teacher)
     tokenizer_kwargs = {"gguf_file": model_args.teacher_gguf_file} if model_args.teacher_gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(teacher_source, trust_remote_code=model_args.trust_remote_code,
-                                              **tokenizer_kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(model_args)
     teacher_labels, teacher_classes = None, None
     if model_args.task == "sequence-classification":
         config = AutoConfig.from_pretrained(teacher_source, trust_remote_code=model_args.trust_remote_code,

@@ -1,0 +1,197 @@
+"""Sequence-level KD data (Kim & Rush 2016): the teacher answers every prompt, and its answers become a
+prompt-completion dataset the student is then distilled on (`hf-distill generate`, then `hf-distill distill`).
+
+Prompts are a string (`prompt`) or a list of turns (`prompt`, or `messages` ending in a user turn), rendered with the
+chat template and its generation prompt. Generation is batched with left padding. It is written in shards: each shard
+is saved whole and renamed into place, and a manifest (teacher, tokenizer hash, settings, shards) is rewritten after
+each. A killed run resumes at the first missing shard, and every shard draws from its own seed ``seed + shard index``,
+so a resumed run writes the same shards as an uninterrupted one. A folder holding another teacher's (or other
+settings') shards is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+from transformers import set_seed
+from transformers.utils import logging
+
+from .chat import check_chat_tokenizer, end_of_turn_id
+from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
+from .teacher_cache import tokenizer_hash
+
+logger = logging.get_logger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+KIND = "hf_distill.generations"
+
+
+@dataclass
+class GenerationArguments:
+    """How the teacher answers the prompts (`hf-distill generate`)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Folder of the generated dataset (created; a "
+                                                                   "run there with the same settings is resumed)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens generated per answer."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 for greedy decoding."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens of this "
+                                                        "probability mass (1.0: all)."})
+    num_return_sequences: int = field(default=1, metadata={"help": "Answers per prompt."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
+    shard_size: int = field(default=256, metadata={"help": "Prompts per shard (the unit of resuming)."})
+    seed: int = field(default=42, metadata={"help": "Shard k samples with seed + k."})
+    device: str | None = field(default=None, metadata={"help": "Where the teacher runs (default: cuda if available)."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "num_return_sequences", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"--temperature must be >= 0 and --top_p in (0, 1], got {self.temperature} and "
+                             f"{self.top_p}.")
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the answers (compared when resuming)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("output_dir", "device", "batch_size")}
+
+
+def prompts_of(dataset: datasets.Dataset) -> list[Any]:
+    """The prompts of a prompt-only dataset: `prompt` (strings or turns), or `messages` ending in a user turn."""
+    if "prompt" in dataset.column_names:
+        return list(dataset["prompt"])
+    if "messages" in dataset.column_names:
+        prompts = list(dataset["messages"])
+        if any(not turns or turns[-1]["role"] != "user" for turns in prompts):
+            raise ValueError("Prompt-only `messages` must end with a user turn (the teacher writes the answer).")
+        return prompts
+    raise ValueError(f"Generation needs prompts: a `prompt` column or `messages` ending in a user turn; the dataset "
+                     f"has {dataset.column_names}.")
+
+
+def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    check_chat_tokenizer(tokenizer)
+    text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _stop_ids(tokenizer: Any, conversational: bool) -> list[int]:
+    stops = [end_of_turn_id(tokenizer) if conversational else None, tokenizer.eos_token_id]
+    return [t for t in dict.fromkeys(stops) if t is not None]
+
+
+@torch.no_grad()
+def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: GenerationArguments, stops: list[int],
+            pad: int) -> tuple[list[str], int]:
+    """The teacher's answers to `prompts` (num_return_sequences each, in order) and the tokens it generated."""
+    device = next(model.parameters()).device
+    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)  # left padding
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+    sampling = settings.temperature > 0
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, do_sample=sampling,
+        temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
+        num_return_sequences=settings.num_return_sequences, eos_token_id=stops, pad_token_id=pad,
+    )
+    answers, generated = [], 0
+    for row in out[:, width:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        generated += min(end + 1, len(row))
+        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    return answers, generated
+
+
+def _check_manifest(manifest: dict[str, Any], expected: dict[str, Any], folder: Path) -> None:
+    different = [k for k in ("teacher", "tokenizer_hash", "settings", "num_prompts", "prompts_fingerprint")
+                 if manifest.get(k) != expected[k]]
+    if manifest.get("kind") != KIND or different:
+        raise ValueError(
+            f"{folder} already holds generations of another run (different: {', '.join(different) or 'kind'}): "
+            "give a new --output_dir, or delete that folder to regenerate."
+        )
+
+
+def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.Dataset, output_dir: str,
+                         settings: GenerationArguments, teacher_id: str | None = None) -> Path:
+    """Answer every prompt with `model` and write a prompt-completion dataset to `output_dir` (see the module
+    docstring); returns the folder. Conversational prompts get ``[{"role": "assistant", "content": answer}]``
+    completions, string prompts string completions."""
+    prompts = prompts_of(prompts_dataset)
+    conversational = not isinstance(prompts[0], str)
+    folder = Path(output_dir)
+    expected = {
+        "kind": KIND, "teacher": teacher_id or getattr(model.config, "_name_or_path", None),
+        "tokenizer_hash": tokenizer_hash(tokenizer), "settings": settings.settings(), "num_prompts": len(prompts),
+        "prompts_fingerprint": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
+        "shards": [], "complete": False,
+    }
+    manifest_file = folder / MANIFEST_FILE
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text())
+        _check_manifest(manifest, expected, folder)
+    elif folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty and holds no generations: give a new --output_dir.")
+    else:
+        manifest = expected
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob(f"*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()  # a shard a killed run left half-written
+    stops, pad = _stop_ids(tokenizer, conversational), tokenizer.pad_token_id
+    pad = pad if pad is not None else stops[0]
+    model.eval()
+    done = sum(s["num_prompts"] for s in manifest["shards"])
+    start_time, tokens = time.perf_counter(), 0
+    with tqdm(total=len(prompts), initial=done, desc="Generating", unit="prompt") as bar:
+        while done < len(prompts):
+            index, end = len(manifest["shards"]), min(done + settings.shard_size, len(prompts))
+            set_seed(settings.seed + index)
+            rows: dict[str, list[Any]] = {"prompt": [], "completion": []}
+            for batch_start in range(done, end, settings.batch_size):
+                batch = prompts[batch_start: min(batch_start + settings.batch_size, end)]
+                answers, generated = _answer(model, tokenizer, batch, settings, stops, pad)
+                tokens += generated
+                for i, answer in enumerate(answers):
+                    prompt = batch[i // settings.num_return_sequences]
+                    rows["prompt"].append(prompt)
+                    rows["completion"].append([{"role": "assistant", "content": answer}] if conversational else answer)
+                bar.update(len(batch))
+                bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - start_time, 1e-9):.1f}")
+            name = f"shard-{index:05d}"
+            with atomic_path(folder / name) as partial:
+                datasets.Dataset.from_dict(rows).save_to_disk(partial)
+            manifest["shards"].append({"name": name, "num_prompts": end - done, "num_rows": len(rows["prompt"])})
+            done = end
+            manifest["complete"] = done == len(prompts)
+            atomic_write_bytes(manifest_file, json.dumps(manifest, indent=2).encode())
+    seconds = time.perf_counter() - start_time
+    logger.warning("Generated answers to %d prompts: %d new tokens in %.1f s (%.1f tokens/s); written to %s.",
+                   len(prompts), tokens, seconds, tokens / max(seconds, 1e-9), folder)
+    return folder
+
+
+def is_generations(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `generate_completions`."""
+    file = Path(path) / MANIFEST_FILE
+    return file.is_file() and json.loads(file.read_text()).get("kind") == KIND
+
+
+def load_generations(path: str | Path) -> datasets.Dataset:
+    """The prompt-completion dataset in a generations folder (its shards in order); refuses an unfinished one."""
+    folder = Path(path)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    if not manifest.get("complete"):
+        raise ValueError(f"{folder} holds an unfinished generation run: run `hf-distill generate` again with the "
+                         "same settings to finish it.")
+    return datasets.concatenate_datasets([datasets.load_from_disk(str(folder / s["name"])) for s in manifest["shards"]])
