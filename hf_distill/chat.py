@@ -74,7 +74,13 @@ def _check_turns(turns: Any) -> list[dict[str, str]]:
 
 
 def _render(tokenizer: Any, turns: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as error:  # jinja2's TemplateError, or the template's own raise_exception(...)
+        raise ValueError(
+            f"The chat template refuses the conversation {[t['role'] for t in turns]} ({error}): fix the row (e.g. "
+            "two assistant turns in a row, or a system turn where the template allows none) or drop it."
+        ) from error
 
 
 def assistant_char_spans(tokenizer: Any, turns: list[dict[str, str]], first: int = 0) -> tuple[str, list[tuple[int, int]]]:
@@ -115,6 +121,7 @@ def conversation_mask(tokenizer: Any, turns: list[dict[str, str]], first: int = 
     if use_markers is None:
         use_markers = "{% generation %}" in tokenizer.chat_template or "{%- generation %}" in tokenizer.chat_template
     if use_markers and first == 0:
+        _render(tokenizer, turns)  # (a template that refuses the conversation says so in one clear error)
         out = tokenizer.apply_chat_template(turns, return_dict=True, return_assistant_tokens_mask=True)
         return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
     text, spans = assistant_char_spans(tokenizer, turns, first)

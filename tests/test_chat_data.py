@@ -97,6 +97,12 @@ def test_formats_are_detected_and_bad_input_is_refused():
         conversation_mask(chat_tokenizer(None, "<|im_end|>"), TWO_TURNS)
     with pytest.raises(ValueError, match="Unknown role 'bot'"):
         conversation_mask(chat_tokenizer(CHATML, "<|im_end|>"), [{"role": "bot", "content": "hi"}])
+    strict = chat_tokenizer("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]"
+                            "['role'] %}{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}"
+                            "<|im_end|>{% endfor %}", "<|im_end|>")
+    with pytest.raises(ValueError, match=r"chat template refuses the conversation \['user', 'assistant', "
+                                         r"'assistant'\] .*roles must alternate"):
+        conversation_mask(strict, [*TWO_TURNS[:2], {"role": "assistant", "content": "ok"}])
     with pytest.raises(ValueError, match="completion column is empty in every row"):
         prepare_chat_dataset(datasets.Dataset.from_dict({"prompt": ["hello"], "completion": [" "]}),
                              chat_tokenizer(CHATML, "<|im_end|>"))
@@ -288,3 +294,21 @@ def test_generate_then_distill_on_the_teachers_answers(tmp_path):
     assert (tmp_path / "student" / "model.safetensors").is_file() and summary["rows"]
     with pytest.raises(ValueError, match="prompt-only data is the input of generation.*hf-distill generate"):
         distill_main(_argv(tmp_path, teacher, prompts, "--student_layers", "1", "--output_dir", str(tmp_path / "x")))
+
+
+def test_the_teachers_answers_cached_then_distilled_without_the_live_teacher(tmp_path):
+    from hf_distill.cli import main
+    from hf_distill.cli.jobs import distill_main
+
+    teacher, _ = _chat_teacher(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    datasets.Dataset.from_dict({"prompt": PROMPTS * 2}).to_json(str(prompts))
+    main(["generate", "--teacher", str(teacher), "--dataset", str(prompts), "--output_dir", str(tmp_path / "gen"),
+          "--max_new_tokens", "4", "--temperature", "0"])
+    common = ["--teacher", str(teacher), "--task", "causal-lm", "--dataset", str(tmp_path / "gen"), "--eval_fraction",
+              "0.25"]
+    main(["cache-teacher", *common, "--output_dir", str(tmp_path / "cache"), "--top_k", "4", "--temperature", "2.0"])
+    argv = _argv(tmp_path, teacher, tmp_path / "gen", "--student_layers", "1", "--teacher_cache",
+                 str(tmp_path / "cache"), "--temperature", "2.0", "--logging_steps", "1")
+    summary = distill_main(argv)
+    assert (tmp_path / "student" / "model.safetensors").is_file() and summary["rows"]

@@ -67,3 +67,21 @@ def test_minilm_shrunk_to_three_layers_learns_the_teachers_hidden_states(make_ar
     print("hidden loss logged:", logged, "held-out before/after:", before["eval_hidden_loss"], after["eval_hidden_loss"])
     assert len(logged) == 4 and logged[-1] < logged[0], logged
     assert after["eval_hidden_loss"] < 0.9 * before["eval_hidden_loss"], (before, after)
+
+
+def test_smollm2_chat_template_counts_assistant_content_and_end_of_turn_only():
+    assets = pytest.importorskip("hf_distill.assets")
+    from hf_distill.chat import conversation_mask, end_of_turn_id
+
+    if not (assets.cache_dir() / "smollm2-135m" / "manifest.json").is_file():  # converted from GGUF (needs gguf)
+        pytest.skip("the smollm2-135m asset is not fetched: hf-distill assets fetch smollm2-135m")
+    folder = assets.fetch("smollm2-135m")  # (in the cache: only verified)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    assert tokenizer.chat_template and "{% generation %}" not in tokenizer.chat_template  # read by prefix diffs
+    turns = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."},
+             {"role": "user", "content": "And Spain?"}, {"role": "assistant", "content": "Madrid."}]
+    ids, counted = conversation_mask(tokenizer, turns)
+    assert tokenizer.convert_ids_to_tokens([i for i, c in zip(ids, counted) if c]) == [
+        "Paris", ".", "<|im_end|>", "Mad", "rid", ".", "<|im_end|>"]
+    assert ids == tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer)) == "<|im_end|>"
