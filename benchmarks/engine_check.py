@@ -110,6 +110,11 @@ def main() -> None:
         with open(os.path.join(out, f"{engine}.json"), "w") as f:
             json.dump(report, f, indent=1)
         print(json.dumps(report))
+    # Every process waits for the main one's checks, then leaves the process group: a process that exits with the
+    # group still open can abort in its communication threads at interpreter exit ("terminate called ...").
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
