@@ -95,7 +95,7 @@ class BatchPath:
         strategy = self.full if full_logits else self.output
         drop = self.source.batch_only_keys()
         with FeatureTap(model, self.feature_layer) if self.want_features else nullcontext() as tap:
-            student_outputs, rows = strategy.forward(model, inputs, measure, want_task, drop, self.options)
+            student_outputs, extra = strategy.forward(model, inputs, measure, want_task, drop, self.options)
         teacher = None
         if self.source.has_teacher and (not training or self.teacher_in_training):
             request = TeacherRequest(measure.mask, self.options, strategy.head_only, self.feature_layer,
@@ -105,7 +105,7 @@ class BatchPath:
             measure, labels if want_task else None, teacher, self.output_signal,
             lambda name: self.weights[name] * scales[self.units[name]], training, self.vocab_mismatch, model,
         )
-        result = strategy.terms(context, student_outputs, rows)
+        result = strategy.terms(context, student_outputs, extra)
         cache = {}
         if self.want_features:
             cache = {"student_features": tap.value,

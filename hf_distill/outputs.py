@@ -25,6 +25,7 @@ from .signals import Signal, task_loss_sum
 from .signals.chunked import (
     FinalHiddenTap,
     HeadCheck,
+    OutputHead,
     OutputTerms,
     auto_chunk_size,
     chunked_head_losses,
@@ -76,9 +77,10 @@ class FullLogits:
         return False
 
     def forward(self, model: nn.Module, inputs: Mapping[str, Any], measure: Measure, want_task: bool,
-                drop: tuple[str, ...], options: dict[str, bool]) -> tuple[Any, None]:
-        self.pass_labels = want_task and accepts_input(model, self.label_names[0])
-        drop = drop if self.pass_labels else (*self.label_names, *drop)
+                drop: tuple[str, ...], options: dict[str, bool]) -> tuple[Any, bool]:
+        """The student's outputs, and whether it was given the labels (its own loss is then the task loss)."""
+        pass_labels = want_task and accepts_input(model, self.label_names[0])
+        drop = drop if pass_labels else (*self.label_names, *drop)
         outputs = model(**model_inputs(model, inputs, drop=drop), **options)
         logits = output_logits(outputs)
         if measure.mask.shape != logits.shape[:-1]:
@@ -88,14 +90,14 @@ class FullLogits:
                 "per-token labels (-100 for ignored tokens) or an attention_mask; sequence-level models one output row "
                 "per example."
             )
-        return outputs, None
+        return outputs, pass_labels
 
-    def terms(self, context: OutputContext, outputs: Any, rows: None) -> OutputResult:
+    def terms(self, context: OutputContext, outputs: Any, pass_labels: bool) -> OutputResult:
         measure, teacher = context.measure, context.teacher
         student_logits = output_logits(outputs)
         sums: dict[str, torch.Tensor] = {}
         if context.labels is not None:
-            model_loss = output_loss(outputs) if self.pass_labels else None
+            model_loss = output_loss(outputs) if pass_labels else None
             sums["task"] = task_loss_sum(student_logits, context.labels, measure.mask, measure.unit,
                                          model_loss=model_loss)
         teacher_logits = teacher.logits if teacher is not None else None
@@ -127,16 +129,17 @@ class HeadChunks:
         return signal.is_output_term
 
     def forward(self, model: nn.Module, inputs: Mapping[str, Any], measure: Measure, want_task: bool,
-                drop: tuple[str, ...], options: dict[str, bool]) -> tuple[Any, torch.Tensor]:
+                drop: tuple[str, ...], options: dict[str, bool]) -> tuple[Any, tuple[OutputHead, torch.Tensor]]:
+        """The student's outputs, and its output layer with the final hidden states of the counted positions."""
         drop = (*self.label_names, *drop)  # labels would make the model compute a full-vocabulary loss
         with FinalHiddenTap(model) as tap:
             outputs = model(**model_inputs(model, inputs, drop=drop), logits_to_keep=1, **options)
-        self.student_head = output_head(model)
-        self.head_check(model, self.student_head, tap.value, outputs, self.precision)
-        return outputs, tap.value[measure.mask]
+        head = output_head(model)
+        self.head_check(model, head, tap.value, outputs, self.precision)
+        return outputs, (head, tap.value[measure.mask])
 
-    def terms(self, context: OutputContext, outputs: Any, rows: torch.Tensor) -> OutputResult:
-        measure, teacher, head = context.measure, context.teacher, self.student_head
+    def terms(self, context: OutputContext, outputs: Any, student: tuple[OutputHead, torch.Tensor]) -> OutputResult:
+        measure, teacher, (head, rows) = context.measure, context.teacher, student
         heads = teacher.heads if teacher is not None else ()
         shared = None
         if heads:
