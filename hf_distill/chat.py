@@ -74,8 +74,13 @@ def _check_turns(turns: Any) -> list[dict[str, str]]:
 
 
 def _render(tokenizer: Any, turns: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    return _apply_template(tokenizer, turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _apply_template(tokenizer: Any, turns: list[dict[str, str]], **kwargs: Any) -> Any:
+    """`apply_chat_template`, with a template's refusal of a conversation as one clear error."""
     try:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(turns, **kwargs)
     except Exception as error:  # jinja2's TemplateError, or the template's own raise_exception(...)
         raise ValueError(
             f"The chat template refuses the conversation {[t['role'] for t in turns]} ({error}): fix the row (e.g. "
@@ -121,8 +126,7 @@ def conversation_mask(tokenizer: Any, turns: list[dict[str, str]], first: int = 
     if use_markers is None:
         use_markers = "{% generation %}" in tokenizer.chat_template or "{%- generation %}" in tokenizer.chat_template
     if use_markers and first == 0:
-        _render(tokenizer, turns)  # (a template that refuses the conversation says so in one clear error)
-        out = tokenizer.apply_chat_template(turns, return_dict=True, return_assistant_tokens_mask=True)
+        out = _apply_template(tokenizer, turns, return_dict=True, return_assistant_tokens_mask=True)
         return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
     text, spans = assistant_char_spans(tokenizer, turns, first)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -161,6 +161,15 @@ def topk_bucket_log_probs(student_logits: torch.Tensor, ids: torch.Tensor, tempe
     return torch.cat([top, tail], dim=-1)
 
 
+def check_cacheable(kind: str) -> None:
+    """A top-k teacher cache holds temperature-softened log-probabilities: only the soft kinds can learn from it."""
+    if kind not in SOFT_LOSSES:
+        raise ValueError(
+            f"logits_loss={kind!r} compares raw logits, which a top-k teacher cache does not hold: use one of "
+            f"{', '.join(k for k in LOGITS_LOSSES if k in SOFT_LOSSES)} with a cache."
+        )
+
+
 def bucket_divergence(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -176,11 +185,7 @@ def bucket_divergence(
     ``P = [p[id_1], ..., p[id_k], 1 - sum_i p[id_i]]``, teacher log-probabilities stored at temperature T (the
     stored values are renormalised over the k + 1 buckets). A proper divergence of the coarsened distributions: zero
     when the student's distribution equals the teacher's. Times T^2 when `scale_by_temperature_squared`."""
-    if kind not in SOFT_LOSSES:
-        raise ValueError(
-            f"logits_loss={kind!r} compares raw logits, which a top-k teacher cache does not hold: use one of "
-            f"{', '.join(sorted(SOFT_LOSSES))}."
-        )
+    check_cacheable(kind)
     student = topk_bucket_log_probs(student_logits, teacher_ids.long(), temperature)
     teacher = torch.cat([teacher_log_probs.float(), teacher_tail_log_prob.float().unsqueeze(-1)], dim=-1)
     teacher = teacher.to(student.dtype)

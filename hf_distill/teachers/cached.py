@@ -8,6 +8,7 @@ from transformers.utils import logging
 
 from ..signals import fields_where
 from ..signals.chunked import CachedTargets
+from ..signals.logits import check_cacheable
 from ..teacher_cache import CACHE_COLUMNS, TeacherCacheCollator, tokenizer_hash
 from .base import TeacherOutputs, TeacherRequest, TeacherSource
 
@@ -57,11 +58,7 @@ class CachedTeacher(TeacherSource):
                 f"only; {', '.join(f'{k}={v}' for k, v in others.items())} need(s) the live teacher's internals. Pass "
                 "teacher_model=... (and the plain tokenised dataset), or set these weights to 0."
             )
-        if args.logits_loss == "mse":
-            raise ValueError(
-                "logits_loss='mse' compares raw logits, which a top-k teacher cache does not hold: use forward_kl, "
-                "reverse_kl, jsd or tvd with a cache."
-            )
+        check_cacheable(args.logits_loss)
         made_at = float(self.manifest.get("temperature", 1.0))
         if abs(made_at - args.temperature) > 1e-9:
             raise ValueError(
