@@ -34,8 +34,8 @@ from bench_logits_loss import machine  # noqa: E402
 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
 from hf_distill.cli import ModelArguments  # noqa: E402
-from hf_distill.data import DataArguments  # noqa: E402
 from hf_distill.cli.models import prepare_inputs, resolve_source  # noqa: E402
+from hf_distill.data import DataArguments  # noqa: E402
 from hf_distill.teacher_cache import build_teacher_cache, cache_size, load_teacher_cache  # noqa: E402
 
 

@@ -120,20 +120,38 @@ def infer_position_unit(model: torch.nn.Module | None, inputs: Mapping[str, Any]
 
 @dataclass
 class Measure:
-    """What counts in one micro-batch: its position unit, the counted positions (``mask``), the counted tokens of the
-    token-level signals (``tokens``, when one is active) and the count per unit in use."""
+    """What counts in one micro-batch: its position unit, the counted positions (``mask``), those of them with a label
+    (``labelled``: the task loss's positions), the counted tokens of the token-level signals (``tokens``, when one is
+    active) and the count per unit in use."""
 
     unit: PositionUnit
     mask: torch.Tensor
     tokens: torch.Tensor | None
     counts: dict[str, torch.Tensor]
+    labelled: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.labelled is None:
+            self.labelled = self.mask
+
+
+def labelled_mask(inputs: Mapping[str, Any], unit: PositionUnit, mask: torch.Tensor,
+                  label_name: str = "labels") -> torch.Tensor:
+    """The counted positions that carry a label. Token-level units count labelled tokens already (``mask``);
+    examples with an integer label of -100 are unlabelled (a transfer set's rows: soft targets only), so the task loss
+    is ``sum over labelled rows / number of labelled rows`` while the teacher's terms count every row."""
+    labels = inputs.get(label_name)
+    if unit is PositionUnit.EXAMPLE and torch.is_tensor(labels) and labels.dim() == 1 and not labels.is_floating_point():
+        return labels != IGNORE_INDEX
+    return mask
 
 
 class Accounting:
     """The counts and denominators of one run.
 
     Args:
-        units: the term units in use ("positions" always; "tokens" / "examples" when a signal counts those).
+        units: the term units in use ("positions" always; "labelled" for the task loss; "tokens" / "examples" when a
+            signal counts those).
         model_unit: the student's position unit (`infer_position_unit`); EXAMPLE models are re-read per batch.
         label_name: the batch key of the targets.
         gather: the accelerator's gather (all processes' values, stacked).
@@ -161,12 +179,15 @@ class Accounting:
         unit = self.position_unit(inputs)
         mask = position_mask(inputs, unit, self.label_name)
         tokens = token_mask(inputs) if "tokens" in self.units else None
+        labelled = labelled_mask(inputs, unit, mask, self.label_name)
         counts = {"positions": mask.sum()}
+        if "labelled" in self.units:
+            counts["labelled"] = counts["positions"] if labelled is mask else labelled.sum()
         if tokens is not None:
             counts["tokens"] = tokens.sum()
         if "examples" in self.units:
             counts["examples"] = torch.tensor(batch_size_of(inputs), device=mask.device)
-        return Measure(unit, mask, tokens, counts)
+        return Measure(unit, mask, tokens, counts, labelled)
 
     def count_step(self, batches: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
         """What counts in all micro-batches of one optimizer step (summed over processes with global counts); kept

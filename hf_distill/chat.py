@@ -13,7 +13,9 @@ Formats (TRL's dataset conventions), detected from the columns (`detect_format`)
 - ``text``: plain text, every token counts (the existing language-modelling path).
 
 Truncation keeps the first `max_length` tokens (``truncation_side="right"``, the default) or the last ones
-(``"left"``); a row left with nothing counted is dropped, and the number dropped is logged.
+(``"left"``); a row left with nothing counted is dropped, and the number dropped is logged. Packing (optional) joins
+rows into rows of up to `max_length` tokens whose ``position_ids`` restart per conversation, so no conversation
+attends to another (`pack_rows`, `check_packing_supported`).
 """
 
 from __future__ import annotations
@@ -151,27 +153,59 @@ def prompt_completion_mask(tokenizer: Any, prompt: Any, completion: Any) -> tupl
     )
 
 
-def _truncate(ids: list[int], counted: list[bool], max_length: int | None, side: str) -> tuple[list[int], list[bool]]:
-    if max_length is None or len(ids) <= max_length:
-        return ids, counted
-    if side == "left":
-        return ids[-max_length:], counted[-max_length:]
-    return ids[:max_length], counted[:max_length]
+def _window(length: int, max_length: int | None, side: str) -> tuple[int, int]:
+    """The kept token range ``[a, b)`` of a row of `length` tokens: the first `max_length` ("right") or the last."""
+    if max_length is None or length <= max_length:
+        return 0, length
+    return (length - max_length, length) if side == "left" else (0, max_length)
+
+
+def stored_ids(row: dict[str, Any]) -> tuple[list[int], list[bool]] | None:
+    """A generated row's own token ids (`hf-distill generate` stores them: re-tokenising the text could give other
+    ids), prompt then completion, the completion counting; None for rows without them."""
+    prompt, completion = row.get("prompt_ids"), row.get("completion_ids")
+    if prompt is None or completion is None:
+        return None
+    return [*prompt, *completion], [False] * len(prompt) + [True] * len(completion)
+
+
+def _cached_columns(row: dict[str, Any], prompt_length: int, window: tuple[int, int]) -> dict[str, list[Any]]:
+    """The teacher-cache columns of a generated row, kept for the completion tokens that still count after
+    truncation: completion token j (absolute index P + j) counts at position P + j - 1, so it stays when
+    ``a + 1 <= P + j < b``."""
+    from .teacher_cache import CACHE_COLUMNS
+
+    if CACHE_COLUMNS[0] not in row:
+        return {}
+    n = len(row[CACHE_COLUMNS[2]])
+    k = len(row[CACHE_COLUMNS[0]]) // max(n, 1)
+    first, last = max(0, window[0] + 1 - prompt_length), min(n, window[1] - prompt_length)
+    first, last = first, max(first, last)
+    return {CACHE_COLUMNS[0]: row[CACHE_COLUMNS[0]][first * k: last * k],
+            CACHE_COLUMNS[1]: row[CACHE_COLUMNS[1]][first * k: last * k],
+            CACHE_COLUMNS[2]: row[CACHE_COLUMNS[2]][first:last]}
 
 
 def tokenize_row(row: dict[str, Any], tokenizer: Any, data_format: str, max_length: int | None = None,
-                 truncation_side: str = "right") -> dict[str, list[int]]:
-    """One row as ``input_ids``, ``attention_mask`` and ``labels`` (the id where the token counts, else -100)."""
+                 truncation_side: str = "right") -> dict[str, list[Any]]:
+    """One row as ``input_ids``, ``attention_mask`` and ``labels`` (the id where the token counts, else -100); a
+    generated row keeps its stored ids (`stored_ids`) and its teacher-cache columns for the counted tokens."""
     check_choice("truncation_side", truncation_side, ("right", "left"))
-    if data_format == "messages":
+    stored = stored_ids(row) if data_format == "prompt_completion" else None
+    if stored is not None:
+        ids, counted = stored
+    elif data_format == "messages":
         ids, counted = conversation_mask(tokenizer, row["messages"])
     elif data_format == "prompt_completion":
         ids, counted = prompt_completion_mask(tokenizer, row["prompt"], row["completion"])
     else:
         raise ValueError(f"tokenize_row makes training rows from messages or prompt-completion data, not {data_format}.")
-    ids, counted = _truncate(ids, counted, max_length, truncation_side)
-    return {"input_ids": ids, "attention_mask": [1] * len(ids),
-            "labels": [i if c else IGNORE_INDEX for i, c in zip(ids, counted)]}
+    a, b = _window(len(ids), max_length, truncation_side)
+    out = {"input_ids": ids[a:b], "attention_mask": [1] * (b - a),
+           "labels": [i if c else IGNORE_INDEX for i, c in zip(ids[a:b], counted[a:b])]}
+    if stored is not None:
+        out.update(_cached_columns(row, len(row["prompt_ids"]), (a, b)))
+    return out
 
 
 #: The conversation rendered to find a template's end-of-turn token and to compare two tokenizers' renderings.
@@ -225,11 +259,93 @@ class CompletionCollator:
         return batch
 
 
+class PackedCollator:
+    """Pads a batch of packed rows (`pack_rows`) on the right and gives ``input_ids``, ``labels`` and
+    ``position_ids`` (restarting at 0 for every conversation, and for the padding) and no ``attention_mask``: from
+    those, transformers' attention masks (`masking_utils`) keep every token to its own conversation. Padding never
+    counts (labels -100)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {}
+        for key, fill in (("input_ids", self.pad_token_id), ("labels", IGNORE_INDEX)):
+            batch[key] = torch.tensor([list(f[key]) + [fill] * (width - len(f[key])) for f in features])
+        batch["position_ids"] = torch.tensor([list(f["position_ids"]) + list(range(width - len(f["position_ids"])))
+                                              for f in features])
+        return batch
+
+
+def pack_rows(dataset: Any, max_length: int) -> Any:
+    """Tokenised rows (`tokenize_row`) packed in order into rows of at most `max_length` tokens: a row joins the
+    current pack while it fits, else starts the next. Each pack's ``position_ids`` restart at 0 at every row's first
+    token, whose label is -100 (no conversation predicts the next one's first token); per-row teacher-cache columns
+    are concatenated in order, like the counted positions."""
+    from .teacher_cache import CACHE_COLUMNS
+
+    cached = [c for c in CACHE_COLUMNS if c in dataset.column_names]
+    keys = ["input_ids", "labels", *cached]
+
+    def pack(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {k: [] for k in (*keys, "position_ids")}
+        current: dict[str, list[Any]] = {k: [] for k in (*keys, "position_ids")}
+
+        def close() -> None:
+            if current["input_ids"]:
+                for k in out:
+                    out[k].append(current[k])
+                    current[k] = []
+
+        for i, ids in enumerate(batch["input_ids"]):
+            if len(current["input_ids"]) + len(ids) > max_length:
+                close()
+            current["input_ids"] += ids
+            current["labels"] += [IGNORE_INDEX, *batch["labels"][i][1:]]
+            current["position_ids"] += list(range(len(ids)))
+            for c in cached:
+                current[c] += batch[c][i]
+        close()
+        return out
+
+    packed = dataset.map(pack, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc="Packing")
+    packed.info.description = dataset.info.description
+    logger.warning("Packed %d rows into %d rows of at most %d tokens.", len(dataset), len(packed), max_length)
+    return packed
+
+
+def check_packing_supported(model: Any, name: str = "model") -> None:
+    """Packing needs a model whose attention keeps packed conversations apart (transformers' `masking_utils` masks,
+    built from ``position_ids`` when there is no ``attention_mask`` and no KV cache): checked on a short sequence
+    packed after another one, which must give the logits of the sequence alone."""
+    parameter = next(model.parameters())
+    vocab = int(model.config.vocab_size)
+    first = (torch.arange(3, device=parameter.device) * 7 + 5) % vocab
+    ids = torch.arange(1, 5, device=parameter.device) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=ids[None], use_cache=False).logits[0]
+            positions = torch.cat([torch.arange(3), torch.arange(4)]).to(ids.device)[None]
+            packed = model(input_ids=torch.cat([first, ids])[None], position_ids=positions,
+                           use_cache=False).logits[0, 3:]
+    finally:
+        model.train(was_training)
+    if not torch.allclose(alone.float(), packed.float(), atol=1e-3, rtol=1e-3):
+        raise ValueError(
+            f"The {name} ({type(model).__name__}) lets packed conversations attend to each other (its attention does "
+            "not restart at position_ids 0): train without --packing (rows are padded per batch instead)."
+        )
+
+
 def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = None, data_format: str | None = None,
-                         truncation_side: str = "right") -> tuple[Any, CompletionCollator]:
+                         truncation_side: str = "right", packing: bool = False) -> tuple[Any, Any]:
     """A `datasets.Dataset` of conversations or prompt-completion rows, tokenised with completion-only labels, and
     the collator to train on it with; rows left with nothing counted (after truncation) are dropped and counted in
-    the log."""
+    the log. With `packing` the rows are packed into rows of at most `max_length` tokens (`pack_rows`, with
+    `PackedCollator`); otherwise each batch is padded (`CompletionCollator`)."""
     data_format = detect_format(dataset.column_names, data_format)
     needed = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"]}.get(data_format, [])
     missing = [c for c in needed if c not in dataset.column_names]
@@ -251,11 +367,20 @@ def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = 
         raise ValueError("The tokenizer has neither a pad token nor an end-of-sequence token to pad batches with.")
     tokenised = dataset.map(lambda row: tokenize_row(row, tokenizer, data_format, max_length, truncation_side),
                             remove_columns=dataset.column_names, desc="Tokenising")
-    kept = tokenised.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]), desc="Dropping")
+    kept = tokenised.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]), desc="Dropping")
     dropped = len(tokenised) - len(kept)
     if dropped:
         logger.warning("%d of %d rows have no counted token (no assistant turn, or truncated to max_length=%s): "
                        "dropped.", dropped, len(tokenised), max_length)
     if not len(kept):
         raise ValueError("No row has a token to learn from (every completion is empty or truncated away).")
+    from .teacher_cache import CACHE_COLUMNS, MANIFEST_MARKER
+
+    description = getattr(dataset.info, "description", None) or ""
+    if CACHE_COLUMNS[0] in kept.column_names and description.startswith(MANIFEST_MARKER):
+        kept.info.description = description  # a generations folder with top-k: the rows are a teacher cache
+    if packing:
+        if max_length is None:
+            raise ValueError("Packing needs max_length: the length of the packed rows.")
+        return pack_rows(kept, max_length), PackedCollator(pad)
     return kept, CompletionCollator(pad)

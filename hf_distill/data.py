@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from transformers.utils import logging
 
-from .chat import DATA_FORMATS, detect_format, prepare_chat_dataset
+from .chat import DATA_FORMATS, IGNORE_INDEX, detect_format, prepare_chat_dataset
 from .generate import is_generations, load_generations
 from .options import check_choice
+
+logger = logging.get_logger(__name__)
 
 #: The tasks of the command line.
 TASKS: tuple[str, ...] = ("sequence-classification", "regression", "causal-lm", "masked-lm")
@@ -39,6 +42,9 @@ class DataArguments:
     truncation_side: str = field(
         default="right", metadata={"help": "Chat / prompt-completion rows longer than --max_length: keep the start "
                                            "('right' cuts the end) or the end ('left').", "choices": ["right", "left"]})
+    packing: bool = field(
+        default=False, metadata={"help": "Chat / prompt-completion rows: pack them into rows of --max_length tokens "
+                                         "(attention kept within each conversation) instead of padding each batch."})
     label_column: str = field(default="label", metadata={"help": "Column holding the label (classification/regression)."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str | None = field(
@@ -49,10 +55,16 @@ class DataArguments:
     block_size: int = field(default=128, metadata={"help": "Causal-LM text is packed into blocks of this length."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
+    transfer_dataset: str | None = field(
+        default=None, metadata={"help": "Classification: unlabelled rows (a local file or Hub dataset with the same "
+                                        "text column(s)) trained on beside the labelled ones, with the teacher's soft "
+                                        "targets only (Hinton's transfer set); the task loss counts labelled rows."})
+    transfer_split: str = field(default="train", metadata={"help": "Split of --transfer_dataset to use."})
+    max_transfer_samples: int | None = field(default=None, metadata={"help": "Keep only this many transfer rows."})
 
     def __post_init__(self) -> None:
         """Refuse sizes that cannot mean what they say (``max_length 0`` would silently disable truncation)."""
-        for name in ("max_length", "block_size", "max_train_samples", "max_eval_samples"):
+        for name in ("max_length", "block_size", "max_train_samples", "max_eval_samples", "max_transfer_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(
@@ -222,6 +234,32 @@ def prepare_datasets(
     return PreparedData(prepared[0], prepared[1], num_labels, id2label, plan)
 
 
+def add_transfer_set(train: datasets.Dataset, transfer: datasets.Dataset, tokenizer: Any,
+                     data: DataArguments) -> datasets.Dataset:
+    """The tokenised training rows followed by the transfer set's rows, tokenised the same way with the label -100
+    (unlabelled: the teacher's terms count them, the task loss does not; `accounting.labelled_mask`). Any label column
+    of the transfer set is dropped: its rows are unlabelled by definition."""
+    text_columns = [data.text_column] + ([data.text_column_2] if data.text_column_2 else [])
+    flags = {c: "--text_column" if c == data.text_column else "--text_column_2" for c in text_columns}
+    _require_columns(transfer, text_columns, flags)
+    if data.max_transfer_samples is not None:
+        transfer = transfer.select(range(min(data.max_transfer_samples, len(transfer))))
+    transfer = transfer.filter(lambda row: all(row[c] is not None and str(row[c]).strip() for c in text_columns))
+    if not len(transfer):
+        raise ValueError(f"--transfer_dataset has no row with text in {text_columns}: nothing to learn from.")
+
+    def encode(batch):
+        encoded = tokenizer(*[batch[c] for c in text_columns], truncation=True, max_length=data.max_length)
+        encoded["labels"] = [IGNORE_INDEX] * len(batch[text_columns[0]])
+        return encoded
+
+    rows = transfer.map(encode, batched=True, remove_columns=transfer.column_names, desc="Tokenising transfer set")
+    rows = rows.select_columns(train.column_names).cast(train.features)
+    logger.warning("Transfer set: %d unlabelled rows beside %d labelled ones (soft targets only on them).", len(rows),
+                   len(train))
+    return datasets.concatenate_datasets([train, rows])
+
+
 def _lm_format(train: datasets.Dataset, data: DataArguments) -> str:
     """The format of causal-LM data: `--text_column_2` makes plain prompt-completion rows; else `--data_format`, or
     (auto) plain text when the text column is there, else what the columns say (`chat.detect_format`)."""
@@ -248,7 +286,8 @@ def _chat_splits(train: datasets.Dataset, held_out: datasets.Dataset, tokenizer:
                 )
             split = split.select_columns([data.text_column, data.text_column_2]).rename_columns(
                 {data.text_column: "prompt", data.text_column_2: "completion"})
-        splits.append(prepare_chat_dataset(split, tokenizer, data.max_length, data_format, data.truncation_side))
+        splits.append(prepare_chat_dataset(split, tokenizer, data.max_length, data_format, data.truncation_side,
+                                           packing=data.packing))
     (train_rows, collator), (eval_rows, _) = splits
     return PreparedData(train_rows, eval_rows, collator=collator, data_format=data_format)
 

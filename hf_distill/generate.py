@@ -27,7 +27,14 @@ from transformers.utils import logging
 
 from .chat import check_chat_tokenizer, end_of_turn_id
 from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
-from .teacher_cache import tokenizer_hash
+from .teacher_cache import (
+    CACHE_COLUMNS,
+    CACHE_FEATURES,
+    CACHE_FORMAT_VERSION,
+    MANIFEST_MARKER,
+    tokenizer_hash,
+    topk_targets,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -50,17 +57,25 @@ class GenerationArguments:
     shard_size: int = field(default=256, metadata={"help": "Prompts per shard (the unit of resuming)."})
     seed: int = field(default=42, metadata={"help": "Shard k samples with seed + k."})
     device: str | None = field(default=None, metadata={"help": "Where the teacher runs (default: cuda if available)."})
+    cache_top_k: int = field(default=0, metadata={"help": "Also store the teacher's top-k log-probabilities at every "
+                                                          "generated token, from its raw logits (the teacher-cache "
+                                                          "format; 0: off). Distil with --teacher_cache on the folder."})
+    cache_temperature: float = field(default=1.0, metadata={"help": "The distillation temperature of those "
+                                                                    "log-probabilities: log softmax(z / T)."})
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "num_return_sequences", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}.")
+        if self.cache_top_k < 0 or not self.cache_temperature > 0:
+            raise ValueError(f"--cache_top_k must be >= 0 (0: off) and --cache_temperature > 0, got {self.cache_top_k} "
+                             f"and {self.cache_temperature}.")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"--temperature must be >= 0 and --top_p in (0, 1], got {self.temperature} and "
                              f"{self.top_p}.")
 
     def settings(self) -> dict[str, Any]:
-        """What decides the answers (compared when resuming)."""
+        """What decides the shards (compared when resuming)."""
         return {k: v for k, v in asdict(self).items() if k not in ("output_dir", "device", "batch_size")}
 
 
@@ -92,8 +107,11 @@ def _stop_ids(tokenizer: Any, conversational: bool) -> list[int]:
 
 @torch.no_grad()
 def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: GenerationArguments, stops: list[int],
-            pad: int) -> tuple[list[str], int]:
-    """The teacher's answers to `prompts` (num_return_sequences each, in order) and the tokens it generated."""
+            pad: int) -> tuple[list[dict[str, Any]], int]:
+    """The teacher's answers to `prompts` (num_return_sequences each, in order) and the tokens it generated. Each
+    answer: its text, the prompt's and the completion's token ids (the completion ends with the stop token when one was
+    generated) and, with `cache_top_k`, the teacher-cache columns of its completion tokens: the top-k
+    ``log softmax(z / T)`` of the raw logits that chose each token (before any temperature / top-p warping)."""
     device = next(model.parameters()).device
     encoded = [_prompt_ids(tokenizer, p) for p in prompts]
     width = max(map(len, encoded))
@@ -104,12 +122,21 @@ def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: Generation
         input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, do_sample=sampling,
         temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
         num_return_sequences=settings.num_return_sequences, eos_token_id=stops, pad_token_id=pad,
+        return_dict_in_generate=True, output_logits=settings.cache_top_k > 0,
     )
     answers, generated = [], 0
-    for row in out[:, width:].tolist():
+    for index, row in enumerate(out.sequences[:, width:].tolist()):
         end = next((i for i, t in enumerate(row) if t in stops), len(row))
-        generated += min(end + 1, len(row))
-        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+        completion = row[: min(end + 1, len(row))]
+        generated += len(completion)
+        answer = {"text": tokenizer.decode(row[:end], skip_special_tokens=True).strip(),
+                  "prompt_ids": encoded[index // settings.num_return_sequences], "completion_ids": completion}
+        if settings.cache_top_k:
+            raw = torch.stack([step[index] for step in out.logits[: len(completion)]])  # [n, V]: step s chose token s
+            top_ids, top_logprobs, tails = topk_targets(raw, settings.cache_top_k, settings.cache_temperature)
+            answer.update({CACHE_COLUMNS[0]: top_ids.reshape(-1).tolist(),
+                           CACHE_COLUMNS[1]: top_logprobs.reshape(-1).tolist(), CACHE_COLUMNS[2]: tails.tolist()})
+        answers.append(answer)
     return answers, generated
 
 
@@ -137,6 +164,11 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
         "prompts_fingerprint": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
         "shards": [], "complete": False,
     }
+    if settings.cache_top_k:
+        expected["vocab_size"] = _vocab_size(model)
+        if settings.cache_top_k >= expected["vocab_size"]:
+            raise ValueError(f"--cache_top_k {settings.cache_top_k} must be smaller than the teacher's "
+                             f"{expected['vocab_size']} outputs (the tail is the mass outside the top k).")
     manifest_file = folder / MANIFEST_FILE
     if manifest_file.is_file():
         manifest = json.loads(manifest_file.read_text())
@@ -157,20 +189,22 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
         while done < len(prompts):
             index, end = len(manifest["shards"]), min(done + settings.shard_size, len(prompts))
             set_seed(settings.seed + index)
-            rows: dict[str, list[Any]] = {"prompt": [], "completion": []}
+            rows: dict[str, list[Any]] = {}
             for batch_start in range(done, end, settings.batch_size):
                 batch = prompts[batch_start: min(batch_start + settings.batch_size, end)]
                 answers, generated = _answer(model, tokenizer, batch, settings, stops, pad)
                 tokens += generated
                 for i, answer in enumerate(answers):
-                    prompt = batch[i // settings.num_return_sequences]
-                    rows["prompt"].append(prompt)
-                    rows["completion"].append([{"role": "assistant", "content": answer}] if conversational else answer)
+                    text = answer.pop("text")
+                    answer["prompt"] = batch[i // settings.num_return_sequences]
+                    answer["completion"] = [{"role": "assistant", "content": text}] if conversational else text
+                    for key, value in answer.items():
+                        rows.setdefault(key, []).append(value)
                 bar.update(len(batch))
                 bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - start_time, 1e-9):.1f}")
             name = f"shard-{index:05d}"
             with atomic_path(folder / name) as partial:
-                datasets.Dataset.from_dict(rows).save_to_disk(partial)
+                datasets.Dataset.from_dict(rows, features=_features(rows, settings)).save_to_disk(partial)
             manifest["shards"].append({"name": name, "num_prompts": end - done, "num_rows": len(rows["prompt"])})
             done = end
             manifest["complete"] = done == len(prompts)
@@ -179,6 +213,38 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
     logger.warning("Generated answers to %d prompts: %d new tokens in %.1f s (%.1f tokens/s); written to %s.",
                    len(prompts), tokens, seconds, tokens / max(seconds, 1e-9), folder)
     return folder
+
+
+def _vocab_size(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def _features(rows: dict[str, list[Any]], settings: GenerationArguments) -> datasets.Features | None:
+    """The shard's column types: inferred, with the token ids as int32 and the cache columns as the teacher cache
+    stores them (`teacher_cache.CACHE_FEATURES`)."""
+    inferred = datasets.Dataset.from_dict({k: v[:1] for k, v in rows.items()}).features
+    features = {**inferred, "prompt_ids": datasets.Sequence(datasets.Value("int32")),
+                "completion_ids": datasets.Sequence(datasets.Value("int32"))}
+    if settings.cache_top_k:
+        features.update(CACHE_FEATURES)
+    return datasets.Features(features)
+
+
+def generations_cache_manifest(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The teacher-cache manifest of a generations folder made with `cache_top_k` (None without): what
+    `teachers.CachedTeacher` checks (temperature, tokenizer, vocabulary size)."""
+    settings = manifest.get("settings", {})
+    if not settings.get("cache_top_k"):
+        return None
+    return {"format_version": CACHE_FORMAT_VERSION, "teacher_id": manifest.get("teacher"),
+            "tokenizer_hash": manifest.get("tokenizer_hash"), "vocab_size": manifest.get("vocab_size"),
+            "top_k": settings["cache_top_k"], "temperature": float(settings["cache_temperature"]),
+            "dataset_fingerprint": None, "complete": True, "made_by": KIND}
+
+
+def read_generations_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a generations folder."""
+    return json.loads((Path(path) / MANIFEST_FILE).read_text())
 
 
 def is_generations(path: str | Path) -> bool:
@@ -190,8 +256,21 @@ def is_generations(path: str | Path) -> bool:
 def load_generations(path: str | Path) -> datasets.Dataset:
     """The prompt-completion dataset in a generations folder (its shards in order); refuses an unfinished one."""
     folder = Path(path)
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest = read_generations_manifest(folder)
     if not manifest.get("complete"):
         raise ValueError(f"{folder} holds an unfinished generation run: run `hf-distill generate` again with the "
                          "same settings to finish it.")
-    return datasets.concatenate_datasets([datasets.load_from_disk(str(folder / s["name"])) for s in manifest["shards"]])
+    dataset = datasets.concatenate_datasets([datasets.load_from_disk(str(folder / s["name"])) for s in manifest["shards"]])
+    cache = generations_cache_manifest(manifest)
+    if cache is not None:  # read by `teacher_cache.cache_manifest` once the rows are tokenised (`chat.tokenize_row`)
+        dataset.info.description = MANIFEST_MARKER + json.dumps(cache)
+    return dataset
+
+
+def check_generations_tokenizer(path: str | Path, tokenizer: Any) -> None:
+    """Generations store token ids: they mean the same tokens only to the tokenizer that wrote them."""
+    manifest = read_generations_manifest(path)
+    if manifest.get("tokenizer_hash") not in (None, tokenizer_hash(tokenizer)):
+        raise ValueError(f"The generations in {path} were written with another tokenizer (teacher "
+                         f"{manifest.get('teacher')!r}): their token ids mean other tokens. Distil with the teacher's "
+                         "tokenizer (same vocabulary), or generate again with this one.")

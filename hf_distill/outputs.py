@@ -98,7 +98,7 @@ class FullLogits:
         sums: dict[str, torch.Tensor] = {}
         if context.labels is not None:
             model_loss = output_loss(outputs) if pass_labels else None
-            sums["task"] = task_loss_sum(student_logits, context.labels, measure.mask, measure.unit,
+            sums["task"] = task_loss_sum(student_logits, context.labels, measure.labelled, measure.unit,
                                          model_loss=model_loss)
         teacher_logits = teacher.logits if teacher is not None else None
         if teacher_logits is not None:

@@ -113,7 +113,7 @@ class DistillationTrainer(Trainer):
         self.signals = build_signals(args, model, source.first_model)
         # Per term (the task and each signal): its weight and the unit it is counted in; fixed for the run.
         self._term_weights = {"task": args.task_weight, **{signal.name: weight for signal, weight in self.signals}}
-        self._term_units = {"task": "positions", **{signal.name: signal.unit for signal, _ in self.signals}}
+        self._term_units = {"task": "labelled", **{signal.name: signal.unit for signal, _ in self.signals}}
         if any(signal.needs_attentions for signal, _ in self.signals):
             check_no_attention_dropout(model)
             use_eager_attention(model, "student")

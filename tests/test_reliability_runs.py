@@ -10,11 +10,9 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from transformers import AutoModelForSequenceClassification, pipeline
 
 from .test_reliability import ROOT, _texts, base_argv, save_teacher

@@ -306,8 +306,8 @@ def _command_line_inputs(tmp_path):
 
 def test_cache_teacher_command_writes_a_loadable_cache(tmp_path, capsys):
     from hf_distill.cli import main
-    from hf_distill.data import DataArguments, load_raw, prepare_datasets, split_dataset
     from hf_distill.cli.jobs import cache_teacher_main
+    from hf_distill.data import DataArguments, load_raw, prepare_datasets, split_dataset
 
     tokenizer, common = _command_line_inputs(tmp_path)
     argv = [*common, "--top_k", "4", "--temperature", "2.0", "--batch_size", "4", "--shard_size", "5",

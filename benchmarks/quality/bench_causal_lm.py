@@ -35,8 +35,8 @@ from common import machine, merge_quality, write_json  # noqa: E402
 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
 from hf_distill.cli import ModelArguments  # noqa: E402
-from hf_distill.data import DataArguments  # noqa: E402
 from hf_distill.cli.models import prepare_inputs, resolve_source  # noqa: E402
+from hf_distill.data import DataArguments  # noqa: E402
 
 
 def perplexity(trainer: DistillationTrainer, dataset) -> float:

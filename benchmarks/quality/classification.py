@@ -51,6 +51,17 @@ def load_splits(name: str, tokenizer: Any, train: int, dev: int, test: int, max_
     return Splits(**{k: build(v) for k, v in parts.items()}, labels=labels)
 
 
+def load_transfer(name: str, tokenizer: Any, skip: int, count: int, max_length: int, seed: int = 0) -> datasets.Dataset:
+    """Up to `count` rows of a packaged dataset that `load_splits` with the same `seed` never uses (the shuffled order
+    from position `skip` = test + dev + train on), tokenised the same way, their labels removed (-100)."""
+    with open(fetch(DATASETS[name]), newline="") as f:
+        texts = [r["text"] for r in csv.DictReader(f)]
+    order = np.random.default_rng(seed).permutation(len(texts))[skip:skip + count]
+    encoded = tokenizer([texts[i] for i in order], truncation=True, max_length=max_length)
+    return datasets.Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                                       "labels": [-100] * len(order)})
+
+
 def predict(model: torch.nn.Module, tokenizer: Any, dataset: datasets.Dataset, batch_size: int = 128) -> np.ndarray:
     """Predicted class ids of `model` on `dataset`, in the dataset's order. (Not `Trainer.predict`: with
     ``train_sampling_strategy="group_by_length"`` transformers also reorders the evaluation set, so its predictions

@@ -34,7 +34,9 @@ from ..trainer import DistillationTrainer
 from .arguments import CacheArguments, ModelArguments, parse_distill_args
 from .models import (
     check_model_arguments,
+    check_packing,
     check_same_vocabulary,
+    check_transfer_set,
     collator_for,
     load_model,
     load_tokenizer,
@@ -70,6 +72,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     order of the end is: save the student and its card, write the report, merge adapters, push last."""
     check_one_run(args)
     check_model_arguments(model_args, args)
+    if data_args.transfer_dataset:
+        check_transfer_set(model_args.task, args)
     resume = resume_checkpoint(args)
     move_earlier = check_output_dir(args.output_dir, resuming=resume is not None, overwrite=args.overwrite_output_dir)
     set_seed(args.seed)
@@ -104,6 +108,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
             compute_metrics={"sequence-classification": accuracy_metrics,
                              "regression": regression_metrics}.get(task) if eval_labelled else None,
         )
+    if data_args.packing:
+        check_packing(data, trainer.signals, [("student", trainer.model), ("teacher", trainer.teacher_model)])
     student = trainer.model
     if cached is None and not args.teacher_route:
         teacher = trainer.teacher_model
@@ -177,6 +183,8 @@ def train_teacher_main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model_args, data_args, args = parse_distill_args(argv, prog="hf-distill train-teacher")
     check_one_run(args)
     check_model_arguments(model_args, args)
+    if data_args.transfer_dataset:
+        check_transfer_set(model_args.task, None)
     resume = resume_checkpoint(args)
     move_earlier = check_output_dir(args.output_dir, resuming=resume is not None, overwrite=args.overwrite_output_dir)
     set_seed(args.seed)

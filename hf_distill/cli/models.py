@@ -20,16 +20,20 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from ..chat import check_same_rendering
+from ..chat import check_packing_supported, check_same_rendering
 from ..config import DistillationConfig
 from ..data import (
     DataArguments,
     PreparedData,
+    add_transfer_set,
     load_raw,
     named_labels,
     prepare_datasets,
     split_dataset,
 )
+from ..generate import check_generations_tokenizer, is_generations
+from ..modeling import unwrap
+from ..signals import fields_where
 from ..teacher_cache import (
     cache_manifest,
     load_teacher_cache,
@@ -160,14 +164,60 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
         teacher_classes = int(config.num_labels) if teacher_head_trained else None
     raw = load_raw(resolve_source(data_args.dataset) if data_args.dataset.startswith("asset:") else data_args.dataset,
                    data_args.dataset_config)
+    if is_generations(data_args.dataset):
+        check_generations_tokenizer(data_args.dataset, tokenizer)
     train, held_out = split_dataset(raw, data_args, args.seed)
     first = args.main_process_first(desc="tokenising") if hasattr(args, "main_process_first") else nullcontext()
+    transfer = None
+    if data_args.transfer_dataset:
+        transfer = load_raw(resolve_source(data_args.transfer_dataset) if data_args.transfer_dataset.startswith(
+            "asset:") else data_args.transfer_dataset)
+        if data_args.transfer_split not in transfer:
+            raise ValueError(f"--transfer_dataset has no split {data_args.transfer_split!r} (splits: {list(transfer)}); "
+                             "set --transfer_split.")
     with first:
         prepared = prepare_datasets(model_args.task, train, held_out, tokenizer, data_args, teacher_labels,
                                     teacher_classes, require_labels)
+        if transfer is not None:
+            prepared.train = add_transfer_set(prepared.train, transfer[data_args.transfer_split], tokenizer, data_args)
     if prepared.labels is not None and prepared.labels.warning and teacher_head_trained:
         logger.warning(prepared.labels.warning)
     return tokenizer, prepared
+
+
+def check_packing(data: PreparedData, signals: list, models: list[Any]) -> None:
+    """`--packing` joins chat / prompt-completion rows only; token-level signals (hidden states, attention maps)
+    count every token of a batch without an attention mask, padding included, so they are refused; every model must
+    keep packed conversations apart (`chat.check_packing_supported`)."""
+    if data.data_format not in ("messages", "prompt_completion"):
+        raise ValueError(f"--packing joins chat or prompt-completion rows; this is {data.data_format} data (plain text "
+                         "is cut into --block_size blocks already): drop --packing.")
+    token_terms = sorted(signal.name for signal, _ in signals if signal.unit == "tokens")
+    if token_terms:
+        raise ValueError(f"--packing cannot count the tokens of {', '.join(token_terms)} (a packed batch has no "
+                         "attention mask to tell padding apart): drop --packing or those terms.")
+    for name, model in models:
+        if model is not None:
+            check_packing_supported(unwrap(model), name)
+
+
+def check_transfer_set(task: str, args: DistillationConfig | None) -> None:
+    """A transfer set (unlabelled rows, `--transfer_dataset`) teaches a classifier through the teacher's terms only;
+    refused where nothing would learn from it (`args` None: a job without a teacher, `train-teacher`)."""
+    if task != "sequence-classification":
+        raise ValueError(f"--transfer_dataset is for classifiers (--task sequence-classification), not {task}: for "
+                         "language models, have the teacher answer the unlabelled prompts (`hf-distill generate`) and "
+                         "distil on its answers.")
+    if args is None:
+        raise ValueError("--transfer_dataset holds unlabelled rows, which only a teacher can label: it belongs to "
+                         "`hf-distill distill`, not to training the teacher.")
+    if not fields_where(args, needs_teacher=True):
+        raise ValueError("--transfer_dataset rows have no labels, so only the teacher's terms learn from them, and none "
+                         "is on: set --logits_weight (e.g. 0.5) or drop --transfer_dataset.")
+    needing = sorted(fields_where(args, needs_labels=True))
+    if needing:
+        raise ValueError(f"{', '.join(needing)} differentiate the task loss, which the transfer set's unlabelled rows "
+                         "lack: set them to 0 or drop --transfer_dataset.")
 
 
 def check_model_arguments(model_args: ModelArguments, args: DistillationConfig) -> None:
@@ -214,7 +264,16 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
 
 def teacher_cache_for(path: str, tokenizer: Any, train: Any) -> Any:
     """The offline teacher cache at `path` as the training set (refused when made with another tokenizer); a warning
-    when it was built from other training data than these data flags give (its own examples are what trains)."""
+    when it was built from other training data than these data flags give (its own examples are what trains). A
+    generations folder made with ``--cache_top_k`` is its own cache: its training rows (`train`) carry the columns."""
+    if is_generations(path):
+        if cache_manifest(train) is None:
+            raise ValueError(
+                f"--teacher_cache {path} is a generations folder, and these training rows carry no teacher top-k: "
+                "pass the folder as --dataset too, and generate with --cache_top_k K (or drop --teacher_cache to "
+                "run the teacher live)."
+            )
+        return train
     cached = load_teacher_cache(path, tokenizer)
     made_from = (cache_manifest(cached) or {}).get("dataset_fingerprint")
     if made_from and made_from != getattr(train, "_fingerprint", None):
