@@ -35,6 +35,7 @@ from .arguments import CacheArguments, ModelArguments, parse_distill_args
 from .models import (
     check_model_arguments,
     check_packing,
+    check_packing_data,
     check_same_vocabulary,
     check_transfer_set,
     collator_for,
@@ -80,6 +81,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     labelled = bool(label_weights(args))
     tokenizer, data = prepare_inputs(model_args, data_args, args, require_labels=labelled)
     task = model_args.task
+    if data_args.packing:
+        check_packing_data(data, task)
     teacher = load_model(model_args.teacher, task, data, model_args.teacher_gguf_file, model_args.trust_remote_code)
     cached = teacher_cache_for(model_args.teacher_cache, tokenizer, data.train) if model_args.teacher_cache else None
     peft_config = lora_config(model_args) if model_args.use_peft else None
@@ -109,7 +112,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
                              "regression": regression_metrics}.get(task) if eval_labelled else None,
         )
     if data_args.packing:
-        check_packing(data, trainer.signals, [("student", trainer.model), ("teacher", trainer.teacher_model)])
+        check_packing(trainer.signals, [("student", trainer.model), ("teacher", trainer.teacher_model)])
     student = trainer.model
     if cached is None and not args.teacher_route:
         teacher = trainer.teacher_model

@@ -185,13 +185,17 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
     return tokenizer, prepared
 
 
-def check_packing(data: PreparedData, signals: list, models: list[Any]) -> None:
-    """`--packing` joins chat / prompt-completion rows only; token-level signals (hidden states, attention maps)
-    count every token of a batch without an attention mask, padding included, so they are refused; every model must
-    keep packed conversations apart (`chat.check_packing_supported`)."""
+def check_packing_data(data: PreparedData, task: str) -> None:
+    """`--packing` joins chat / prompt-completion rows only (refused before any model loads)."""
     if data.data_format not in ("messages", "prompt_completion"):
-        raise ValueError(f"--packing joins chat or prompt-completion rows; this is {data.data_format} data (plain text "
-                         "is cut into --block_size blocks already): drop --packing.")
+        raise ValueError(f"--packing joins chat or prompt-completion rows; this is {data.data_format or task} data "
+                         "(plain text is cut into --block_size blocks already): drop --packing.")
+
+
+def check_packing(signals: list, models: list[Any]) -> None:
+    """Token-level signals (hidden states, attention maps) count every token of a batch without an attention mask,
+    padding included, so they are refused with `--packing`; every model must keep packed conversations apart
+    (`chat.check_packing_supported`)."""
     token_terms = sorted(signal.name for signal, _ in signals if signal.unit == "tokens")
     if token_terms:
         raise ValueError(f"--packing cannot count the tokens of {', '.join(token_terms)} (a packed batch has no "
