@@ -68,16 +68,25 @@ def distill_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return run_distillation(model_args, data_args, args)
 
 
-def run_distillation(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> dict[str, Any]:
-    """The whole job. Every check that can run before a model loads does (flags, output folder, processes), and the
-    order of the end is: save the student and its card, write the report, merge adapters, push last."""
+def start_training_job(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig,
+                       distilling: bool) -> tuple[str | None, bool]:
+    """The checks of a training job before anything loads (one run per process group, the model flags, a transfer
+    set's use, the output folder), then the seed; returns the checkpoint to resume from and whether an earlier run's
+    folder is to be moved aside."""
     check_one_run(args)
     check_model_arguments(model_args, args)
     if data_args.transfer_dataset:
-        check_transfer_set(model_args.task, args)
+        check_transfer_set(model_args.task, args if distilling else None)
     resume = resume_checkpoint(args)
     move_earlier = check_output_dir(args.output_dir, resuming=resume is not None, overwrite=args.overwrite_output_dir)
     set_seed(args.seed)
+    return resume, move_earlier
+
+
+def run_distillation(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> dict[str, Any]:
+    """The whole job. Every check that can run before a model loads does (flags, output folder, processes), and the
+    order of the end is: save the student and its card, write the report, merge adapters, push last."""
+    resume, move_earlier = start_training_job(model_args, data_args, args, distilling=True)
     labelled = bool(label_weights(args))
     tokenizer, data = prepare_inputs(model_args, data_args, args, require_labels=labelled)
     task = model_args.task
@@ -184,13 +193,7 @@ def train_teacher_main(argv: Sequence[str] | None = None) -> dict[str, float]:
     # DistillationConfig is a TrainingArguments: the recipes of `distill` work here too (their distillation fields are
     # simply unused by the plain Trainer)
     model_args, data_args, args = parse_distill_args(argv, prog="hf-distill train-teacher")
-    check_one_run(args)
-    check_model_arguments(model_args, args)
-    if data_args.transfer_dataset:
-        check_transfer_set(model_args.task, None)
-    resume = resume_checkpoint(args)
-    move_earlier = check_output_dir(args.output_dir, resuming=resume is not None, overwrite=args.overwrite_output_dir)
-    set_seed(args.seed)
+    resume, move_earlier = start_training_job(model_args, data_args, args, distilling=False)
     tokenizer, data = prepare_inputs(model_args, data_args, args, teacher_head_trained=False)
     model = load_model(model_args.teacher, model_args.task, data, model_args.teacher_gguf_file,
                        model_args.trust_remote_code)
