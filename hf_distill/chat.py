@@ -26,6 +26,7 @@ import torch
 from transformers.utils import logging
 
 from .options import check_choice
+from .teacher_cache import CACHE_COLUMNS, MANIFEST_MARKER
 
 logger = logging.get_logger(__name__)
 
@@ -173,14 +174,12 @@ def _cached_columns(row: dict[str, Any], prompt_length: int, window: tuple[int, 
     """The teacher-cache columns of a generated row, kept for the completion tokens that still count after
     truncation: completion token j (absolute index P + j) counts at position P + j - 1, so it stays when
     ``a + 1 <= P + j < b``."""
-    from .teacher_cache import CACHE_COLUMNS
-
     if CACHE_COLUMNS[0] not in row:
         return {}
     n = len(row[CACHE_COLUMNS[2]])
     k = len(row[CACHE_COLUMNS[0]]) // max(n, 1)
     first, last = max(0, window[0] + 1 - prompt_length), min(n, window[1] - prompt_length)
-    first, last = first, max(first, last)
+    last = max(first, last)
     return {CACHE_COLUMNS[0]: row[CACHE_COLUMNS[0]][first * k: last * k],
             CACHE_COLUMNS[1]: row[CACHE_COLUMNS[1]][first * k: last * k],
             CACHE_COLUMNS[2]: row[CACHE_COLUMNS[2]][first:last]}
@@ -283,8 +282,6 @@ def pack_rows(dataset: Any, max_length: int) -> Any:
     current pack while it fits, else starts the next. Each pack's ``position_ids`` restart at 0 at every row's first
     token, whose label is -100 (no conversation predicts the next one's first token); per-row teacher-cache columns
     are concatenated in order, like the counted positions."""
-    from .teacher_cache import CACHE_COLUMNS
-
     cached = [c for c in CACHE_COLUMNS if c in dataset.column_names]
     keys = ["input_ids", "labels", *cached]
 
@@ -374,8 +371,6 @@ def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = 
                        "dropped.", dropped, len(tokenised), max_length)
     if not len(kept):
         raise ValueError("No row has a token to learn from (every completion is empty or truncated away).")
-    from .teacher_cache import CACHE_COLUMNS, MANIFEST_MARKER
-
     description = getattr(dataset.info, "description", None) or ""
     if CACHE_COLUMNS[0] in kept.column_names and description.startswith(MANIFEST_MARKER):
         kept.info.description = description  # a generations folder with top-k: the rows are a teacher cache

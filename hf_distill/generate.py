@@ -219,7 +219,7 @@ def _vocab_size(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
-def _features(rows: dict[str, list[Any]], settings: GenerationArguments) -> datasets.Features | None:
+def _features(rows: dict[str, list[Any]], settings: GenerationArguments) -> datasets.Features:
     """The shard's column types: inferred, with the token ids as int32 and the cache columns as the teacher cache
     stores them (`teacher_cache.CACHE_FEATURES`)."""
     inferred = datasets.Dataset.from_dict({k: v[:1] for k, v in rows.items()}).features

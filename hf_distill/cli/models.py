@@ -143,6 +143,11 @@ def load_tokenizer(model_args: ModelArguments) -> Any:
     return tokenizer
 
 
+def _dataset_path(name: str) -> str:
+    """A dataset flag as `load_raw` reads it: ``asset:NAME`` becomes the packaged file, anything else stays."""
+    return resolve_source(name) if name.startswith("asset:") else name
+
+
 def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments | CacheArguments,
                    teacher_head_trained: bool = True, require_labels: bool = True):
     """Tokenizer and tokenised splits for a job (the teacher's tokenizer); `args` gives the seed of the held-out
@@ -162,16 +167,14 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
                                             **tokenizer_kwargs)
         teacher_labels = named_labels(config)
         teacher_classes = int(config.num_labels) if teacher_head_trained else None
-    raw = load_raw(resolve_source(data_args.dataset) if data_args.dataset.startswith("asset:") else data_args.dataset,
-                   data_args.dataset_config)
+    raw = load_raw(_dataset_path(data_args.dataset), data_args.dataset_config)
     if is_generations(data_args.dataset):
         check_generations_tokenizer(data_args.dataset, tokenizer)
     train, held_out = split_dataset(raw, data_args, args.seed)
     first = args.main_process_first(desc="tokenising") if hasattr(args, "main_process_first") else nullcontext()
     transfer = None
     if data_args.transfer_dataset:
-        transfer = load_raw(resolve_source(data_args.transfer_dataset) if data_args.transfer_dataset.startswith(
-            "asset:") else data_args.transfer_dataset)
+        transfer = load_raw(_dataset_path(data_args.transfer_dataset))
         if data_args.transfer_split not in transfer:
             raise ValueError(f"--transfer_dataset has no split {data_args.transfer_split!r} (splits: {list(transfer)}); "
                              "set --transfer_split.")
