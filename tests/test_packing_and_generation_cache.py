@@ -12,7 +12,6 @@ from hf_distill.chat import (
     CompletionCollator,
     PackedCollator,
     check_packing_supported,
-    pack_rows,
     prepare_chat_dataset,
     tokenize_row,
 )
