@@ -123,7 +123,7 @@ def test_generation_pass_caches_top_k_of_the_raw_logits_at_every_generated_token
 def test_distil_from_the_generation_pass_cache_without_the_live_teacher(tmp_path):
     from hf_distill.cli import main
     from hf_distill.cli.arguments import parse_distill_args
-    from hf_distill.cli.jobs import distill_main
+    from hf_distill.cli.jobs import cache_teacher_main, distill_main
     from hf_distill.cli.models import prepare_inputs
 
     teacher, _ = _chat_teacher(tmp_path)
@@ -145,5 +145,9 @@ def test_distil_from_the_generation_pass_cache_without_the_live_teacher(tmp_path
     with pytest.raises(ValueError, match="carry no teacher top-k.*--cache_top_k"):
         distill_main(_argv(tmp_path, teacher, tmp_path / "plain", "--student_layers", "1", "--teacher_cache",
                            str(tmp_path / "plain"), "--output_dir", str(tmp_path / "x")))
+    with pytest.raises(ValueError, match="already holds the teacher's top-k.*--teacher_cache"):
+        cache_teacher_main(["--teacher", str(teacher), "--task", "causal-lm", "--dataset", str(tmp_path / "gen"),
+                            "--output_dir", str(tmp_path / "cache")])
+    assert not (tmp_path / "cache").exists()
     with pytest.raises(ValueError, match="temperature 2.0"):
         distill_main([*argv, "--temperature", "1.0", "--output_dir", str(tmp_path / "y")])
