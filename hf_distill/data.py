@@ -152,6 +152,11 @@ class PreparedData:
     data_format: str | None = None  #: causal LMs: the format the rows were read as (`chat.DATA_FORMATS`)
 
 
+def _text_columns(data: DataArguments) -> list[str]:
+    """The text column, and the second of a pair when there is one."""
+    return [data.text_column] + ([data.text_column_2] if data.text_column_2 else [])
+
+
 def prepare_datasets(
     task: str, train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any, data: DataArguments,
     teacher_labels: dict[int, str] | None = None, teacher_num_labels: int | None = None,
@@ -166,7 +171,7 @@ def prepare_datasets(
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
-    text_columns = [data.text_column] + ([data.text_column_2] if data.text_column_2 else [])
+    text_columns = _text_columns(data)
     flags = {data.text_column: "--text_column", data.label_column: "--label_column"}
     if data.text_column_2:
         flags[data.text_column_2] = "--text_column_2"
@@ -239,7 +244,7 @@ def add_transfer_set(train: datasets.Dataset, transfer: datasets.Dataset, tokeni
     """The tokenised training rows followed by the transfer set's rows, tokenised the same way with the label -100
     (unlabelled: the teacher's terms count them, the task loss does not; `accounting.labelled_mask`). Any label column
     of the transfer set is dropped: its rows are unlabelled by definition."""
-    text_columns = [data.text_column] + ([data.text_column_2] if data.text_column_2 else [])
+    text_columns = _text_columns(data)
     flags = {c: "--text_column" if c == data.text_column else "--text_column_2" for c in text_columns}
     _require_columns(transfer, text_columns, flags)
     if data.max_transfer_samples is not None:

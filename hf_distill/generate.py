@@ -30,8 +30,8 @@ from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .teacher_cache import (
     CACHE_COLUMNS,
     CACHE_FEATURES,
-    CACHE_FORMAT_VERSION,
     MANIFEST_MARKER,
+    cache_settings,
     tokenizer_hash,
     topk_targets,
 )
@@ -236,15 +236,19 @@ def generations_cache_manifest(manifest: dict[str, Any]) -> dict[str, Any] | Non
     settings = manifest.get("settings", {})
     if not settings.get("cache_top_k"):
         return None
-    return {"format_version": CACHE_FORMAT_VERSION, "teacher_id": manifest.get("teacher"),
-            "tokenizer_hash": manifest.get("tokenizer_hash"), "vocab_size": manifest.get("vocab_size"),
-            "top_k": settings["cache_top_k"], "temperature": float(settings["cache_temperature"]),
+    return {**cache_settings(manifest.get("teacher"), manifest.get("tokenizer_hash"), manifest.get("vocab_size"),
+                             settings["cache_top_k"], settings["cache_temperature"]),
             "dataset_fingerprint": None, "complete": True, "made_by": KIND}
 
 
 def read_generations_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a generations folder."""
     return json.loads((Path(path) / MANIFEST_FILE).read_text())
+
+
+def holds_teacher_cache(path: str | Path) -> bool:
+    """Whether `path` is a generations folder written with the teacher's top-k (`cache_top_k`)."""
+    return is_generations(path) and generations_cache_manifest(read_generations_manifest(path)) is not None
 
 
 def is_generations(path: str | Path) -> bool:

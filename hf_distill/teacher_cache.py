@@ -60,6 +60,14 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return hashlib.sha256(vocab.encode("utf-8")).hexdigest()
 
 
+def cache_settings(teacher_id: str | None, tokenizer_digest: str | None, vocab_size: int, top_k: int,
+                   temperature: float) -> dict[str, Any]:
+    """What a cache's targets mean, as its manifest records it (and `teachers.CachedTeacher` checks): the format, the
+    teacher, its tokenizer's hash, its number of outputs, k and the temperature of ``log softmax(z / T)``."""
+    return {"format_version": CACHE_FORMAT_VERSION, "teacher_id": teacher_id, "tokenizer_hash": tokenizer_digest,
+            "vocab_size": vocab_size, "top_k": top_k, "temperature": float(temperature)}
+
+
 def topk_targets(logits: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, ...]:
     """For rows of logits ``z`` ``[N, V]``: ids of the k largest ``p = softmax(z / T)`` (most probable first),
     ``log p`` at them, and the tail ``log sum_{j not in top k} p_j = logsumexp_{j not in top k} log p_j``.
@@ -244,12 +252,8 @@ def build_teacher_cache(
             f"top k): pass a smaller top_k, e.g. {min(32, max(1, vocab_size - 1))}."
         )
     manifest: dict[str, Any] = {
-        "format_version": CACHE_FORMAT_VERSION,
-        "teacher_id": _teacher_id(teacher_model, teacher_id),
-        "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
-        "vocab_size": vocab_size,
-        "top_k": top_k,
-        "temperature": float(temperature),
+        **cache_settings(_teacher_id(teacher_model, teacher_id),
+                         tokenizer_hash(tokenizer) if tokenizer is not None else None, vocab_size, top_k, temperature),
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "num_examples": len(dataset),
         "shard_size": shard_size,

@@ -229,6 +229,17 @@ def _generation_settings(folder, **overrides):
     return GenerationArguments(**values)
 
 
+def generate_cli(tmp_path, teacher, columns, folder, *flags):
+    """`hf-distill generate` on prompts written to a jsonl file (returned), at most 4 new tokens, into tmp_path/folder."""
+    from hf_distill.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    datasets.Dataset.from_dict(columns).to_json(str(prompts))
+    main(["generate", "--teacher", str(teacher), "--dataset", str(prompts), "--output_dir", str(tmp_path / folder),
+          "--max_new_tokens", "4", *flags])
+    return prompts
+
+
 def _shards(folder):
     from hf_distill.generate import load_generations
 
@@ -280,14 +291,10 @@ def test_generate_writes_shards_that_a_killed_run_resumes_to_exactly(tmp_path, m
 
 
 def test_generate_then_distill_on_the_teachers_answers(tmp_path):
-    from hf_distill.cli import main
     from hf_distill.cli.jobs import distill_main
 
     teacher, _ = _chat_teacher(tmp_path)
-    prompts = tmp_path / "prompts.jsonl"
-    datasets.Dataset.from_dict({"prompt": PROMPTS * 2}).to_json(str(prompts))
-    main(["generate", "--teacher", str(teacher), "--dataset", str(prompts), "--output_dir", str(tmp_path / "gen"),
-          "--max_new_tokens", "4", "--temperature", "0", "--shard_size", "5"])
+    prompts = generate_cli(tmp_path, teacher, {"prompt": PROMPTS * 2}, "gen", "--temperature", "0", "--shard_size", "5")
     rows = _shards(tmp_path / "gen")
     assert len(rows["prompt"]) == 14 and rows["prompt"][:7] == PROMPTS
     summary = distill_main(_argv(tmp_path, teacher, tmp_path / "gen", "--student_layers", "1"))
@@ -301,10 +308,7 @@ def test_the_teachers_answers_cached_then_distilled_without_the_live_teacher(tmp
     from hf_distill.cli.jobs import distill_main
 
     teacher, _ = _chat_teacher(tmp_path)
-    prompts = tmp_path / "prompts.jsonl"
-    datasets.Dataset.from_dict({"prompt": PROMPTS * 2}).to_json(str(prompts))
-    main(["generate", "--teacher", str(teacher), "--dataset", str(prompts), "--output_dir", str(tmp_path / "gen"),
-          "--max_new_tokens", "4", "--temperature", "0"])
+    generate_cli(tmp_path, teacher, {"prompt": PROMPTS * 2}, "gen", "--temperature", "0")
     common = ["--teacher", str(teacher), "--task", "causal-lm", "--dataset", str(tmp_path / "gen"), "--eval_fraction",
               "0.25"]
     main(["cache-teacher", *common, "--output_dir", str(tmp_path / "cache"), "--top_k", "4", "--temperature", "2.0"])

@@ -18,7 +18,16 @@ from hf_distill.chat import (
 from hf_distill.teacher_cache import CACHE_COLUMNS, cache_manifest
 
 from .conftest import tiny_llama
-from .test_chat_data import CHATML, PROMPTS, TWO_TURNS, _argv, _chat_teacher, _generation_settings, chat_tokenizer
+from .test_chat_data import (
+    CHATML,
+    PROMPTS,
+    TWO_TURNS,
+    _argv,
+    _chat_teacher,
+    _generation_settings,
+    chat_tokenizer,
+    generate_cli,
+)
 
 
 def test_packed_conversations_give_each_conversation_its_own_logits_and_labels():
@@ -121,18 +130,13 @@ def test_generation_pass_caches_top_k_of_the_raw_logits_at_every_generated_token
 
 
 def test_distil_from_the_generation_pass_cache_without_the_live_teacher(tmp_path):
-    from hf_distill.cli import main
     from hf_distill.cli.arguments import parse_distill_args
     from hf_distill.cli.jobs import cache_teacher_main, distill_main
     from hf_distill.cli.models import prepare_inputs
 
     teacher, _ = _chat_teacher(tmp_path)
-    prompts = tmp_path / "prompts.jsonl"
-    datasets.Dataset.from_dict({"messages": PROMPTS * 2}).to_json(str(prompts))
-    main(["generate", "--teacher", str(teacher), "--dataset", str(prompts), "--output_dir", str(tmp_path / "gen"),
-          "--max_new_tokens", "4", "--cache_top_k", "4", "--cache_temperature", "2.0"])
-    main(["generate", "--teacher", str(teacher), "--dataset", str(prompts), "--output_dir", str(tmp_path / "plain"),
-          "--max_new_tokens", "4"])
+    generate_cli(tmp_path, teacher, {"messages": PROMPTS * 2}, "gen", "--cache_top_k", "4", "--cache_temperature", "2.0")
+    generate_cli(tmp_path, teacher, {"messages": PROMPTS * 2}, "plain")
     argv = _argv(tmp_path, teacher, tmp_path / "gen", "--student_layers", "1", "--teacher_cache", str(tmp_path / "gen"),
                  "--temperature", "2.0", "--logging_steps", "1")
     _, data = prepare_inputs(*parse_distill_args(argv))

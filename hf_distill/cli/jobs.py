@@ -18,7 +18,7 @@ from ..data import (
     DataArguments,
     load_raw,
 )
-from ..generate import GenerationArguments, generate_completions
+from ..generate import GenerationArguments, generate_completions, holds_teacher_cache
 from ..hub import CardInfo, hub_errors
 from ..modeling import unwrap
 from ..output_dir import check_output_dir, move_aside_on_main
@@ -27,7 +27,6 @@ from ..signals import label_weights
 from ..students import model_depth, shrink_model
 from ..teacher_cache import (
     build_teacher_cache,
-    cache_manifest,
     cache_size,
     load_teacher_cache,
 )
@@ -229,10 +228,10 @@ def cache_teacher_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if model_args.task == "masked-lm":
         raise ValueError("--task masked-lm cannot be cached: its collator masks other tokens every time, so the "
                          "counted positions change between caching and training. Use a live teacher.")
-    tokenizer, data = prepare_inputs(model_args, data_args, cache_args)
-    if cache_manifest(data.train) is not None:
+    if data_args.dataset and holds_teacher_cache(data_args.dataset):
         raise ValueError(f"{data_args.dataset} already holds the teacher's top-k (generated with --cache_top_k): "
                          f"distil from it directly with --teacher_cache {data_args.dataset}.")
+    tokenizer, data = prepare_inputs(model_args, data_args, cache_args)
     teacher = load_model(model_args.teacher, model_args.task, data, model_args.teacher_gguf_file,
                          model_args.trust_remote_code)
     teacher.to(cache_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
