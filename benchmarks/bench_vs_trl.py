@@ -36,6 +36,19 @@ How it is measured: every row runs in its own subprocess (``--worker trl|ours|ou
 
 Targets (issue): ours >= 1.25x TRL's tokens/s and <= 0.6x its peak memory, at the default settings.
 
+On-policy mode (``--on_policy``): every step the student completes --batch_size prompts (the TREC questions as user
+turns, ChatML template) with at most --max_new_tokens sampled tokens (temperature 1, top-k and top-p off), the teacher
+scores them, and the student trains on its completion tokens: ``trl`` is `GKDTrainer` with ``lmbda=1`` (its
+`DataCollatorForChatML` on ``messages``), ``trl-stable`` TRL's stable `trl.DistillationTrainer` (always on-policy,
+chunked loss; ``prompt`` column, left padding), ``ours`` `DistillationTrainer` with ``lmbda=1`` (prompt-only rows,
+`chat.prepare_chat_dataset(prompts=True)`), all at ``beta`` / ``jsd_beta`` = --beta. Tokens are the trained ones
+(prompt and completion, no padding) of each trainer's own sampled sequences; the generation time is the wall time
+of each trainer's generation call (`generate_on_policy_outputs`, `_generate`, our `generate_fn`); "training part"
+tokens/s divides the same tokens by the step time minus that. Targets: training part >= 1.25x GKD's and >= the stable
+trainer's; overall >= both; peak RSS <= 0.6x GKD's.
+
+    python benchmarks/bench_vs_trl.py --on_policy --trainers trl trl-stable ours --batch_size 4 --max_new_tokens 64
+
     HF_DISTILL_ASSETS=/path/to/assets python benchmarks/bench_vs_trl.py                # 20 timed steps, 4 x 512, CPU
     python benchmarks/bench_vs_trl.py --device cuda --bf16 --output docs/results/bench_vs_trl.json
     python benchmarks/bench_vs_trl.py --steps 3 --warmup 1 --batch_size 2 --seq_len 64   # smoke run
@@ -58,7 +71,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_logits_loss import machine  # noqa: E402
 
-TRAINERS = ("trl", "ours", "ours-plain")
+TRAINERS = ("trl", "ours", "ours-plain", "trl-stable")
 #: Marks the worker's result line on stdout (libraries may print there too).
 RESULT_MARK = "BENCH_VS_TRL_RESULT "
 
@@ -104,6 +117,25 @@ def packed_blocks(tokenizer, csv_path: str, seq_len: int, blocks: int) -> dict[s
     return {"input_ids": rows, "attention_mask": [[1] * seq_len for _ in rows]}
 
 
+def on_policy_data(which: str, tokenizer, count: int):
+    """`count` TREC questions as chat prompts, in each trainer's format: GKD `messages` (with a placeholder answer its
+    collator needs; lmbda=1 never trains on it), the stable trainer `prompt`, ours prompt-only rows."""
+    import datasets
+
+    from hf_distill.assets import fetch
+
+    with open(fetch("trec"), newline="") as f:
+        questions = list(dict.fromkeys(r["text"].strip() for r in csv.DictReader(f)))[:count]
+    turns = [[{"role": "user", "content": q}] for q in questions]
+    if which == "trl":
+        return datasets.Dataset.from_dict({"messages": [[*t, {"role": "assistant", "content": "OK"}] for t in turns]}), None
+    if which == "trl-stable":
+        return datasets.Dataset.from_dict({"prompt": turns}), None
+    from hf_distill.chat import prepare_chat_dataset
+
+    return prepare_chat_dataset(datasets.Dataset.from_dict({"prompt": turns}), tokenizer, prompts=True)
+
+
 def worker(which: str, opts: argparse.Namespace) -> dict:
     import datasets
     import torch
@@ -129,6 +161,8 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         packed_blocks(tokenizer, str(fetch("news-articles")), opts.seq_len, total_steps * opts.batch_size))
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
+    if opts.on_policy:
+        train, collator = on_policy_data(which, tokenizer, total_steps * opts.batch_size)
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     transformers.set_seed(opts.seed)
     student = shrink_model(teacher, num_layers=opts.student_layers)
@@ -143,7 +177,24 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
     )
     chunk_setting = None
-    if which == "trl":
+    generation = {"seconds": [], "tokens": []}
+    if opts.on_policy:
+        common.update(max_steps=total_steps)
+    if which == "trl-stable":
+        from trl import DistillationConfig as StableConfig
+        from trl import DistillationTrainer as StableTrainer
+
+        tokenizer.padding_side = "left"
+        args = StableConfig(**common, beta=opts.beta, temperature=opts.temperature,
+                            max_completion_length=opts.max_new_tokens, top_k=0, top_p=1.0)
+        base = StableTrainer
+    elif which == "trl" and opts.on_policy:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        args = GKDConfig(**common, lmbda=1.0, seq_kd=False, beta=opts.beta, temperature=opts.temperature,
+                         max_new_tokens=opts.max_new_tokens, max_length=1024, dataset_kwargs={"skip_prepare_dataset": True})
+        base = GKDTrainer
+    elif which == "trl":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
         args = GKDConfig(
@@ -159,6 +210,8 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         if "logits_chunk_size" in {f.name for f in dataclasses.fields(DistillationConfig)}:
             chunk_setting = 0 if which == "ours-plain" else (opts.chunk_size or "auto")
             extra["logits_chunk_size"] = chunk_setting
+        if opts.on_policy:
+            extra.update(lmbda=1.0, max_new_tokens=opts.max_new_tokens, generation_temperature=opts.temperature)
         args = DistillationConfig(
             **common, logits_loss="jsd", jsd_beta=opts.beta, task_weight=0.0, logits_weight=1.0,
             temperature=opts.temperature, **extra,
@@ -189,14 +242,48 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         step_tokens: list = []
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            self.step_tokens.append(int(inputs["input_ids"].numel()))
+            if not opts.on_policy:
+                self.step_tokens.append(int(inputs["input_ids"].numel()))
             loss = super().training_step(model, inputs, num_items_in_batch)
+            if opts.on_policy and which != "trl-stable":  # (GKD rewrites `inputs` in place; ours got them rewritten)
+                self.step_tokens.append(int(inputs["attention_mask"].sum()))
             self.step_losses.append(loss.detach())
             return loss
 
+        @staticmethod
+        def generate_on_policy_outputs(model, inputs, generation_config):  # GKD's generation, timed
+            start = time.perf_counter()
+            out = base.generate_on_policy_outputs(model, inputs, generation_config)
+            generation["seconds"].append(time.perf_counter() - start)
+            return out
+
+        def _generate(self, prompts):  # the stable trainer's generation, timed
+            start = time.perf_counter()
+            out = super()._generate(prompts)
+            generation["seconds"].append(time.perf_counter() - start)
+            return out
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            self.step_tokens.append(int(out["prompt_mask"].sum() + out["completion_mask"].sum()))
+            return out
+
     clock = Clock()
-    trainer = Recorded(model=student, teacher_model=teacher, args=args, train_dataset=train, data_collator=collator,
-                       processing_class=tokenizer, callbacks=[clock])
+    kwargs = {} if which == "trl-stable" or (which == "trl" and opts.on_policy) else {"data_collator": collator}
+    if which == "ours" and opts.on_policy:
+        kwargs["data_collator"] = collator
+    trainer = Recorded(model=student, teacher_model=teacher, args=args, train_dataset=train,
+                       processing_class=tokenizer, callbacks=[clock], **kwargs)
+    if which in ("ours", "ours-plain") and opts.on_policy:
+        sample = trainer.teacher_source.generate_fn
+
+        def timed(*a):
+            start = time.perf_counter()
+            out = sample(*a)
+            generation["seconds"].append(time.perf_counter() - start)
+            return out
+
+        trainer.teacher_source.generate_fn = timed
     del teacher, student  # the trainer holds them
 
     if cuda:
@@ -217,7 +304,12 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
     tokens = sum(trainer.step_tokens[opts.warmup:])
     losses = [float(loss) for loss in trainer.step_losses]
     train_peak_kb = hwm_train_kb if hwm_train_kb is not None else maxrss_kb
+    generating = sum(generation["seconds"][opts.warmup:]) if opts.on_policy else 0.0
     result = {
+        "on_policy": opts.on_policy,
+        "generation_seconds_timed": generating,
+        "generation_share": generating / seconds,
+        "training_tokens_per_s": tokens / max(seconds - generating, 1e-9),
         "trainer": which,
         "class": base.__name__,
         "logits_chunk_size": chunk_setting,
@@ -235,8 +327,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         "losses": losses,
         "loss_first": losses[0],
         "loss_last": losses[-1],
-        "parameters": {"student": sum(p.numel() for p in trainer.model.parameters()),
-                       "teacher": sum(p.numel() for p in trainer.teacher_model.parameters())},
+        "parameters": {"student": sum(p.numel() for p in trainer.model.parameters())},
         "torch_threads": torch.get_num_threads(),
     }
     if cuda:
@@ -265,12 +356,14 @@ def machine_with_workers(device: str, results: list[dict]) -> dict:
 def run_worker(which: str, opts: argparse.Namespace) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", which]
     for name in ("steps", "warmup", "batch_size", "seq_len", "beta", "temperature", "device", "lr", "max_grad_norm",
-                 "seed", "student_layers", "chunk_size", "threads"):
+                 "seed", "student_layers", "chunk_size", "threads", "max_new_tokens"):
         value = getattr(opts, name)
         if value is not None:
             command += [f"--{name}", str(value)]
     if opts.bf16:
         command.append("--bf16")
+    if opts.on_policy:
+        command.append("--on_policy")
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -296,6 +389,11 @@ def table(results: list[dict], cuda: bool) -> str:
     head = ["trainer", "chunk", "tokens/s", "vs TRL", "peak RSS MB", "vs TRL", "RSS increase MB", "vs TRL"]
     if cuda:
         head += ["CUDA peak MB", "vs TRL"]
+    on_policy = any(r.get("on_policy") for r in results)
+    stable = next((r for r in results if r["trainer"] == "trl-stable" and "error" not in r), None)
+    if on_policy:
+        head[2:2] = ["training-part tokens/s", "vs TRL", "vs stable", "generating %"]
+        head.insert(8, "vs stable")
     head += ["loss step 1", "loss last step"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in results:
@@ -304,8 +402,15 @@ def table(results: list[dict], cuda: bool) -> str:
             continue
         chunk = "" if r["trainer"] == "trl" else ("full logits" if r.get("chunk_in_use") is None
                                                  else f"{r['chunk_in_use']} tokens")
-        cells = [r["trainer"], chunk, f"{r['tokens_per_s']:,.1f}", _ratio(r["tokens_per_s"], ref("tokens_per_s")),
-                 f"{r['peak_rss_mb']:,.0f}", _ratio(r["peak_rss_mb"], ref("peak_rss_mb")),
+        cells = [r["trainer"], chunk]
+        if on_policy:
+            cells += [f"{r['training_tokens_per_s']:,.1f}", _ratio(r["training_tokens_per_s"], ref("training_tokens_per_s")),
+                      _ratio(r["training_tokens_per_s"], stable and stable["training_tokens_per_s"]),
+                      f"{100 * r['generation_share']:.0f}"]
+        cells += [f"{r['tokens_per_s']:,.1f}", _ratio(r["tokens_per_s"], ref("tokens_per_s"))]
+        if on_policy:
+            cells.append(_ratio(r["tokens_per_s"], stable and stable["tokens_per_s"]))
+        cells += [f"{r['peak_rss_mb']:,.0f}", _ratio(r["peak_rss_mb"], ref("peak_rss_mb")),
                  f"{r['rss_increase_mb']:,.0f}" if r.get("rss_increase_mb") is not None else "",
                  _ratio(r.get("rss_increase_mb"), ref("rss_increase_mb"))]
         if cuda:
@@ -332,15 +437,20 @@ def main() -> None:
     parser.add_argument("--chunk_size", type=int, default=None,
                         help="logits_chunk_size of the 'ours' row (default 'auto'); 'ours-plain' always uses 0")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every worker")
-    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=None,
+                        help="default: trl ours ours-plain; with --on_policy: trl trl-stable ours")
     parser.add_argument("--output", default=None, help="also write everything as JSON here")
     parser.add_argument("--verbose", action="store_true", help="print a failed worker's stderr tail")
+    parser.add_argument("--on_policy", action="store_true", help="every step samples completions (see the docstring)")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="on-policy: most tokens sampled per prompt")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.steps < 1 or opts.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     if opts.bf16 and opts.device == "cpu":
         parser.error("--bf16 is for --device cuda (the CPU rows are fp32)")
+    if opts.trainers is None:
+        opts.trainers = ["trl", "trl-stable", "ours"] if opts.on_policy else ["trl", "ours", "ours-plain"]
     if opts.worker:
         print(RESULT_MARK + json.dumps(worker(opts.worker, opts)), flush=True)
         return
@@ -366,8 +476,16 @@ def main() -> None:
         "trl": "GKDTrainer(lmbda=0, seq_kd=False, skip_prepare_dataset, DataCollatorForLanguageModeling)",
     }
     info = machine_with_workers(opts.device, results)
-    print(f"\n### End-to-end distillation: TRL GKDTrainer vs DistillationTrainer ({opts.device}, "
-          f"{settings['precision']}, batch {opts.batch_size} x {opts.seq_len} tokens, {opts.steps} timed steps)\n")
+    if opts.on_policy:
+        settings.update(seq_len=None, tokens_per_step=None, max_new_tokens=opts.max_new_tokens,
+                        data="asset:trec questions as ChatML user turns, sequential order",
+                        trl="GKDTrainer(lmbda=1, DataCollatorForChatML)", trl_stable="trl.DistillationTrainer")
+        print(f"\n### On-policy distillation: TRL GKDTrainer (lmbda=1), TRL DistillationTrainer, DistillationTrainer "
+              f"(lmbda=1) ({opts.device}, {settings['precision']}, {opts.batch_size} prompts x at most "
+              f"{opts.max_new_tokens} sampled tokens, {opts.steps} timed steps)\n")
+    else:
+        print(f"\n### End-to-end distillation: TRL GKDTrainer vs DistillationTrainer ({opts.device}, "
+              f"{settings['precision']}, batch {opts.batch_size} x {opts.seq_len} tokens, {opts.steps} timed steps)\n")
     print(table(results, cuda))
     ok = {r["trainer"]: r for r in results if "error" not in r}
     if "trl" in ok:
@@ -380,7 +498,11 @@ def main() -> None:
     if any(r["trainer"] != "trl" and r.get("logits_chunk_size") is None for r in ok.values()):
         print("\nNote: this DistillationConfig has no `logits_chunk_size` field: 'ours' and 'ours-plain' ran the same "
               "(full-logits) code.")
-    print("\nTargets: ours >= 1.25x TRL tokens/s, <= 0.6x TRL peak memory.")
+    if opts.on_policy:
+        print("\nTargets: the training part >= 1.25x GKD's and >= the stable trainer's; overall >= both; peak RSS "
+              "<= 0.6x GKD's.")
+    else:
+        print("\nTargets: ours >= 1.25x TRL tokens/s, <= 0.6x TRL peak memory.")
     print(f"\nMachine: {json.dumps(info)}\nSettings: {json.dumps(settings)}")
     if opts.output:
         os.makedirs(os.path.dirname(opts.output) or ".", exist_ok=True)

@@ -104,6 +104,7 @@ class BatchPath:
         context = OutputContext(
             measure, labels if want_task else None, teacher, self.output_signal,
             lambda name: self.weights[name] * scales[self.units[name]], training, self.vocab_mismatch, model,
+            labels if torch.is_tensor(labels) else None,
         )
         result = strategy.terms(context, student_outputs, extra)
         cache = {}

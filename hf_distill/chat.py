@@ -154,6 +154,27 @@ def prompt_completion_mask(tokenizer: Any, prompt: Any, completion: Any) -> tupl
     )
 
 
+def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    """The ids of a prompt as a model continues it: a string as is, turns rendered with the chat template and its
+    generation prompt (the assistant header)."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    check_chat_tokenizer(tokenizer)
+    text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_row(row: dict[str, Any], tokenizer: Any, max_length: int | None = None) -> dict[str, list[Any]]:
+    """A prompt-only row (`prompt`, or `messages` ending in a user turn) as a training row that counts nothing: the
+    prompt to complete on-policy (its last `max_length` tokens: the end is what the model continues)."""
+    prompt = row["prompt"] if "prompt" in row else row["messages"]
+    if not isinstance(prompt, str) and (not prompt or prompt[-1]["role"] != "user"):
+        raise ValueError("Prompt-only `messages` must end with a user turn (the model writes the answer).")
+    ids = prompt_ids(tokenizer, prompt)
+    a, b = _window(len(ids), max_length, "left")
+    return {"input_ids": ids[a:b], "attention_mask": [1] * (b - a), "labels": [IGNORE_INDEX] * (b - a)}
+
+
 def _window(length: int, max_length: int | None, side: str) -> tuple[int, int]:
     """The kept token range ``[a, b)`` of a row of `length` tokens: the first `max_length` ("right") or the last."""
     if max_length is None or length <= max_length:
@@ -337,31 +358,43 @@ def check_packing_supported(model: Any, name: str = "model") -> None:
         )
 
 
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad token nor an end-of-sequence token to pad batches with.")
+    return pad
+
+
 def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = None, data_format: str | None = None,
-                         truncation_side: str = "right", packing: bool = False) -> tuple[Any, Any]:
+                         truncation_side: str = "right", packing: bool = False,
+                         prompts: bool = False) -> tuple[Any, Any]:
     """A `datasets.Dataset` of conversations or prompt-completion rows, tokenised with completion-only labels, and
     the collator to train on it with; rows left with nothing counted (after truncation) are dropped and counted in
     the log. With `packing` the rows are packed into rows of at most `max_length` tokens (`pack_rows`, with
-    `PackedCollator`); otherwise each batch is padded (`CompletionCollator`)."""
+    `PackedCollator`); otherwise each batch is padded (`CompletionCollator`). `prompts`: prompt-only data is accepted
+    (rows that count nothing, for on-policy distillation to complete; `prompt_row`)."""
     data_format = detect_format(dataset.column_names, data_format)
     needed = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"]}.get(data_format, [])
     missing = [c for c in needed if c not in dataset.column_names]
     if missing:
         raise ValueError(f"{data_format} data needs the column(s) {missing}; the dataset has {dataset.column_names}.")
+    if data_format == "prompt_only" and prompts:
+        rows = dataset.map(lambda row: prompt_row(row, tokenizer, max_length), remove_columns=dataset.column_names,
+                           desc="Tokenising prompts")
+        return rows, CompletionCollator(_pad_id(tokenizer))
     if data_format not in ("messages", "prompt_completion"):
         raise ValueError(
             f"Training needs messages or prompt-completion data; this is {data_format} data (prompt-only data is the "
             "input of generation: answer the prompts with the teacher first, `hf-distill generate`, and distil on "
-            "its output; text data goes through the plain language-modelling path)."
+            "its output, or let the student answer them on-policy, lmbda=1; text data goes through the plain "
+            "language-modelling path)."
         )
     if data_format == "messages" or not isinstance(dataset[0]["prompt"], str):
         check_chat_tokenizer(tokenizer)
     elif not any(str(text or "").strip() for text in dataset["completion"]):
         raise ValueError("The completion column is empty in every row: there is nothing to learn from. Point it at "
                          "the column of answers (or generate them with the teacher).")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("The tokenizer has neither a pad token nor an end-of-sequence token to pad batches with.")
+    pad = _pad_id(tokenizer)
     tokenised = dataset.map(lambda row: tokenize_row(row, tokenizer, data_format, max_length, truncation_side),
                             remove_columns=dataset.column_names, desc="Tokenising")
     kept = tokenised.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]), desc="Dropping")

@@ -126,6 +126,33 @@ class DistillationConfig(TrainingArguments):
             run at that step, before the optimizer moves the student, with an error naming the step and the terms
             that went non-finite (under data parallelism every process stops at the same step); `"skip_step"` drops
             that step's update (the optimizer sees no gradients; logged as `skipped_steps`) and trains on.
+        lmbda (`float`, defaults to 0.0):
+            On-policy distillation (GKD, Agarwal et al. 2024): the share of training micro-batches whose completions the
+            student samples itself (from each row's prompt: the tokens before its first counted label) before the
+            teacher scores them. 0: off-policy (the dataset's completions); 1: always on-policy (the Qwen3 / Thinking
+            Machines recipe). Which micro-batches are sampled is drawn from (seed, step, micro-batch), the same on every
+            process and after a resume. TRL's `GKDConfig.lmbda` means the same, with default 0.5. Recommended with it:
+            ``logits_loss="reverse_kl"`` (MiniLLM, Gu et al. 2024; Thinking Machines 2025) or ``"jsd"`` with `jsd_beta`
+            (GKD), at ``temperature=1``; or ``"sampled_token"``.
+        seq_kd (`bool`, defaults to `False`):
+            Sequence-level KD (Kim & Rush 2016) on the fly: the micro-batches the student does not sample get
+            completions sampled from the teacher (the first one of an ensemble; the adapter-free base model in
+            self-distillation) instead of the dataset's, as TRL's `GKDConfig.seq_kd`. For a fixed set, generate once
+            with `hf-distill generate`.
+        max_new_tokens (`int`, defaults to 128):
+            Most tokens sampled per completion (TRL's `GKDConfig.max_new_tokens`). The prompt plus this must fit the
+            model's context.
+        generation_temperature (`float`, defaults to 1.0):
+            Sampling temperature of the completions (0: greedy). TRL's GKD uses its one `temperature` (0.9) for both
+            sampling and the loss; here the loss keeps `temperature` and sampling has its own (1.0: the student's own
+            distribution, which the on-policy estimators assume).
+        top_p (`float`, defaults to 1.0):
+            Nucleus sampling of the completions (1.0: off).
+        top_k (`int`, defaults to 0):
+            Top-k sampling of the completions (0: off, as TRL's GKD and `DistillationConfig`).
+        num_generations (`int`, defaults to 1):
+            Completions sampled per prompt on a sampled micro-batch (it then holds ``rows * num_generations``
+            sequences; all count). As TRL's `DistillationConfig.num_generations`.
         overwrite_output_dir (`bool`, defaults to `False`):
             A run refuses an `output_dir` that holds an earlier run's checkpoints (the command line: anything at all)
             unless it resumes from it. `True` moves the earlier contents aside into a dated folder beside it
@@ -218,6 +245,21 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Causal LMs: tokens per chunk of the chunked logits/CE loss; 'auto', or 0 for full logits."},
     )
 
+    lmbda: float = field(
+        default=0.0, metadata={"help": "On-policy distillation: share of micro-batches the student completes itself "
+                                       "(GKD's lambda; 0: off-policy, 1: always on-policy)."}
+    )
+    seq_kd: bool = field(
+        default=False, metadata={"help": "Micro-batches the student does not sample get teacher-sampled completions."}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Most tokens sampled per completion (lmbda / seq_kd)."})
+    generation_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of on-policy / seq_kd completions (0: greedy)."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the completions (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling of the completions (0: off)."})
+    num_generations: int = field(default=1, metadata={"help": "Completions sampled per prompt on a sampled batch."})
+
     on_nonfinite: str = field(
         default="error",
         metadata={"help": "A step with a NaN/inf loss or gradient norm: 'error' stops the run there, 'skip_step' "
@@ -277,9 +319,26 @@ class DistillationConfig(TrainingArguments):
                     f"route_steps={steps} must hold len(teacher_route) - 1 = {len(self.teacher_route) - 1} strictly "
                     "increasing positive global steps: the steps at which anchors 2, 3, ... take over."
                 )
+        check_sampling_settings(self)
         self.logits_chunk_size = parse_chunk_size(self.logits_chunk_size)
         check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_MODES)
         check_choice("vocab_mismatch", self.vocab_mismatch, VOCAB_MISMATCH_MODES)
+
+
+def check_sampling_settings(args: "DistillationConfig") -> None:
+    """The on-policy / seq_kd sampling settings, each in its range."""
+    if not 0.0 <= args.lmbda <= 1.0:
+        raise ValueError(f"lmbda must lie in [0, 1] (the share of micro-batches the student samples: 0 off-policy, 1 "
+                         f"always on-policy), got {args.lmbda}.")
+    bad = [f"{name}={getattr(args, name)} (must be {rule})" for name, ok, rule in (
+        ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"),
+        ("generation_temperature", args.generation_temperature >= 0, ">= 0; 0 is greedy"),
+        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+        ("top_k", args.top_k >= 0, ">= 0; 0 is off"),
+        ("num_generations", args.num_generations >= 1, ">= 1"),
+    ) if not ok]
+    if bad:
+        raise ValueError(f"Sampling settings out of range: {'; '.join(bad)}.")
 
 
 def check_finite_settings(settings: object) -> None:

@@ -160,14 +160,15 @@ def _text_columns(data: DataArguments) -> list[str]:
 def prepare_datasets(
     task: str, train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any, data: DataArguments,
     teacher_labels: dict[int, str] | None = None, teacher_num_labels: int | None = None,
-    require_labels: bool = True,
+    require_labels: bool = True, prompts: bool = False,
 ) -> PreparedData:
     """Tokenise both splits for `task` with the teacher's tokenizer.
 
     Classification labels become the teacher's class ids (`label_plan`: by name where the teacher names its labels
     (`teacher_labels`), integers by value, else the sorted names); without `require_labels` a split may have no label
     column (unlabelled transfer data); regression labels become floats; causal-LM text is concatenated and cut into `block_size` blocks (the collator makes labels);
-    masked-LM text is truncated (the MLM collator masks and makes labels).
+    masked-LM text is truncated (the MLM collator masks and makes labels). `prompts`: prompt-only data is accepted
+    (rows that count nothing, completed on-policy).
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
@@ -184,7 +185,7 @@ def prepare_datasets(
     if task == "causal-lm":
         data_format = _lm_format(train, data)
         if data_format != "text":
-            return _chat_splits(train, held_out, tokenizer, data, data_format)
+            return _chat_splits(train, held_out, tokenizer, data, data_format, prompts)
         text_columns = [data.text_column]
     for split in (train, held_out):
         _require_columns(split, text_columns + ([data.label_column] if labelled else []), flags)
@@ -276,7 +277,7 @@ def _lm_format(train: datasets.Dataset, data: DataArguments) -> str:
 
 
 def _chat_splits(train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any, data: DataArguments,
-                 data_format: str) -> PreparedData:
+                 data_format: str, prompts: bool = False) -> PreparedData:
     """Both splits tokenised with completion-only labels (`chat.prepare_chat_dataset`)."""
     splits = []
     for split in (train, held_out):
@@ -292,7 +293,7 @@ def _chat_splits(train: datasets.Dataset, held_out: datasets.Dataset, tokenizer:
             split = split.select_columns([data.text_column, data.text_column_2]).rename_columns(
                 {data.text_column: "prompt", data.text_column_2: "completion"})
         splits.append(prepare_chat_dataset(split, tokenizer, data.max_length, data_format, data.truncation_side,
-                                           packing=data.packing))
+                                           packing=data.packing, prompts=prompts))
     (train_rows, collator), (eval_rows, _) = splits
     return PreparedData(train_rows, eval_rows, collator=collator, data_format=data_format)
 

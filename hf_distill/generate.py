@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 from transformers.utils import logging
 
-from .chat import check_chat_tokenizer, end_of_turn_id
+from .chat import end_of_turn_id, prompt_ids
 from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .teacher_cache import (
     CACHE_COLUMNS,
@@ -92,14 +92,6 @@ def prompts_of(dataset: datasets.Dataset) -> list[Any]:
                      f"has {dataset.column_names}.")
 
 
-def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
-    if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    check_chat_tokenizer(tokenizer)
-    text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _stop_ids(tokenizer: Any, conversational: bool) -> list[int]:
     stops = [end_of_turn_id(tokenizer) if conversational else None, tokenizer.eos_token_id]
     return [t for t in dict.fromkeys(stops) if t is not None]
@@ -113,7 +105,7 @@ def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: Generation
     generated) and, with `cache_top_k`, the teacher-cache columns of its completion tokens: the top-k
     ``log softmax(z / T)`` of the raw logits that chose each token (before any temperature / top-p warping)."""
     device = next(model.parameters()).device
-    encoded = [_prompt_ids(tokenizer, p) for p in prompts]
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
     width = max(map(len, encoded))
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)  # left padding
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)

@@ -63,6 +63,7 @@ class OutputContext:
     training: bool
     vocab_mismatch: str
     student: nn.Module
+    tokens: torch.Tensor | None = None  # the batch's labels whatever the task term (the tokens that followed)
 
 
 class FullLogits:
@@ -159,6 +160,8 @@ class HeadChunks:
             shared_vocab=shared,
             agreement=teacher is not None and not context.training,
             precision=self.precision,
+            tokens=(align_labels(context.tokens, measure.unit)[measure.mask]
+                    if signal is not None and getattr(signal, "needs_tokens", False) else None),
         )
         coefficients: dict[str, Any] = {}
         if terms.labels is not None:

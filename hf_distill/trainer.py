@@ -35,7 +35,7 @@ from .safety import (
 from .signal_modules import ATTACHED_NAME, SignalModules, load_signal_state, save_signal_state
 from .signals import fields_where, label_weights
 from .signals.build import build_signals
-from .teachers import TeacherSource
+from .teachers import TeacherSource, on_policy_source
 from .teachers import teacher_source as pick_teacher_source
 
 logger = logging.get_logger(__name__)
@@ -103,6 +103,7 @@ class DistillationTrainer(Trainer):
         teacher_terms = fields_where(args, needs_teacher=True)
         source = teacher_source or pick_teacher_source(
             args, model, teacher_model, route_loader, kwargs.get("train_dataset"), teacher_terms)
+        source = on_policy_source(args, source, model, kwargs.get("processing_class"), kwargs.get("train_dataset"))
         source.check_run(args, teacher_terms, kwargs.get("processing_class"))
         sizes = {n for n in map(classification_labels, (model, *source.models)) if n is not None}
         if label_weights(args) and len(sizes) <= 1:  # (else: the size check says it)
@@ -200,12 +201,12 @@ class DistillationTrainer(Trainer):
         over processes. Token-level signals get the same treatment for their token count.
         """
         batch_samples = []
-        for _ in range(num_batches):
+        for micro in range(num_batches):
             try:
                 batch = next(epoch_iterator)
             except StopIteration:
                 break
-            batch_samples.append(self.teacher_source.prepare_batch(batch, self.model))
+            batch_samples.append(self.teacher_source.prepare_batch(batch, self.model, (self.state.global_step, micro)))
         if not batch_samples:
             self.accounting.step_counts = None
             return batch_samples, None

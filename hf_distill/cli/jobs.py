@@ -107,7 +107,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     else:
         raise ValueError("Give the student: --student (Hub id / folder), --student_layers N (cut from the teacher), "
                          "or --use_peft alone (LoRA self-distillation).")
-    eval_labelled = "labels" in data.eval.column_names or task in ("causal-lm", "masked-lm")
+    # prompt-only data (on-policy) has no answers to evaluate on: the report then shows sizes and speed only
+    prompts_only = data.data_format == "prompt_only"
+    eval_labelled = ("labels" in data.eval.column_names or task in ("causal-lm", "masked-lm")) and not prompts_only
     if move_earlier:
         move_aside_on_main(args)
     with hub_errors(args):
@@ -135,7 +137,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         labels_note=data.labels.warning if data.labels is not None else None,
     )
     trainer.train(resume_from_checkpoint=resume)
-    student_eval = trainer.evaluate()
+    student_eval = trainer.evaluate() if not prompts_only else {}
     if cached is not None or args.teacher_route:  # the teacher only now runs: for the comparison
         teacher = teacher.to(args.device).eval()
     teacher_scores = evaluate_model(teacher, trainer, task) if eval_labelled else {}
@@ -144,7 +146,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     if "eval_teacher_agreement" in student_eval:
         trainer.card_info.metrics["teacher agreement"] = {"teacher": 1.0,
                                                           "student": student_eval["eval_teacher_agreement"]}
-    if data.data_format == "messages":  # the student answers a conversation and stops at the end of its turn
+    chat = data.data_format == "messages" or (data.data_format in ("prompt_only", "prompt_completion")
+                                              and getattr(tokenizer, "chat_template", None))
+    if chat:  # the student answers a conversation and stops at the end of its turn
         chat_generation_config(unwrap(trainer.model), tokenizer)
     trainer.save_model(args.output_dir, _internal_call=True)  # the push comes last, once
 

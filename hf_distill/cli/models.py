@@ -138,7 +138,9 @@ def load_tokenizer(model_args: ModelArguments) -> Any:
     kwargs = {"gguf_file": model_args.teacher_gguf_file} if model_args.teacher_gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(resolve_source(model_args.teacher),
                                               trust_remote_code=model_args.trust_remote_code, **kwargs)
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        logger.warning("The tokenizer has no pad token: padding with its end-of-sequence token %r (padding never "
+                       "counts).", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -179,8 +181,10 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
             raise ValueError(f"--transfer_dataset has no split {data_args.transfer_split!r} (splits: {list(transfer)}); "
                              "set --transfer_split.")
     with first:
+        # on-policy runs that sample every micro-batch (lmbda=1, seq_kd) can train on prompts alone
+        prompts = getattr(args, "lmbda", 0) >= 1 or getattr(args, "seq_kd", False)
         prepared = prepare_datasets(model_args.task, train, held_out, tokenizer, data_args, teacher_labels,
-                                    teacher_classes, require_labels)
+                                    teacher_classes, require_labels, prompts=prompts)
         if transfer is not None:
             prepared.train = add_transfer_set(prepared.train, transfer[data_args.transfer_split], tokenizer, data_args)
     if prepared.labels is not None and prepared.labels.warning and teacher_head_trained:
@@ -244,6 +248,13 @@ def check_model_arguments(model_args: ModelArguments, args: DistillationConfig) 
         resolve_source(model_args.student, "--student")
     for anchor in args.teacher_route or []:
         resolve_source(anchor, "--teacher_route")
+    sampling = getattr(args, "lmbda", 0) > 0 or getattr(args, "seq_kd", False)
+    if sampling and model_args.teacher_cache:
+        raise ValueError("--lmbda > 0 / --seq_kd sample new completions, which an offline --teacher_cache cannot score "
+                         "(it holds only the sequences it was built on): drop --teacher_cache, or set --lmbda 0.")
+    if sampling and model_args.task != "causal-lm":
+        raise ValueError(f"--lmbda > 0 / --seq_kd sample completions, which only causal LMs write: use --task "
+                         f"causal-lm (not {model_args.task}), or set --lmbda 0.")
     if args.teacher_route and model_args.teacher_cache:
         raise ValueError("--teacher_route and --teacher_cache are two different teachers: give one of them.")
 

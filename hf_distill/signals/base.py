@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import nn
 
-from ..accounting import token_mask
+from ..accounting import align_labels, token_mask
 from ..options import check_choice
 
 
@@ -62,6 +62,13 @@ class SignalView:
         if self._counted is None:
             self._counted = (self.student_logits[self.mask], self.teacher_logits[self.mask])
         return self._counted
+
+    def counted_tokens(self) -> torch.Tensor:
+        """The token that followed each counted position (its label, aligned with the outputs), ``[N]``: for a
+        sampled completion, the token the student sampled there."""
+        if not torch.is_tensor(self.labels):
+            raise ValueError("This signal reads the token that followed each position, but the batch has no labels.")
+        return align_labels(self.labels, self.unit)[self.mask]
 
     def token_mask(self) -> torch.Tensor:
         """Bool ``[B, T]`` mask of the tokens that count for token-level signals (hidden states, attention maps):

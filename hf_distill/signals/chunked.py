@@ -279,6 +279,7 @@ class OutputTerms:
     shared_vocab: int | None = None
     agreement: bool = False
     precision: Callable[[], ContextManager] = nullcontext
+    tokens: torch.Tensor | None = None  #: ``[N]``: the token that followed each row (`LogitsSignal.needs_tokens`)
 
     def __call__(self, z: torch.Tensor, start: int, end: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -306,7 +307,7 @@ class OutputTerms:
             if signal is not None:
                 out["logits"] = logits_divergence(
                     student, teacher, signal.kind, signal.temperature, signal.jsd_beta,
-                    signal.scale_by_temperature_squared,
+                    signal.scale_by_temperature_squared, None if self.tokens is None else self.tokens[start:end],
                 ).sum()
         if self.agreement:
             out["agreement"] = (student.detach().argmax(dim=-1) == teacher_top1).sum()

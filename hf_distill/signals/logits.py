@@ -14,9 +14,11 @@ from .base import BuildContext, Signal, SignalView, upcast_half
 from .registry import register_signal
 
 #: The `logits_loss` kinds, in the order the docs list them.
-LOGITS_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd", "mse")
+LOGITS_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd", "mse", "sampled_token")
 #: The kinds that compare temperature-softened distributions (and so take the T^2 factor).
-SOFT_LOSSES: frozenset[str] = frozenset({"forward_kl", "reverse_kl", "jsd", "tvd"})
+SOFT_LOSSES: frozenset[str] = frozenset({"forward_kl", "reverse_kl", "jsd", "tvd", "sampled_token"})
+#: The kinds that read the token each position was followed by (the sampled one, on-policy).
+TOKEN_LOSSES: frozenset[str] = frozenset({"sampled_token"})
 
 
 def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -68,6 +70,20 @@ def total_variation(
     return 0.5 * (p_t - p_s).abs().sum(dim=-1)
 
 
+def sampled_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """The sampled-token estimator of reverse KL per row (on-policy distillation: Thinking Machines 2025, Qwen3):
+    value ``r = log p_s(y) - log p_t(y)`` at the token y that followed (sampled from the student: E_y[r] =
+    KL(p_s || p_t)), gradient that of the policy-gradient loss ``-A * log p_s(y)`` with the advantage ``A = -r`` held
+    constant, whose expectation over ``y ~ p_s`` is the gradient of KL(p_s || p_t). Only ``p_t(y)`` is read from the
+    teacher."""
+    index = tokens.long().unsqueeze(-1)
+    log_s = _log_softmax(student_logits, temperature).gather(-1, index).squeeze(-1)
+    log_t = _log_softmax(teacher_logits, temperature).gather(-1, index).squeeze(-1)
+    r = (log_s - log_t).detach()
+    return r + r * (log_s - log_s.detach())
+
+
 def logits_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the raw outputs per row: mean_v (z_s - z_t)^2 (Bucilua 2006; ||y_s - y_t||^2 for one output)."""
     return (upcast_half(student_logits) - upcast_half(teacher_logits)).pow(2).mean(dim=-1)
@@ -80,8 +96,10 @@ def logits_divergence(
     temperature: float = 1.0,
     jsd_beta: float = 0.5,
     scale_by_temperature_squared: bool = True,
+    tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The per-row `kind` divergence, times T^2 for soft kinds when `scale_by_temperature_squared` (Hinton 2015)."""
+    """The per-row `kind` divergence, times T^2 for soft kinds when `scale_by_temperature_squared` (Hinton 2015);
+    `tokens` (one per row) are the tokens that followed, for ``"sampled_token"``."""
     if kind == "mse":
         return logits_mse(student_logits, teacher_logits)
     if kind == "forward_kl":
@@ -92,6 +110,10 @@ def logits_divergence(
         values = generalized_jsd(student_logits, teacher_logits, jsd_beta, temperature)
     elif kind == "tvd":
         values = total_variation(student_logits, teacher_logits, temperature)
+    elif kind == "sampled_token":
+        if tokens is None:
+            raise ValueError("logits_loss='sampled_token' reads the token that followed each position: pass `tokens`.")
+        values = sampled_token_kl(student_logits, teacher_logits, tokens, temperature)
     else:
         check_choice("logits_loss", kind, LOGITS_LOSSES)
         raise AssertionError(kind)  # (a kind in LOGITS_LOSSES without a branch above)
@@ -128,6 +150,11 @@ class LogitsSignal(Signal):
         return cls(args.logits_loss, args.temperature, args.jsd_beta, args.scale_by_temperature_squared)
 
     @property
+    def needs_tokens(self) -> bool:
+        """Whether the divergence reads the token that followed each counted position (its label)."""
+        return self.kind in TOKEN_LOSSES
+
+    @property
     def soft(self) -> bool:
         """Whether the term compares temperature-softened distributions (an ensemble then averages probabilities)."""
         return self.kind in SOFT_LOSSES
@@ -140,13 +167,14 @@ class LogitsSignal(Signal):
                 self.temperature, self.jsd_beta, self.scale_by_temperature_squared,
             ).sum()
         student, teacher = view.counted_logits()
+        tokens = view.counted_tokens() if self.needs_tokens else None
         if self.kind in SOFT_LOSSES and student.shape[-1] == 1:
             raise ValueError(
                 f"logits_loss={self.kind!r} compares softmax distributions, but the models have a single output "
                 "(a regression head), whose softmax is constant. Use logits_loss='mse' for regression students."
             )
         values = logits_divergence(
-            student, teacher, self.kind, self.temperature, self.jsd_beta, self.scale_by_temperature_squared
+            student, teacher, self.kind, self.temperature, self.jsd_beta, self.scale_by_temperature_squared, tokens
         )
         return values.sum()
 
@@ -163,6 +191,11 @@ def topk_bucket_log_probs(student_logits: torch.Tensor, ids: torch.Tensor, tempe
 
 def check_cacheable(kind: str) -> None:
     """A top-k teacher cache holds temperature-softened log-probabilities: only the soft kinds can learn from it."""
+    if kind in TOKEN_LOSSES:
+        raise ValueError(
+            f"logits_loss={kind!r} reads the teacher's log-probability of every sampled token, which a top-k cache does "
+            "not hold for tokens outside its top k: use a live teacher, or reverse_kl / jsd with the cache."
+        )
     if kind not in SOFT_LOSSES:
         raise ValueError(
             f"logits_loss={kind!r} compares raw logits, which a top-k teacher cache does not hold: use one of "

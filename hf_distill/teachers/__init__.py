@@ -5,6 +5,7 @@ picks one from what the trainer was given.
 - `RouteTeachers`: checkpoint routes (RCO), one anchor in memory at a time;
 - `SelfDistillation`: a PEFT student's base model with its adapters disabled;
 - `CachedTeacher`: an offline top-k cache carried by the training set;
+- `SampledCompletions`: wraps one of these for on-policy distillation (the student's own samples, lmbda) and seq_kd;
 - `NoTeacher`: the task loss alone.
 A new kind of teacher is one `TeacherSource` subclass, passed as ``DistillationTrainer(teacher_source=...)``.
 """
@@ -28,6 +29,7 @@ from .route import (
     load_checkpoint_model,
     route_boundaries,
 )
+from .sampled import SampledCompletions, SamplingSettings, on_policy_source
 
 logger = logging.get_logger(__name__)
 
@@ -37,6 +39,8 @@ __all__ = [
     "LiveTeachers",
     "NoTeacher",
     "RouteTeachers",
+    "SampledCompletions",
+    "SamplingSettings",
     "SelfDistillation",
     "TeacherOutputs",
     "TeacherRequest",
@@ -45,6 +49,7 @@ __all__ = [
     "anchor_at",
     "combine_teacher_logits",
     "load_checkpoint_model",
+    "on_policy_source",
     "route_boundaries",
     "teacher_source",
 ]

@@ -28,6 +28,20 @@ class AdapterDisabledTeacher(nn.Module):
     def config(self):
         return self.student.config
 
+    @property
+    def device(self):
+        return self.student.device
+
+    def generate(self, *args, **kwargs):
+        """``student.generate(...)`` with adapters disabled and dropout off (seq_kd: the base model writes)."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with self.student.disable_adapter():
+                return self.student.generate(*args, **kwargs)
+        finally:
+            self.student.train(was_training)
+
     def forward(self, *args, **kwargs):
         """``student(...)`` with adapters disabled and dropout off; the student's train/eval mode is restored."""
         was_training = self.student.training

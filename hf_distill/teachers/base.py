@@ -74,9 +74,10 @@ class TeacherSource:
         """Make the source ready for the run (freeze, cast, place its models); `on_new_models` runs whenever the
         models in use change (the trainer's size checks)."""
 
-    def prepare_batch(self, batch: Mapping[str, Any], student: nn.Module) -> Mapping[str, Any]:
+    def prepare_batch(self, batch: Mapping[str, Any], student: nn.Module,
+                      step: tuple[int, int] = (0, 0)) -> Mapping[str, Any]:
         """A training batch as it is trained on: unchanged here; sources that produce sequences rewrite it (its
-        labels say which positions count)."""
+        labels say which positions count). `step`: (the optimizer step, the micro-batch within it)."""
         return batch
 
     def outputs(self, inputs: Mapping[str, Any], request: TeacherRequest) -> TeacherOutputs | None:
