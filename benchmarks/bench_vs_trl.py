@@ -400,7 +400,7 @@ def table(results: list[dict], cuda: bool) -> str:
         if "error" in r:
             lines.append(f"| {r['trainer']} | | error: {r['error']} |" + " |" * (len(head) - 3))
             continue
-        chunk = "" if r["trainer"] == "trl" else ("full logits" if r.get("chunk_in_use") is None
+        chunk = "" if r["trainer"].startswith("trl") else ("full logits" if r.get("chunk_in_use") is None
                                                  else f"{r['chunk_in_use']} tokens")
         cells = [r["trainer"], chunk]
         if on_policy:
@@ -495,7 +495,7 @@ def main() -> None:
                 print(f"\nstep-1 loss, {name} vs trl: {b:.6f} vs {a:.6f} (relative difference "
                       f"{abs(b - a) / max(abs(a), 1e-12):.1e})", end="")
         print()
-    if any(r["trainer"] != "trl" and r.get("logits_chunk_size") is None for r in ok.values()):
+    if any(r["trainer"] in ("ours", "ours-plain") and r.get("logits_chunk_size") is None for r in ok.values()):
         print("\nNote: this DistillationConfig has no `logits_chunk_size` field: 'ours' and 'ours-plain' ran the same "
               "(full-logits) code.")
     if opts.on_policy:

@@ -35,7 +35,7 @@ from .safety import (
 from .signal_modules import ATTACHED_NAME, SignalModules, load_signal_state, save_signal_state
 from .signals import fields_where, label_weights
 from .signals.build import build_signals
-from .teachers import TeacherSource, on_policy_source
+from .teachers import TeacherSource, on_policy_source, prepare_batch
 from .teachers import teacher_source as pick_teacher_source
 
 logger = logging.get_logger(__name__)
@@ -206,7 +206,7 @@ class DistillationTrainer(Trainer):
                 batch = next(epoch_iterator)
             except StopIteration:
                 break
-            batch_samples.append(self.teacher_source.prepare_batch(batch, self.model, (self.state.global_step, micro)))
+            batch_samples.append(prepare_batch(self.teacher_source, batch, self.model, (self.state.global_step, micro)))
         if not batch_samples:
             self.accounting.step_counts = None
             return batch_samples, None

@@ -9,7 +9,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LM
 
 from hf_distill import DistillationTrainer
 from hf_distill.signals.chunked import OutputHead, OutputTerms, auto_chunk_size, chunked_head_losses
-from hf_distill.signals.logits import LOGITS_LOSSES, LogitsSignal, logits_divergence
+from hf_distill.signals.logits import LOGITS_LOSSES, TOKEN_LOSSES, LogitsSignal, logits_divergence
 
 from .conftest import lm_dataset, tiny_bert, tiny_llama
 
@@ -45,12 +45,13 @@ def test_chunked_head_losses_equal_full_logits_values_and_gradients(kind, temper
     z = torch.tanh(F.linear(hidden, weight, bias) / cap) * cap
     zt = mean_logits([t @ head.weight.T for head, t in zip(teacher_heads, teacher_hidden)])
     ce = F.cross_entropy(z, labels, reduction="sum")
-    div = logits_divergence(z, zt, kind, temperature, 0.3).sum()
+    tokens = labels if kind in TOKEN_LOSSES else None  # (sampled_token: the token that followed each row)
+    div = logits_divergence(z, zt, kind, temperature, 0.3, tokens=tokens).sum()
     reference = 0.25 * ce + 0.75 * div
     expected_grads = torch.autograd.grad(reference, (hidden, weight, bias))
 
     terms = OutputTerms(labels=labels, signal=signal, teacher_heads=tuple(teacher_heads),
-                        teacher_hidden=tuple(teacher_hidden), combine=mean_logits)
+                        teacher_hidden=tuple(teacher_hidden), combine=mean_logits, tokens=tokens)
     for chunk in (1, 4, 7, n + 5):
         total, sums = chunked_head_losses(hidden, OutputHead(weight, bias, cap), terms,
                                           {"task": 0.25, "logits": 0.75}, chunk)

@@ -8,13 +8,18 @@ import torch
 
 from hf_distill.signals.logits import (
     LOGITS_LOSSES,
+    TOKEN_LOSSES,
     forward_kl,
     generalized_jsd,
     logits_divergence,
     logits_mse,
     reverse_kl,
+    sampled_token_kl,
     total_variation,
 )
+
+#: the divergences of two distributions (the sampled-token estimator reads a token too: its own tests below)
+DIVERGENCES = [kind for kind in LOGITS_LOSSES if kind not in TOKEN_LOSSES]
 
 
 def _np_softmax(z, t):
@@ -55,7 +60,7 @@ def logits():
     return torch.randn(7, 11, generator=g) * 3, torch.randn(7, 11, generator=g) * 3
 
 
-@pytest.mark.parametrize("kind", LOGITS_LOSSES)
+@pytest.mark.parametrize("kind", DIVERGENCES)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
 def test_matches_independent_formula(kind, temperature, logits):
     s, t = logits
@@ -65,7 +70,7 @@ def test_matches_independent_formula(kind, temperature, logits):
     assert got.shape == (7,)
 
 
-@pytest.mark.parametrize("kind", LOGITS_LOSSES)
+@pytest.mark.parametrize("kind", DIVERGENCES)
 def test_zero_for_identical_logits_and_positive_otherwise(kind, logits):
     s, t = logits
     assert torch.allclose(logits_divergence(s, s.clone(), kind, 2.0), torch.zeros(7), atol=1e-6)
@@ -94,7 +99,7 @@ def test_jsd_endpoints_are_the_two_kls(logits):
     assert (generalized_jsd(s, t, 0.5) <= np.log(2) + 1e-6).all()
 
 
-@pytest.mark.parametrize("kind", LOGITS_LOSSES)
+@pytest.mark.parametrize("kind", DIVERGENCES)
 def test_gradient_matches_finite_differences(kind):
     g = torch.Generator().manual_seed(3)
     s = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -141,3 +146,24 @@ def test_jsd_equals_trl_generalized_jsd_loss(beta, temperature):
     mask = labels != -100
     ours = generalized_jsd(s[mask], t[mask], beta, temperature).sum() / mask.sum()
     torch.testing.assert_close(ours, trl, rtol=1e-5, atol=1e-7)
+
+
+def test_sampled_token_estimator_value_and_gradient_by_hand():
+    """Value: r = log p_s(y) - log p_t(y) at T; gradient wrt z_s: r * (onehot(y) - p_s) / T (the policy-gradient
+    loss -A log p_s(y) with the advantage A = -r held constant), by hand; zero for identical models."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 5, 2])
+    T = 1.5
+    value = logits_divergence(s, t, "sampled_token", T, tokens=y, scale_by_temperature_squared=False)
+    p_s, p_t = _np_softmax(s.detach().numpy(), T), _np_softmax(t.numpy(), T)
+    rows = np.arange(4)
+    r = np.log(p_s[rows, y.numpy()]) - np.log(p_t[rows, y.numpy()])
+    np.testing.assert_allclose(value.detach().numpy(), r, rtol=1e-12)
+    value.sum().backward()
+    expected = r[:, None] * (np.eye(6)[y.numpy()] - p_s) / T
+    np.testing.assert_allclose(s.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(sampled_token_kl(s.detach(), s.detach(), y), torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="pass `tokens`"):
+        logits_divergence(s, t, "sampled_token")

@@ -6,6 +6,8 @@ Every function takes logits of shape ``[N, V]`` (one row per counted position) a
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +26,7 @@ TOKEN_LOSSES: frozenset[str] = frozenset({"sampled_token"})
 def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_v p_v (log p_v - log q_v) per row, with 0 * log 0 = 0 (a NaN p stays NaN: never dropped)."""
     p = log_p.exp()
-    terms = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
+    terms = torch.where(p == 0, 0.0, p * (log_p - log_q))
     return terms.sum(dim=-1)
 
 
@@ -56,8 +58,8 @@ def generalized_jsd(
         return _kl_from_log_probs(log_t, log_s)
     if beta == 1:
         return _kl_from_log_probs(log_s, log_t)
-    beta_t = torch.tensor(beta, dtype=log_s.dtype, device=log_s.device)
-    log_m = torch.logsumexp(torch.stack([log_s + torch.log1p(-beta_t), log_t + torch.log(beta_t)]), dim=0)
+    # log m = log((1 - beta) p_s + beta p_t), elementwise (a logsumexp over a stacked pair is ~10x slower on CPU)
+    log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
     return beta * _kl_from_log_probs(log_t, log_m) + (1 - beta) * _kl_from_log_probs(log_s, log_m)
 
 

@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from ..teacher_cache import cache_manifest
 from .adapter import AdapterDisabledTeacher, SelfDistillation
-from .base import NoTeacher, TeacherOutputs, TeacherRequest, TeacherSource
+from .base import NoTeacher, TeacherOutputs, TeacherRequest, TeacherSource, prepare_batch
 from .cached import CachedTeacher
 from .live import LiveTeachers, combine_teacher_logits
 from .route import (
@@ -50,6 +50,7 @@ __all__ = [
     "combine_teacher_logits",
     "load_checkpoint_model",
     "on_policy_source",
+    "prepare_batch",
     "route_boundaries",
     "teacher_source",
 ]
