@@ -30,6 +30,8 @@ from ..modeling import unwrap
 from .base import TeacherSource
 
 IGNORE_INDEX = -100
+#: How many training rows `check_sampling_data` reads before training.
+CHECKED_ROWS = 10_000
 
 #: generate_fn(model, prompts, settings, seed) -> completions (token ids); the default is `sample_completions`.
 GenerateFn = Callable[[nn.Module, list[list[int]], "SamplingSettings", int], list[list[int]]]
@@ -289,7 +291,8 @@ def _context_length(model: nn.Module) -> int | None:
 def check_sampling_data(dataset: Any, args: Any, context: int | None, label_name: str = "labels") -> None:
     """The training rows must hold prompts (labels -100 before the first counted token); prompt-only rows need every
     micro-batch sampled (lmbda = 1 or seq_kd); packed rows cannot be completed; the longest prompt plus
-    `max_new_tokens` must fit the model's context."""
+    `max_new_tokens` must fit the model's context. Read on the first `CHECKED_ROWS` rows (a batch without prompts
+    further on is refused when it comes, by `prompt_rows`)."""
     if dataset is None or not hasattr(dataset, "column_names"):
         return  # (an iterable dataset: checked batch by batch in `prompt_rows`)
     columns = dataset.column_names
@@ -303,7 +306,8 @@ def check_sampling_data(dataset: Any, args: Any, context: int | None, label_name
             "prompt-only, prompt-completion or chat data with chat.prepare_chat_dataset (the command line does)."
         )
     longest, prompt_only = 0, True
-    for row, labels in enumerate(dataset[label_name]):
+    rows = dataset.select(range(min(len(dataset), CHECKED_ROWS))) if len(dataset) > CHECKED_ROWS else dataset
+    for row, labels in enumerate(rows[label_name]):
         counted = [label != IGNORE_INDEX for label in labels]
         first = counted.index(True) if True in counted else len(labels)
         if first == 0:
