@@ -32,6 +32,11 @@ def main() -> None:
     trainer.train()
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
     torch.save(update, os.path.join(out, f"update_{trainer.args.process_index}.pt"))
+    # Leave the process group before exiting: a process that exits with it open can abort in its communication
+    # threads at interpreter exit ("terminate called without an active exception", exit code -6).
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
