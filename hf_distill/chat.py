@@ -239,6 +239,27 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
     return None if last is None else ids[last]
 
 
+def stop_ids(tokenizer: Any, conversational: bool) -> list[int]:
+    """What ends a generated completion: the chat template's end-of-turn token (for conversational prompts) and the
+    tokenizer's end of sequence."""
+    stops = [end_of_turn_id(tokenizer) if conversational else None, tokenizer.eos_token_id]
+    return [t for t in dict.fromkeys(stops) if t is not None]
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one batch padded on the left (generation continues every row at the same column): ids and mask."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+def end_completion(tokens: list[int], stops: Sequence[int]) -> list[int]:
+    """A generated row cut after its first stop token (kept: it counts); the rest is padding."""
+    end = next((i for i, t in enumerate(tokens) if t in stops), None)
+    return tokens if end is None else tokens[: end + 1]
+
+
 def chat_generation_config(model: Any, tokenizer: Any) -> None:
     """Make `model.generation_config` stop at the template's end-of-turn token (and the tokenizer's end of
     sequence) and pad with the tokenizer's pad token, so ``pipeline("text-generation")`` answers a `messages` list

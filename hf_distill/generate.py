@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 from transformers.utils import logging
 
-from .chat import end_of_turn_id, prompt_ids
+from .chat import end_completion, left_padded, prompt_ids, stop_ids
 from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .teacher_cache import (
     CACHE_COLUMNS,
@@ -92,11 +92,6 @@ def prompts_of(dataset: datasets.Dataset) -> list[Any]:
                      f"has {dataset.column_names}.")
 
 
-def _stop_ids(tokenizer: Any, conversational: bool) -> list[int]:
-    stops = [end_of_turn_id(tokenizer) if conversational else None, tokenizer.eos_token_id]
-    return [t for t in dict.fromkeys(stops) if t is not None]
-
-
 @torch.no_grad()
 def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: GenerationArguments, stops: list[int],
             pad: int) -> tuple[list[dict[str, Any]], int]:
@@ -106,9 +101,8 @@ def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: Generation
     ``log softmax(z / T)`` of the raw logits that chose each token (before any temperature / top-p warping)."""
     device = next(model.parameters()).device
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)  # left padding
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+    ids, mask = left_padded(encoded, pad, device)
+    width = ids.shape[1]
     sampling = settings.temperature > 0
     out = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, do_sample=sampling,
@@ -118,10 +112,10 @@ def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: Generation
     )
     answers, generated = [], 0
     for index, row in enumerate(out.sequences[:, width:].tolist()):
-        end = next((i for i, t in enumerate(row) if t in stops), len(row))
-        completion = row[: min(end + 1, len(row))]
+        completion = end_completion(row, stops)
         generated += len(completion)
-        answer = {"text": tokenizer.decode(row[:end], skip_special_tokens=True).strip(),
+        ended = bool(completion) and completion[-1] in stops
+        answer = {"text": tokenizer.decode(completion[:-1] if ended else completion, skip_special_tokens=True).strip(),
                   "prompt_ids": encoded[index // settings.num_return_sequences], "completion_ids": completion}
         if settings.cache_top_k:
             raw = torch.stack([step[index] for step in out.logits[: len(completion)]])  # [n, V]: step s chose token s
@@ -172,7 +166,7 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
     folder.mkdir(parents=True, exist_ok=True)
     for leftover in folder.glob(f"*{PARTIAL_SUFFIX}"):
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()  # a shard a killed run left half-written
-    stops, pad = _stop_ids(tokenizer, conversational), tokenizer.pad_token_id
+    stops, pad = stop_ids(tokenizer, conversational), tokenizer.pad_token_id
     pad = pad if pad is not None else stops[0]
     model.eval()
     done = sum(s["num_prompts"] for s in manifest["shards"])

@@ -37,14 +37,14 @@ from common import fmt, machine, mean_std, merge_quality, write_json  # noqa: E4
 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
 from hf_distill.assets import fetch  # noqa: E402
-from hf_distill.chat import prepare_chat_dataset, prompt_ids  # noqa: E402
-from hf_distill.teachers.sampled import SamplingSettings, _stop_ids, sample_completions  # noqa: E402
+from hf_distill.chat import prepare_chat_dataset, prompt_ids, stop_ids  # noqa: E402
+from hf_distill.teachers.sampled import SamplingSettings, sample_completions  # noqa: E402
 
 
 def completed_rows(model, tokenizer, test_prompts, temperature: float, max_new_tokens: int, seed: int,
                    batch: int = 16) -> datasets.Dataset:
     """The model's own completions of the test prompts as training rows (prompt -100, completion counted)."""
-    stops = _stop_ids(tokenizer)
+    stops = tuple(stop_ids(tokenizer, conversational=True))
     settings = SamplingSettings(1.0, False, max_new_tokens, temperature, 1.0, 0, 1, seed, tokenizer.pad_token_id, stops)
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
     for start in range(0, len(test_prompts), batch):

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..chat import end_completion, left_padded, stop_ids
 from ..modeling import unwrap
 from .base import TeacherSource
 
@@ -85,12 +86,6 @@ def prompt_rows(batch: Mapping[str, Any], label_name: str = "labels") -> list[li
     return prompts
 
 
-def end_completion(tokens: list[int], stops: tuple[int, ...]) -> list[int]:
-    """A generated row cut after its first stop token (kept: it counts); the rest is padding."""
-    end = next((i for i, t in enumerate(tokens) if t in stops), None)
-    return tokens if end is None else tokens[: end + 1]
-
-
 @torch.no_grad()
 def sample_completions(model: nn.Module, prompts: list[list[int]], settings: SamplingSettings,
                        seed: int) -> list[list[int]]:
@@ -99,10 +94,9 @@ def sample_completions(model: nn.Module, prompts: list[list[int]], settings: Sam
     from transformers import GenerationConfig
 
     device = getattr(model, "device", None) or next(model.parameters()).device
-    width = max(map(len, prompts))
     pad = settings.pad_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, mask = left_padded(prompts, pad, device)
+    width = ids.shape[1]
     sampling = settings.temperature > 0
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens, do_sample=sampling,
@@ -271,15 +265,6 @@ class SampledCompletions(TeacherSource):
         return values
 
 
-def _stop_ids(tokenizer: Any) -> tuple[int, ...]:
-    """What ends a completion: the chat template's end-of-turn token (when it has a template) and the end of
-    sequence."""
-    from ..chat import end_of_turn_id
-
-    turn = end_of_turn_id(tokenizer) if getattr(tokenizer, "chat_template", None) else None
-    return tuple(t for t in dict.fromkeys([turn, tokenizer.eos_token_id]) if t is not None)
-
-
 def _context_length(model: nn.Module) -> int | None:
     config = getattr(unwrap(model), "config", None)
     if config is None:
@@ -360,7 +345,7 @@ def on_policy_source(args: Any, source: TeacherSource, student: nn.Module, proce
     if processing_class.pad_token_id is None:
         raise ValueError(f"{what} pads sampled completions, but the tokenizer has no pad token: set one, e.g. "
                          "tokenizer.pad_token = tokenizer.eos_token (padding never counts, whatever its id).")
-    stops = _stop_ids(processing_class)
+    stops = tuple(stop_ids(processing_class, conversational=bool(getattr(processing_class, "chat_template", None))))
     if not stops:
         raise ValueError(f"{what}: the tokenizer has no end-of-sequence token (nor a chat template's end of turn) to "
                          "end completions with: set tokenizer.eos_token.")
