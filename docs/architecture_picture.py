@@ -18,14 +18,15 @@ BOXES = {  # name: (x, y, width, height, title, body, colour)
                 "__init__ wiring · get_batch_samples · compute_loss · optimizer groups · _get_grad_norm (NonFiniteGuard)\n"
                 "_save / checkpoints (signal_modules.py) · log (TermLog) · prediction_step / evaluation_loop (EvalTotals)",
                 "#dde8f5"),
-    "prepare": (0.2, 4.2, 3.3, 1.4, "1  source.prepare_batch", "teachers/: may rewrite the\nsequences (generations, ...)", "#fbe3d6"),
+    "prepare": (0.2, 4.2, 3.3, 1.4, "1  source.prepare_batch", "teachers/: may rewrite the\nsequences (samples, generations)", "#fbe3d6"),
     "count": (3.9, 4.2, 3.3, 1.4, "2  accounting.count_step", "accounting.py: what counts in\nthe whole step (gathered)", "#fff3c4"),
     "batch": (7.6, 4.2, 7.0, 1.4, "3  BatchPath.terms  (batch.py: the one path)",
               "measure → student forward → teacher source outputs →\noutput strategy → every other signal → BatchTerms\nloss = Σ_k w_k · S_k / N_k → the Trainer's backward and step", "#dde8f5"),
     "strategy": (7.6, 1.9, 3.3, 1.6, "output strategy", "outputs.py: FullLogits\nor HeadChunks (chunked.py),\nchosen once per run", "#e3f0e3"),
     "signals": (11.3, 1.9, 3.3, 1.6, "signals/  (registry)", "one class per signal, declares its\nweight field, options, needs;\n@register_signal adds yours", "#f5efe0"),
     "sources": (0.2, 1.9, 7.0, 1.6, "teachers/  TeacherSource", "LiveTeachers (one, ensemble) · RouteTeachers (RCO) · SelfDistillation\n"
-                "(PEFT, adapters off) · CachedTeacher (top-k cache) · NoTeacher\nyour own: DistillationTrainer(teacher_source=...)", "#fbe3d6"),
+                "(PEFT, adapters off) · CachedTeacher (top-k cache) · NoTeacher\nwrapping one: SampledCompletions · "
+                "CrossTokenizerTeacher\nyour own: DistillationTrainer(teacher_source=...)", "#fbe3d6"),
 }
 ARROWS = [("cli", "trainer"), ("data", "trainer"), ("config", "trainer"), ("trainer", "prepare"), ("prepare", "count"),
           ("count", "batch"), ("batch", "strategy"), ("batch", "signals"), ("batch", "sources"), ("prepare", "sources")]

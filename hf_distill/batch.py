@@ -117,6 +117,7 @@ class BatchPath:
             student_model=model, teacher_model=self.source.first_model, labels=labels, unit=measure.unit,
             training=training, label_names=self.label_names, cache=cache,
             cached_targets=teacher.cached if teacher is not None else None, _token_mask=measure.tokens,
+            aligned=teacher.aligned if teacher is not None else None,
         )
         sums = result.sums
         for signal in self.signals:

@@ -26,7 +26,8 @@ def check_output_sizes(student_size: int, teacher_size: int, unit: PositionUnit,
     what = "vocabulary" if unit.is_token_level else "number of outputs"
     hint = (
         "If both tokenizers agree on the shared ids (a config vocabulary padded past the tokenizer, as Qwen's), set "
-        "vocab_mismatch='truncate'; otherwise use a teacher and student that share a tokenizer."
+        "vocab_mismatch='truncate'; if the teacher has another tokenizer, pass it as teacher_processing_class=... "
+        "(cross-tokenizer distillation, logits_loss='hybrid' or 'uld')."
         if unit.is_token_level
         else "Give the student the teacher's label set (num_labels / id2label)."
     )

@@ -47,7 +47,17 @@ class DistillationConfig(TrainingArguments):
             `"forward_kl"` KL(p_t || p_s) (Hinton); `"reverse_kl"` KL(p_s || p_t); `"jsd"` the generalized
             Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1) with `jsd_beta`; `"tvd"` total variation
             0.5 * sum |p_t - p_s|; `"mse"` mean squared error of the raw outputs (Bucilua et al. 2006; for a regression
-            student the "high-precision" term ||y_t - y_s||^2).
+            student the "high-precision" term ||y_t - y_s||^2). For a teacher with another tokenizer
+            (`DistillationTrainer(teacher_processing_class=...)`), over aligned spans: `"uld"` the sorted-probability
+            distance of ULD (Boizard et al. 2024), `"hybrid"` GOLD's mix of a JSD over the tokens both vocabularies
+            spell alike and ULD over the rest (`hf_distill.signals.cross_vocab`); with one vocabulary they compare
+            each position the same way.
+        hybrid_matched_weight (`float`, *optional*):
+            `"hybrid"`: the weight w of the matched tokens' JSD (the rest gets 1 - w); None: w = matched / V_teacher,
+            as TRL's GOLD.
+        align_tokenizers (`str`, defaults to `"auto"`):
+            `"auto"` aligns the teacher's tokens with the student's when `teacher_processing_class` has another
+            vocabulary; `"always"` aligns even when they share one (the cross-tokenizer path on one tokenizer).
         jsd_beta (`float`, defaults to 0.5):
             Interpolation of the generalized JSD, in [0, 1]: 0 gives forward KL, 1 reverse KL (same convention as
             TRL's `GKDTrainer.generalized_jsd_loss`). Only used with `logits_loss="jsd"`.
@@ -67,6 +77,9 @@ class DistillationConfig(TrainingArguments):
         hidden_loss (`str`, defaults to `"cosine"`):
             `"cosine"`: mean over counted tokens of 1 - cos(h_s, h_t); `"mse"`: mean over counted tokens and features of
             (h_s - h_t)^2. Averaged over the mapped layer pairs.
+        hidden_span_pooling (`str`, *optional*):
+            A teacher with another tokenizer: `"mean"` matches each aligned span's mean hidden state on both sides
+            (weighted by the span's student tokens); None refuses hidden-state matching across tokenizers.
         layer_map (`str` or list of pairs, defaults to `"auto"`):
             Which student hidden states match which teacher ones (`hidden_states` indices, 0 = embeddings). `"auto"`:
             student i+1 <-> teacher ``distilled_from_layers[i] + 1`` for a student made by `shrink_model`, else evenly
@@ -173,6 +186,14 @@ class DistillationConfig(TrainingArguments):
         default="forward_kl",
         metadata={"help": "Output divergence.", "choices": list(LOGITS_LOSSES)},
     )
+    hybrid_matched_weight: float | None = field(
+        default=None, metadata={"help": "logits_loss='hybrid': weight of the matched tokens (None: matched / V_t)."}
+    )
+    align_tokenizers: str = field(
+        default="auto",
+        metadata={"help": "Cross-tokenizer alignment: 'auto' (when vocabularies differ) or 'always'.",
+                  "choices": ["auto", "always"]},
+    )
     jsd_beta: float = field(
         default=0.5, metadata={"help": "Generalized JSD interpolation in [0, 1]: 0 = forward KL, 1 = reverse KL."}
     )
@@ -196,6 +217,11 @@ class DistillationConfig(TrainingArguments):
     )
     hidden_loss: str = field(
         default="cosine", metadata={"help": "Hidden-state distance.", "choices": list(HIDDEN_LOSSES)}
+    )
+    hidden_span_pooling: str | None = field(
+        default=None,
+        metadata={"help": "A teacher with another tokenizer: match hidden states as means over aligned spans ('mean').",
+                  "choices": ["mean"]},
     )
     layer_map: str = field(
         default="auto",
@@ -323,6 +349,11 @@ class DistillationConfig(TrainingArguments):
         self.logits_chunk_size = parse_chunk_size(self.logits_chunk_size)
         check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_MODES)
         check_choice("vocab_mismatch", self.vocab_mismatch, VOCAB_MISMATCH_MODES)
+        check_choice("align_tokenizers", self.align_tokenizers, ("auto", "always"))
+        check_choice("hidden_span_pooling", self.hidden_span_pooling, ("mean",), allow_none=True)
+        if self.hybrid_matched_weight is not None and not 0 <= self.hybrid_matched_weight <= 1:
+            raise ValueError(f"hybrid_matched_weight={self.hybrid_matched_weight} must lie in [0, 1] (or be None: "
+                             "matched / V_teacher).")
 
 
 def check_sampling_settings(args: "DistillationConfig") -> None:

@@ -194,10 +194,11 @@ def shared_vocabulary(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module, teachers: list[nn.Module],
                 signals: list[tuple[Signal, float]], distributed_type: str, label_names: tuple[str, ...],
-                precision: Callable[[], Any] = nullcontext) -> FullLogits | HeadChunks:
+                precision: Callable[[], Any] = nullcontext, aligned: bool = False) -> FullLogits | HeadChunks:
     """The output strategy of a run (`logits_chunk_size`): `HeadChunks` where the models allow it ("auto", or an
-    integer that insists, with an error saying why it cannot), else `FullLogits`."""
-    if setting == 0:
+    integer that insists, with an error saying why it cannot), else `FullLogits`. `aligned` (a teacher with another
+    tokenizer): `FullLogits` for the student; `logits_chunk_size` then chunks the teacher's side of the spans."""
+    if setting == 0 or aligned:
         return FullLogits(label_names)
     reasons = []
     if model_unit is not PositionUnit.NEXT_TOKEN:

@@ -35,7 +35,7 @@ from .safety import (
 from .signal_modules import ATTACHED_NAME, SignalModules, load_signal_state, save_signal_state
 from .signals import fields_where, label_weights
 from .signals.build import build_signals
-from .teachers import TeacherSource, on_policy_source, prepare_batch
+from .teachers import TeacherSource, cross_tokenizer_source, on_policy_source, prepare_batch
 from .teachers import teacher_source as pick_teacher_source
 
 logger = logging.get_logger(__name__)
@@ -62,6 +62,8 @@ class DistillationTrainer(Trainer):
             (self-distillation, one copy of the weights).
         teacher_source: a `teachers.TeacherSource` of your own instead of `teacher_model` (e.g. one that produces
             the sequences of each batch).
+        teacher_processing_class: the teacher's tokenizer, when not the student's: batches are aligned to its tokens
+            (`teachers.CrossTokenizerTeacher`; ``logits_loss="hybrid"`` or ``"uld"``).
         All other arguments are those of `transformers.Trainer`.
 
     Signals are built from `args` (one per registered signal whose weight is > 0, `signals.register_signal`); each
@@ -84,6 +86,7 @@ class DistillationTrainer(Trainer):
         route_loader: Callable[[str], nn.Module] | None = None,
         peft_config: Any | None = None,
         teacher_source: TeacherSource | None = None,
+        teacher_processing_class: Any | None = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -103,6 +106,7 @@ class DistillationTrainer(Trainer):
         teacher_terms = fields_where(args, needs_teacher=True)
         source = teacher_source or pick_teacher_source(
             args, model, teacher_model, route_loader, kwargs.get("train_dataset"), teacher_terms)
+        source = cross_tokenizer_source(args, source, model, kwargs.get("processing_class"), teacher_processing_class)
         source = on_policy_source(args, source, model, kwargs.get("processing_class"), kwargs.get("train_dataset"))
         source.check_run(args, teacher_terms, kwargs.get("processing_class"))
         sizes = {n for n in map(classification_labels, (model, *source.models)) if n is not None}
@@ -139,9 +143,9 @@ class DistillationTrainer(Trainer):
             self.label_names = ["labels"]
         model_unit = infer_position_unit(model)
 
-        def check_sizes() -> None:
-            check_declared_sizes(self.model, source.models, model_unit, source.declared_vocab_size(),
-                                 args.vocab_mismatch)
+        def check_sizes() -> None:  # (a teacher with another tokenizer is compared on aligned spans, not by ids)
+            check_declared_sizes(self.model, [] if source.aligns_tokens else source.models, model_unit,
+                                 source.declared_vocab_size(), args.vocab_mismatch)
 
         source.prepare(self.accelerator, args, self.signals, check_sizes)
         #: what the student's model card says (set by the command line, or by you); None: the Trainer's own card
@@ -152,7 +156,8 @@ class DistillationTrainer(Trainer):
         #: how the output terms are computed (`outputs.plan_output`): full logits, or chunks of the output layer
         self.output_strategy = plan_output(
             args.logits_chunk_size, model_unit, self.model, source.models, self.signals,
-            self.accelerator.distributed_type.value, tuple(self.label_names), self.accelerator.autocast)
+            self.accelerator.distributed_type.value, tuple(self.label_names), self.accelerator.autocast,
+            aligned=source.aligns_tokens)
         check_sizes()
         check_labels_available(self.train_dataset, self.data_collator,
                                lambda d: self._remove_unused_columns(d, description="label check"),

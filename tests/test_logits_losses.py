@@ -51,6 +51,10 @@ def _reference(kind, s, t, temperature=1.0, beta=0.5):
             return _np_kl(ps, pt)
         m = beta * pt + (1 - beta) * ps
         return beta * _np_kl(pt, m) + (1 - beta) * _np_kl(ps, m)
+    if kind == "uld":  # one vocabulary: the L1 distance of the two distributions sorted in decreasing order
+        return np.abs(-np.sort(-ps, axis=-1) + np.sort(-pt, axis=-1)).sum(axis=-1)
+    if kind == "hybrid":  # one vocabulary: every token is matched, so the JSD alone (probabilities here >> 1e-8)
+        return _reference("jsd", s, t, temperature, beta)
     raise AssertionError(kind)
 
 

@@ -29,7 +29,8 @@ import torch
 
 from hf_distill import DistillationConfig, DistillationTrainer
 
-from .conftest import classification_dataset, tiny_bert
+from .conftest import classification_dataset, tiny_bert, tiny_llama
+from .tokenizer_kinds import byte_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "reliability.md"
@@ -94,6 +95,9 @@ def make_workspace(root: Path) -> Path:
     (root / "a-file.txt").write_text("not a folder")
     (root / "recipe-yes.yaml").write_text("save_strategy: yes\n")
     (root / "recipe-typo.yaml").write_text("temprature: 2.0\n")
+    other = byte_bpe()  # a student of another tokenizer than the teachers' (cross-tokenizer cases)
+    tiny_llama(vocab=len(other), layers=1).save_pretrained(root / "student-other-tokenizer")
+    other.save_pretrained(root / "student-other-tokenizer")
     return root
 
 
@@ -306,6 +310,16 @@ CASES: list[Case] = [
           r"teacher_cache cannot score .*set --lmbda 0"),
     Case("api-on-policy-without-prompts", "on-policy", "Python API: `lmbda=1` on a classifier (no prompts, no "
          "tokenizer)", lambda ws: api_trainer(ws, "p4", lmbda=1.0), r"only a causal LM writes"),
+    Case("cross-tokenizer-classifier", "cross-tokenizer", "`--student S` whose tokenizer differs from the teacher's, "
+         "on a classification task", lambda ws: distill(ws, "x1", student_layers=None,
+                                                       student=str(ws / "student-other-tokenizer")),
+         r"another tokenizer than the teacher's, so this is a cross-tokenizer run, which cannot use: --task "
+         r"sequence-classification"),
+    Case("cross-tokenizer-token-loss", "cross-tokenizer", "`--student S` of another tokenizer, `--task causal-lm` "
+         "with the default `--logits_loss forward_kl`",
+         lambda ws: distill(ws, "x2", student_layers=None, task="causal-lm",
+                            student=str(ws / "student-other-tokenizer")),
+         r"cannot use: --logits_loss forward_kl \(it compares ids token by token: use hybrid or uld\)"),
     Case("unknown-task", "flags", "`--task translation`",
           lambda ws: distill(ws, "a1", task="translation"), r"argument --task: invalid choice: 'translation'"),
     Case("unknown-on-nonfinite", "flags", "`--on_nonfinite ignore`",

@@ -97,7 +97,8 @@ def test_ensemble_soft_targets_are_mean_probabilities_or_mean_logits(make_args):
     data = classification_dataset()
     batch = _batch(data, 6)
     with torch.no_grad():
-        z = [m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits for m in [*teachers, student]]
+        z = [m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+             for m in [*teachers, student]]  # (the reference in float64: a KL this small cancels in float32)
     t = 2.0
     expected = {
         "mean_probs": kl_rows((F.softmax(z[0] / t, -1) + F.softmax(z[1] / t, -1)) / 2, F.softmax(z[2] / t, -1)),
@@ -106,12 +107,13 @@ def test_ensemble_soft_targets_are_mean_probabilities_or_mean_logits(make_args):
     for mode, rows in expected.items():
         args = make_args(temperature=t, ensemble=mode, task_weight=0.0, logits_weight=1.0)
         trainer = DistillationTrainer(model=student, teacher_model=teachers, args=args, train_dataset=data)
-        torch.testing.assert_close(trainer.compute_loss(student, batch), rows.mean() * t * t, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(trainer.compute_loss(student, batch).double(), rows.mean() * t * t, rtol=1e-5,
+                                   atol=1e-7)
     # regression-style MSE always compares with the mean output
     args = make_args(task_weight=0.0, logits_weight=1.0, logits_loss="mse")
     trainer = DistillationTrainer(model=student, teacher_model=teachers, args=args, train_dataset=data)
     expected_mse = ((z[2] - (z[0] + z[1]) / 2) ** 2).mean()
-    torch.testing.assert_close(trainer.compute_loss(student, batch), expected_mse, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(trainer.compute_loss(student, batch).double(), expected_mse, rtol=1e-5, atol=1e-7)
 
 
 def test_other_signals_read_the_first_teacher(make_args):

@@ -27,6 +27,12 @@ class ModelArguments:
     teacher_gguf_file: str | None = field(
         default=None, metadata={"help": "GGUF file inside --teacher to load (dequantised to float32)."}
     )
+    teacher_tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "The teacher's tokenizer (default: the teacher's own). When --student's tokenizer has another "
+                          "vocabulary, the data is tokenised for the student and each batch aligned to the teacher's "
+                          "tokens (cross-tokenizer distillation; --logits_loss hybrid or uld)."},
+    )
     student: str | None = field(
         default=None, metadata={"help": "Student: a Hub id or local folder (else --student_layers shrinks the teacher)."}
     )

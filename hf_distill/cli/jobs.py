@@ -39,6 +39,7 @@ from .models import (
     check_same_vocabulary,
     check_transfer_set,
     collator_for,
+    cross_tokenizers,
     load_model,
     load_tokenizer,
     lora_config,
@@ -88,7 +89,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     order of the end is: save the student and its card, write the report, merge adapters, push last."""
     resume, move_earlier = start_training_job(model_args, data_args, args, distilling=True)
     labelled = bool(label_weights(args))
-    tokenizer, data = prepare_inputs(model_args, data_args, args, require_labels=labelled)
+    pair = cross_tokenizers(model_args, args)  # a student with another tokenizer: (its tokenizer, the teacher's)
+    tokenizer, data = prepare_inputs(model_args, data_args, args, require_labels=labelled,
+                                     tokenizer=pair[0] if pair else None)
     task = model_args.task
     if data_args.packing:
         check_packing_data(data, task)
@@ -98,8 +101,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     if model_args.student:
         student = load_model(model_args.student, task, data, trust_remote_code=model_args.trust_remote_code,
                              flag="--student")
-        check_same_vocabulary(tokenizer, model_args.student, model_args.trust_remote_code,
-                              chat=data.data_format == "messages")
+        if pair is None:
+            check_same_vocabulary(tokenizer, model_args.student, model_args.trust_remote_code,
+                                  chat=data.data_format == "messages")
     elif model_args.student_layers:
         student = shrink_model(teacher, num_layers=model_args.student_layers, strategy=model_args.shrink_strategy)
     elif model_args.use_peft:  # self-distillation: LoRA on the teacher, whose adapter-free base teaches
@@ -117,6 +121,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
             model=student, teacher_model=teacher if cached is None and not args.teacher_route else None, args=args,
             peft_config=peft_config, train_dataset=data.train if cached is None else cached, eval_dataset=data.eval,
             processing_class=tokenizer, data_collator=collator_for(task, tokenizer, args.seed, data),
+            teacher_processing_class=pair[1] if pair else None,
             route_loader=(lambda path: load_model(path, task, data, trust_remote_code=model_args.trust_remote_code,
                                                   flag="--teacher_route")) if args.teacher_route else None,
             compute_metrics={"sequence-classification": accuracy_metrics,
@@ -140,8 +145,10 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     student_eval = trainer.evaluate() if not prompts_only else {}
     if cached is not None or args.teacher_route:  # the teacher only now runs: for the comparison
         teacher = teacher.to(args.device).eval()
-    teacher_scores = evaluate_model(teacher, trainer, task) if eval_labelled else {}
     student_scores = evaluate_model(trainer.model, trainer, task) if eval_labelled else {}
+    # across tokenizers the held-out tokens are the student's: the teacher is not scored on them
+    teacher_scores = (evaluate_model(teacher, trainer, task) if pair is None else dict.fromkeys(student_scores)) \
+        if eval_labelled else {}
     trainer.card_info.metrics = {k: {"teacher": teacher_scores[k], "student": student_scores[k]} for k in teacher_scores}
     if "eval_teacher_agreement" in student_eval:
         trainer.card_info.metrics["teacher agreement"] = {"teacher": 1.0,
@@ -154,7 +161,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
 
     batch = next(iter(trainer.get_eval_dataloader()))
     batch = {k: v.to(args.device) for k, v in batch.items() if k != "labels"}
-    speed = {"teacher": throughput(teacher, batch), "student": throughput(trainer.model, batch)}
+    speed = {"teacher": throughput(teacher, batch) if pair is None else None,
+             "student": throughput(trainer.model, batch)}
     teacher_size = folder_size(resolve_source(model_args.teacher) if not model_args.teacher_gguf_file else None)
     student_size = folder_size(args.output_dir)
     device = args.device.type

@@ -34,6 +34,7 @@ from ..data import (
 from ..generate import check_generations_tokenizer, is_generations
 from ..modeling import unwrap
 from ..signals import fields_where
+from ..signals.cross_vocab import CROSS_LOSSES
 from ..teacher_cache import (
     cache_manifest,
     load_teacher_cache,
@@ -132,12 +133,21 @@ def collator_for(task: str, tokenizer: Any, seed: int, data: PreparedData | None
     return DataCollatorWithPadding(tokenizer)
 
 
-def load_tokenizer(model_args: ModelArguments) -> Any:
-    """The teacher's tokenizer (from its folder, Hub id or GGUF file), with its end-of-sequence token as the pad
-    token when it has none."""
-    kwargs = {"gguf_file": model_args.teacher_gguf_file} if model_args.teacher_gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(resolve_source(model_args.teacher),
-                                              trust_remote_code=model_args.trust_remote_code, **kwargs)
+def load_tokenizer(model_args: ModelArguments, source: str | None = None) -> Any:
+    """The teacher's tokenizer (from its folder, Hub id or GGUF file; `--teacher_tokenizer` when given), or the one at
+    `source`, with its end-of-sequence token as the pad token when it has none."""
+    kwargs = {}
+    if source is None:
+        source = model_args.teacher_tokenizer or model_args.teacher
+        if model_args.teacher_gguf_file and not model_args.teacher_tokenizer:
+            kwargs = {"gguf_file": model_args.teacher_gguf_file}
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(source), trust_remote_code=model_args.trust_remote_code,
+                                              **kwargs)
+    return with_pad_token(tokenizer)
+
+
+def with_pad_token(tokenizer: Any) -> Any:
+    """`tokenizer` padding with its end-of-sequence token when it has no pad token (logged)."""
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         logger.warning("The tokenizer has no pad token: padding with its end-of-sequence token %r (padding never "
                        "counts).", tokenizer.eos_token)
@@ -151,7 +161,7 @@ def _dataset_path(name: str) -> str:
 
 
 def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments | CacheArguments,
-                   teacher_head_trained: bool = True, require_labels: bool = True):
+                   teacher_head_trained: bool = True, require_labels: bool = True, tokenizer: Any = None):
     """Tokenizer and tokenised splits for a job (the teacher's tokenizer); `args` gives the seed of the held-out
     split (and, for training jobs, `main_process_first`). Classification labels become the teacher's class ids
     (`hf_distill.data.label_plan`); `teacher_head_trained`: the teacher's number of classes bounds the labels (not
@@ -162,7 +172,7 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
         raise ValueError("--dataset is required: a Hub dataset name or a local csv/json/jsonl/parquet/txt file.")
     teacher_source = resolve_source(model_args.teacher)
     tokenizer_kwargs = {"gguf_file": model_args.teacher_gguf_file} if model_args.teacher_gguf_file else {}
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_args)
     teacher_labels, teacher_classes = None, None
     if model_args.task == "sequence-classification":
         config = AutoConfig.from_pretrained(teacher_source, trust_remote_code=model_args.trust_remote_code,
@@ -311,6 +321,43 @@ def lora_config(model_args: ModelArguments):
                  "causal-lm": TaskType.CAUSAL_LM}.get(model_args.task)
     return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
                       target_modules=model_args.lora_target_modules or "all-linear", task_type=task_type)
+
+
+def student_tokenizer_of(model_args: ModelArguments) -> Any:
+    """The tokenizer `--student` ships, or None when it ships none (it then uses the teacher's)."""
+    try:
+        return AutoTokenizer.from_pretrained(resolve_source(model_args.student),
+                                             trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+def cross_tokenizers(model_args: ModelArguments, args: Any) -> tuple[Any, Any] | None:
+    """(student tokenizer, teacher tokenizer) when `--student` has another vocabulary than the teacher's tokenizer
+    (`--teacher_tokenizer` or its own): a cross-tokenizer run, whose data is tokenised for the student. None: one
+    tokenizer. Settings a cross-tokenizer run cannot serve are refused here, before any model loads."""
+    if not model_args.student:
+        return None
+    student = student_tokenizer_of(model_args)
+    if student is None:
+        return None
+    teacher = load_tokenizer(model_args)
+    if student.get_vocab() == teacher.get_vocab():
+        return None
+    problems = []
+    if model_args.task != "causal-lm":
+        problems.append(f"--task {model_args.task} (it aligns next-token predictions: --task causal-lm)")
+    if model_args.teacher_cache:
+        problems.append("--teacher_cache (an offline cache holds teacher tokens of the teacher's own tokenisation: "
+                        "run the teacher live)")
+    if args.logits_weight > 0 and args.logits_loss not in CROSS_LOSSES:
+        problems.append(f"--logits_loss {args.logits_loss} (it compares ids token by token: use hybrid or uld)")
+    if problems:
+        raise ValueError(f"The student {model_args.student!r} has another tokenizer than the teacher's, so this is a "
+                         f"cross-tokenizer run, which cannot use: {'; '.join(problems)}.")
+    logger.info("The student %r has its own tokenizer: the data is tokenised for it and aligned to the teacher's "
+                "tokens.", model_args.student)
+    return with_pad_token(student), teacher
 
 
 def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code: bool,

@@ -98,8 +98,10 @@ def displayed(rows: list[Row]) -> list[tuple[str, str, str]]:
     return [(n, *("-" if v is None else fmt.format(v) for v in (t, s))) for n, t, s, fmt in rows]
 
 
-#: What an on-policy run logs besides its terms (`teachers.SampledCompletions.log_values`), shown in the report.
-SAMPLING_LOGS = ("generated_tokens", "completion_length", "sampled_share", "generation_seconds_per_step")
+#: What an on-policy run (`teachers.SampledCompletions.log_values`) and a cross-tokenizer run
+#: (`teachers.CrossTokenizerTeacher.log_values`) log besides their terms, shown in the report.
+SAMPLING_LOGS = ("generated_tokens", "completion_length", "sampled_share", "generation_seconds_per_step",
+                 "aligned_spans", "span_share")
 
 
 def write_report(folder: str, rows: list[Row], log_history: list[dict[str, Any]]) -> list[str]:
@@ -109,7 +111,7 @@ def write_report(folder: str, rows: list[Row], log_history: list[dict[str, Any]]
     table = ["| | teacher | student |", "|---|---|---|"] + [f"| {n} | {t} | {s} |" for n, t, s in displayed(rows)]
     terms = sorted({k for row in log_history for k in row
                     if k.endswith("_loss") and not k.startswith(("eval_", "train_"))})
-    terms += [k for k in SAMPLING_LOGS if any(k in row for row in log_history)]  # on-policy runs
+    terms += [k for k in SAMPLING_LOGS if any(k in row for row in log_history)]  # on-policy / cross-tokenizer
     steps = [row for row in log_history if "loss" in row and "step" in row]
     history = ["| step | loss | " + " | ".join(terms) + " |", "|---" * (len(terms) + 2) + "|"]
     for row in steps:

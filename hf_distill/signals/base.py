@@ -36,6 +36,8 @@ class SignalView:
         cache: per-batch results that several signals share (e.g. input gradients for Sobolev and GREAT).
         cached_targets: an offline teacher's top-k targets for the counted positions (a `CachedTargets`), when the
             teacher comes from a cache instead of a live model.
+        aligned: a teacher with another tokenizer: the batch's counted aligned spans (`cross_vocab.AlignedSpans`;
+            `teacher_logits` is then None).
     """
 
     student_logits: torch.Tensor
@@ -52,6 +54,7 @@ class SignalView:
     label_names: tuple[str, ...] = ("labels",)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
     cached_targets: Any = None
+    aligned: Any = None
     _counted: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _token_mask: torch.Tensor | None = field(default=None, repr=False)
 

@@ -159,7 +159,7 @@ class HiddenStateSignal(Signal):
     name = "hidden"
     weight_field = "hidden_weight"
     build_order = 20
-    option_fields = ("hidden_loss", "layer_map", "hidden_projection")
+    option_fields = ("hidden_loss", "layer_map", "hidden_projection", "hidden_span_pooling")
     option_choices = {"hidden_loss": HIDDEN_LOSSES, "hidden_projection": HIDDEN_PROJECTIONS}
     unit = "tokens"
     reads_logits = False
@@ -201,6 +201,8 @@ class HiddenStateSignal(Signal):
     def loss_sum(self, view: SignalView) -> torch.Tensor:
         student_states = output_field(view.student_outputs, "hidden_states", "student")
         teacher_states = output_field(view.teacher_outputs, "hidden_states", "teacher")
+        if view.aligned is not None:  # a teacher with another tokenizer: span means (`hidden_span_pooling`)
+            return self.span_loss_sum(student_states, teacher_states, view.aligned.pooling)
         mask = view.token_mask()
         distance = cosine_distance if self.kind == "cosine" else feature_mse
         total = None
@@ -211,6 +213,23 @@ class HiddenStateSignal(Signal):
                 projection = self.projections[key]
                 student = projection(student.to(projection.weight.dtype))
             value = distance(student, teacher_states[t][mask].detach()).sum()
+            total = value if total is None else total + value
+        return total / len(self.layer_map)
+
+    def span_loss_sum(self, student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor],
+                      pooling: Any) -> torch.Tensor:
+        """Across tokenizers: ``sum_spans n_s(span) (1 / |map|) sum_(s, t) d(P_st(mean_span h_s[s]),
+        mean_span h_t[t])``, each span weighted by its student tokens (one token per span: the per-token term)."""
+        weights = pooling.student_counts.to(student_states[0].device)
+        distance = cosine_distance if self.kind == "cosine" else feature_mse
+        total = None
+        for s, t in self.layer_map:
+            student = pooling.student(student_states[s])
+            key = f"{s}_{t}"
+            if key in self.projections:
+                projection = self.projections[key]
+                student = projection(student.to(projection.weight.dtype))
+            value = (distance(student, pooling.teacher(teacher_states[t]).detach()) * weights).sum()
             total = value if total is None else total + value
         return total / len(self.layer_map)
 

@@ -6,28 +6,21 @@ Every function takes logits of shape ``[N, V]`` (one row per counted position) a
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ..options import check_choice
 from .base import BuildContext, Signal, SignalView, upcast_half
+from .cross_vocab import CROSS_LOSSES, aligned_loss_sum, same_vocabulary_distance
+from .divergences import jsd_from_log_probs, kl_from_log_probs
 from .registry import register_signal
 
 #: The `logits_loss` kinds, in the order the docs list them.
-LOGITS_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd", "mse", "sampled_token")
+LOGITS_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd", "mse", "sampled_token", "uld", "hybrid")
 #: The kinds that compare temperature-softened distributions (and so take the T^2 factor).
-SOFT_LOSSES: frozenset[str] = frozenset({"forward_kl", "reverse_kl", "jsd", "tvd", "sampled_token"})
+SOFT_LOSSES: frozenset[str] = frozenset({"forward_kl", "reverse_kl", "jsd", "tvd", "sampled_token", "uld", "hybrid"})
 #: The kinds that read the token each position was followed by (the sampled one, on-policy).
 TOKEN_LOSSES: frozenset[str] = frozenset({"sampled_token"})
-
-
-def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p_v (log p_v - log q_v) per row, with 0 * log 0 = 0 (a NaN p stays NaN: never dropped)."""
-    p = log_p.exp()
-    terms = torch.where(p == 0, 0.0, p * (log_p - log_q))
-    return terms.sum(dim=-1)
 
 
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -36,12 +29,12 @@ def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Forward KL per row: KL(p_t || p_s) = sum_v p_t (log p_t - log p_s), with p = softmax(z / T) (Hinton 2015)."""
-    return _kl_from_log_probs(_log_softmax(teacher_logits, temperature), _log_softmax(student_logits, temperature))
+    return kl_from_log_probs(_log_softmax(teacher_logits, temperature), _log_softmax(student_logits, temperature))
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Reverse KL per row: KL(p_s || p_t) = sum_v p_s (log p_s - log p_t), with p = softmax(z / T)."""
-    return _kl_from_log_probs(_log_softmax(student_logits, temperature), _log_softmax(teacher_logits, temperature))
+    return kl_from_log_probs(_log_softmax(student_logits, temperature), _log_softmax(teacher_logits, temperature))
 
 
 def generalized_jsd(
@@ -52,15 +45,8 @@ def generalized_jsd(
     ``JSD_beta = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s``;
     beta = 0 is defined as KL(p_t || p_s) and beta = 1 as KL(p_s || p_t), as in TRL's `GKDTrainer`.
     """
-    log_s = _log_softmax(student_logits, temperature)
-    log_t = _log_softmax(teacher_logits, temperature)
-    if beta == 0:
-        return _kl_from_log_probs(log_t, log_s)
-    if beta == 1:
-        return _kl_from_log_probs(log_s, log_t)
-    # log m = log((1 - beta) p_s + beta p_t), elementwise (a logsumexp over a stacked pair is ~10x slower on CPU)
-    log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
-    return beta * _kl_from_log_probs(log_t, log_m) + (1 - beta) * _kl_from_log_probs(log_s, log_m)
+    return jsd_from_log_probs(_log_softmax(student_logits, temperature), _log_softmax(teacher_logits, temperature),
+                              beta)
 
 
 def total_variation(
@@ -116,6 +102,8 @@ def logits_divergence(
         if tokens is None:
             raise ValueError("logits_loss='sampled_token' reads the token that followed each position: pass `tokens`.")
         values = sampled_token_kl(student_logits, teacher_logits, tokens, temperature)
+    elif kind in CROSS_LOSSES:  # (one vocabulary here: across tokenizers the spans go through `aligned_loss_sum`)
+        values = same_vocabulary_distance(kind, student_logits, teacher_logits, temperature, jsd_beta)
     else:
         check_choice("logits_loss", kind, LOGITS_LOSSES)
         raise AssertionError(kind)  # (a kind in LOGITS_LOSSES without a branch above)
@@ -133,23 +121,26 @@ class LogitsSignal(Signal):
     name = "logits"
     weight_field = "logits_weight"
     build_order = 10
-    option_fields = ("logits_loss", "temperature", "jsd_beta", "scale_by_temperature_squared")
+    option_fields = ("logits_loss", "temperature", "jsd_beta", "scale_by_temperature_squared", "hybrid_matched_weight")
     option_choices = {"logits_loss": LOGITS_LOSSES}
     is_output_term = True
     works_from_cache = True
 
     def __init__(
-        self, kind: str, temperature: float, jsd_beta: float = 0.5, scale_by_temperature_squared: bool = True
+        self, kind: str, temperature: float, jsd_beta: float = 0.5, scale_by_temperature_squared: bool = True,
+        hybrid_matched_weight: float | None = None,
     ) -> None:
         self.kind = kind  # (checked by `check_options` with the settings, and by `logits_divergence` when used)
         self.temperature = temperature
         self.jsd_beta = jsd_beta
         self.scale_by_temperature_squared = scale_by_temperature_squared
+        self.hybrid_matched_weight = hybrid_matched_weight
 
     @classmethod
     def from_config(cls, context: BuildContext) -> "LogitsSignal":
         args = context.args
-        return cls(args.logits_loss, args.temperature, args.jsd_beta, args.scale_by_temperature_squared)
+        return cls(args.logits_loss, args.temperature, args.jsd_beta, args.scale_by_temperature_squared,
+                   getattr(args, "hybrid_matched_weight", None))
 
     @property
     def needs_tokens(self) -> bool:
@@ -162,6 +153,9 @@ class LogitsSignal(Signal):
         return self.kind in SOFT_LOSSES
 
     def loss_sum(self, view: SignalView) -> torch.Tensor:
+        if view.aligned is not None:  # a teacher with another tokenizer: over the batch's aligned spans
+            return aligned_loss_sum(view.student_logits, view.aligned, self.kind, self.temperature, self.jsd_beta,
+                                    self.hybrid_matched_weight, self.scale_by_temperature_squared)
         if view.cached_targets is not None:
             targets = view.cached_targets
             return bucket_divergence(
@@ -193,6 +187,11 @@ def topk_bucket_log_probs(student_logits: torch.Tensor, ids: torch.Tensor, tempe
 
 def check_cacheable(kind: str) -> None:
     """A top-k teacher cache holds temperature-softened log-probabilities: only the soft kinds can learn from it."""
+    if kind in CROSS_LOSSES:
+        raise ValueError(
+            f"logits_loss={kind!r} sorts the teacher's whole distribution, which a top-k cache does not hold: use a "
+            "live teacher, or forward_kl / reverse_kl / jsd with the cache."
+        )
     if kind in TOKEN_LOSSES:
         raise ValueError(
             f"logits_loss={kind!r} reads the teacher's log-probability of every sampled token, which a top-k cache does "

@@ -5,6 +5,7 @@ picks one from what the trainer was given.
 - `RouteTeachers`: checkpoint routes (RCO), one anchor in memory at a time;
 - `SelfDistillation`: a PEFT student's base model with its adapters disabled;
 - `CachedTeacher`: an offline top-k cache carried by the training set;
+- `CrossTokenizerTeacher`: wraps a live source whose teacher has another tokenizer (aligned spans of the text);
 - `SampledCompletions`: wraps one of these for on-policy distillation (the student's own samples, lmbda) and seq_kd;
 - `NoTeacher`: the task loss alone.
 A new kind of teacher is one `TeacherSource` subclass, passed as ``DistillationTrainer(teacher_source=...)``.
@@ -21,6 +22,7 @@ from ..teacher_cache import cache_manifest
 from .adapter import AdapterDisabledTeacher, SelfDistillation
 from .base import NoTeacher, TeacherOutputs, TeacherRequest, TeacherSource, prepare_batch
 from .cached import CachedTeacher
+from .cross import CrossTokenizerTeacher, cross_tokenizer_source
 from .live import LiveTeachers, combine_teacher_logits
 from .route import (
     RouteTeachers,
@@ -36,6 +38,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "AdapterDisabledTeacher",
     "CachedTeacher",
+    "CrossTokenizerTeacher",
     "LiveTeachers",
     "NoTeacher",
     "RouteTeachers",
@@ -48,6 +51,7 @@ __all__ = [
     "TeacherSource",
     "anchor_at",
     "combine_teacher_logits",
+    "cross_tokenizer_source",
     "load_checkpoint_model",
     "on_policy_source",
     "prepare_batch",

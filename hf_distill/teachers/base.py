@@ -53,6 +53,7 @@ class TeacherOutputs:
     combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None  #: head_only: combines chunks' logits
     features: torch.Tensor | None = None  #: the first teacher's feature
     cached: Any = None  #: an offline teacher's `CachedTargets` for the counted positions
+    aligned: Any = None  #: a teacher with another tokenizer: the batch's counted aligned spans (`AlignedSpans`)
 
 
 class TeacherSource:
@@ -60,6 +61,9 @@ class TeacherSource:
 
     #: whether this source gives teacher outputs at all (False: a run on the task loss alone)
     has_teacher: bool = True
+    #: whether the teacher has its own tokens (another tokenizer): its outputs come as aligned spans, the student's
+    #: output term reads full logits, and output sizes are not compared
+    aligns_tokens: bool = False
 
     @property
     def models(self) -> list[nn.Module]:

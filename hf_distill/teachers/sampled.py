@@ -167,6 +167,10 @@ class SampledCompletions(TeacherSource):
         return self.inner.has_teacher
 
     @property
+    def aligns_tokens(self) -> bool:  # type: ignore[override]
+        return self.inner.aligns_tokens
+
+    @property
     def models(self) -> list[nn.Module]:
         return self.inner.models
 
