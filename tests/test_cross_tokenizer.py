@@ -139,6 +139,8 @@ def test_uld_and_the_hybrid_equal_their_hand_formulas():
     assert float(hybrid_distance(p_s, p_t, vocab, beta=0.5)) == pytest.approx(0.5 * jsd + 0.5 * rest, rel=1e-6)
     assert float(hybrid_distance(p_s, p_t, vocab, 0.5, matched_weight=0.8)) == pytest.approx(
         0.8 * jsd + 0.2 * rest, rel=1e-6)
+    assert float(hybrid_distance(p_s, p_t, vocab, 0.5, matched_weight=1.0)) == pytest.approx(jsd, rel=1e-6)
+    assert float(hybrid_distance(p_s, p_t, vocab, 0.5, matched_weight=0.0)) == pytest.approx(rest, rel=1e-6)
     assert float(clamped_jsd(a[None], b[None], 0.0)) == pytest.approx(float((b * (b / a).log()).sum()), rel=1e-6)
 
 

@@ -66,9 +66,12 @@ def hybrid_distance(p_s: torch.Tensor, p_t: torch.Tensor, vocab: VocabularyMap |
     device = p_s.device
     s_mask, t_mask = vocab.masks(p_s.shape[-1], p_t.shape[-1], device)
     weight = len(vocab) / p_t.shape[-1] if matched_weight is None else matched_weight
-    matched = clamped_jsd(p_s[:, vocab.student_ids.to(device)], p_t[:, vocab.teacher_ids.to(device)], beta)
-    rest = sorted_l1(p_s[:, ~s_mask], p_t[:, ~t_mask])
-    return weight * matched + (1 - weight) * rest
+    total = 0.0
+    if weight > 0:
+        total = weight * clamped_jsd(p_s[:, vocab.student_ids.to(device)], p_t[:, vocab.teacher_ids.to(device)], beta)
+    if weight < 1:
+        total = total + (1 - weight) * sorted_l1(p_s[:, ~s_mask], p_t[:, ~t_mask])
+    return total
 
 
 def span_log_probs(logits: torch.Tensor, tokens: torch.Tensor, group: torch.Tensor, last: torch.Tensor,
