@@ -323,11 +323,10 @@ def lora_config(model_args: ModelArguments):
                       target_modules=model_args.lora_target_modules or "all-linear", task_type=task_type)
 
 
-def student_tokenizer_of(model_args: ModelArguments) -> Any:
+def student_tokenizer_of(student_source: str, trust_remote_code: bool) -> Any:
     """The tokenizer `--student` ships, or None when it ships none (it then uses the teacher's)."""
     try:
-        return AutoTokenizer.from_pretrained(resolve_source(model_args.student),
-                                             trust_remote_code=model_args.trust_remote_code)
+        return AutoTokenizer.from_pretrained(resolve_source(student_source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
 
@@ -338,7 +337,7 @@ def cross_tokenizers(model_args: ModelArguments, args: Any) -> tuple[Any, Any] |
     tokenizer. Settings a cross-tokenizer run cannot serve are refused here, before any model loads."""
     if not model_args.student:
         return None
-    student = student_tokenizer_of(model_args)
+    student = student_tokenizer_of(model_args.student, model_args.trust_remote_code)
     if student is None:
         return None
     teacher = load_tokenizer(model_args)
@@ -364,10 +363,8 @@ def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code
                           chat: bool = False) -> None:
     """A student with its own tokenizer must share the teacher's vocabulary (token -> id) and, for chat data
     (`chat`), render conversations to the same ids (`chat.check_same_rendering`)."""
-    try:
-        student_tokenizer = AutoTokenizer.from_pretrained(resolve_source(student_source),
-                                                          trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
+    student_tokenizer = student_tokenizer_of(student_source, trust_remote_code)
+    if student_tokenizer is None:
         return  # the student ships no tokenizer: it is used with the teacher's
     if student_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(
