@@ -68,11 +68,13 @@ def decoded_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, Offsets]:
     return text, offsets
 
 
-def teacher_offsets(tokenizer: Any, texts: Sequence[str], max_length: int | None = None) -> tuple[list, list[Offsets]]:
-    """The teacher's tokens of each text (with its special tokens, e.g. BOS) and their character offsets (special
-    tokens: empty spans); refuses offsets that leave text uncovered (`check_coverage`)."""
+def teacher_offsets(tokenizer: Any, texts: Sequence[str], max_length: int | None = None,
+                    add_special_tokens: bool = True) -> tuple[list, list[Offsets]]:
+    """The teacher's tokens of each text (with its special tokens, e.g. BOS, unless `add_special_tokens` is False)
+    and their character offsets (special tokens: empty spans); refuses offsets that leave text uncovered
+    (`check_coverage`)."""
     check_fast(tokenizer, "teacher")
-    encoded = tokenizer(list(texts), add_special_tokens=True, return_offsets_mapping=True,
+    encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=True,
                         return_special_tokens_mask=True, truncation=max_length is not None, max_length=max_length)
     rows, offsets = [], []
     for text, ids, spans, special in zip(texts, encoded["input_ids"], encoded["offset_mapping"],

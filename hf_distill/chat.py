@@ -33,6 +33,8 @@ logger = logging.get_logger(__name__)
 DATA_FORMATS = ("text", "messages", "prompt_completion", "prompt_only")
 ROLES = ("system", "user", "assistant", "tool")
 IGNORE_INDEX = -100
+#: A row's prompt rendered by a teacher of another tokenizer with its own template (`data.with_teacher_prompts`).
+TEACHER_PROMPTS = "teacher_prompt_ids"
 
 
 def detect_format(columns: Sequence[str], forced: str | None = None) -> str:
@@ -172,7 +174,8 @@ def prompt_row(row: dict[str, Any], tokenizer: Any, max_length: int | None = Non
         raise ValueError("Prompt-only `messages` must end with a user turn (the model writes the answer).")
     ids = prompt_ids(tokenizer, prompt)
     a, b = _window(len(ids), max_length, "left")
-    return {"input_ids": ids[a:b], "attention_mask": [1] * (b - a), "labels": [IGNORE_INDEX] * (b - a)}
+    extra = {TEACHER_PROMPTS: list(row[TEACHER_PROMPTS])} if TEACHER_PROMPTS in row else {}
+    return {"input_ids": ids[a:b], "attention_mask": [1] * (b - a), "labels": [IGNORE_INDEX] * (b - a), **extra}
 
 
 def _window(length: int, max_length: int | None, side: str) -> tuple[int, int]:
@@ -225,6 +228,8 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, data_format: str, max_leng
            "labels": [i if c else IGNORE_INDEX for i, c in zip(ids[a:b], counted[a:b])]}
     if stored is not None:
         out.update(_cached_columns(row, len(row["prompt_ids"]), (a, b)))
+    if TEACHER_PROMPTS in row:
+        out[TEACHER_PROMPTS] = list(row[TEACHER_PROMPTS])
     return out
 
 
@@ -297,6 +302,8 @@ class CompletionCollator:
         batch = {}
         for key, fill in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
             batch[key] = torch.tensor([list(f[key]) + [fill] * (width - len(f[key])) for f in features])
+        if TEACHER_PROMPTS in features[0]:  # ragged: kept as lists
+            batch[TEACHER_PROMPTS] = [list(f[TEACHER_PROMPTS]) for f in features]
         return batch
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import datasets
 from transformers.utils import logging
 
-from .chat import DATA_FORMATS, IGNORE_INDEX, detect_format, prepare_chat_dataset
+from .chat import DATA_FORMATS, IGNORE_INDEX, TEACHER_PROMPTS, detect_format, prepare_chat_dataset, prompt_ids
 from .generate import is_generations, load_generations
 from .options import check_choice
 
@@ -160,7 +160,7 @@ def _text_columns(data: DataArguments) -> list[str]:
 def prepare_datasets(
     task: str, train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any, data: DataArguments,
     teacher_labels: dict[int, str] | None = None, teacher_num_labels: int | None = None,
-    require_labels: bool = True, prompts: bool = False,
+    require_labels: bool = True, prompts: bool = False, teacher_tokenizer: Any = None,
 ) -> PreparedData:
     """Tokenise both splits for `task` with the teacher's tokenizer.
 
@@ -168,7 +168,8 @@ def prepare_datasets(
     (`teacher_labels`), integers by value, else the sorted names); without `require_labels` a split may have no label
     column (unlabelled transfer data); regression labels become floats; causal-LM text is concatenated and cut into `block_size` blocks (the collator makes labels);
     masked-LM text is truncated (the MLM collator masks and makes labels). `prompts`: prompt-only data is accepted
-    (rows that count nothing, completed on-policy).
+    (rows that count nothing, completed on-policy). `teacher_tokenizer` (a teacher of another tokenizer): chat rows
+    also carry their prompt in the teacher's template (`with_teacher_prompts`).
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
@@ -185,6 +186,8 @@ def prepare_datasets(
     if task == "causal-lm":
         data_format = _lm_format(train, data)
         if data_format != "text":
+            if teacher_tokenizer is not None:
+                train, held_out = (with_teacher_prompts(split, teacher_tokenizer) for split in (train, held_out))
             return _chat_splits(train, held_out, tokenizer, data, data_format, prompts)
         text_columns = [data.text_column]
     for split in (train, held_out):
@@ -274,6 +277,29 @@ def _lm_format(train: datasets.Dataset, data: DataArguments) -> str:
     if data.data_format != "auto":
         return data.data_format
     return "text" if data.text_column in train.column_names else detect_format(train.column_names)
+
+
+def with_teacher_prompts(dataset: datasets.Dataset, teacher_tokenizer: Any) -> datasets.Dataset:
+    """Conversational rows with `chat.TEACHER_PROMPTS`: each row's prompt (the turns before its assistant answer)
+    rendered with the teacher's tokenizer and chat template, for a teacher of another tokenizer, which then reads the
+    conversation in its own format while the answer's text is aligned; other rows unchanged. A conversation with
+    more than one assistant turn is refused (only the last answer could be aligned)."""
+    data_format = detect_format(dataset.column_names)
+    first = dataset[0] if len(dataset) else {}
+    if data_format not in ("messages", "prompt_completion", "prompt_only") or isinstance(
+            first.get("prompt", first.get("messages")), str):
+        return dataset
+
+    def render(row: dict[str, Any]) -> dict[str, list[int]]:
+        turns = row["messages"] if "messages" in row else row["prompt"]
+        answers = [i for i, turn in enumerate(turns) if turn["role"] == "assistant"]
+        if len(answers) > 1:
+            raise ValueError(f"A conversation with {len(answers)} assistant turns cannot be aligned to a teacher of "
+                             "another tokenizer (each turn would need its own alignment): split it into one row per "
+                             "answer, each with the turns before it as its prompt.")
+        return {TEACHER_PROMPTS: prompt_ids(teacher_tokenizer, turns[: answers[0]] if answers else turns)}
+
+    return dataset.map(render, desc="Rendering prompts for the teacher")
 
 
 def _chat_splits(train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any, data: DataArguments,

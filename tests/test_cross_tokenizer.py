@@ -388,3 +388,98 @@ def test_on_policy_samples_are_decoded_and_aligned_for_a_teacher_of_another_toke
     # " a small student model" + stop per row: 4 spans of words, the stop token (special) in none
     assert log["generated_tokens"] == 4 * (len(answer) + 1)
     assert 0 < log["aligned_spans"] <= 4 * len(answer) and log["logits_loss"] > 0
+
+
+GEMMA_LIKE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+              "m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}"
+              "<start_of_turn>model\n{% endif %}")
+
+
+def chat_version(make, template, specials, eos):
+    import copy
+
+    tokenizer = copy.deepcopy(make())
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.eos_token = eos
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_chat_rows_reach_the_teacher_in_its_own_template_and_only_the_answers_are_aligned(tmp_path):
+    """A ChatML byte-level student and a Gemma-style SentencePiece teacher: each row's prompt reaches the teacher in
+    the teacher's own template (`data.with_teacher_prompts`), followed by the teacher's tokens of the student's
+    answer text; the spans cover the answers only (no template text is aligned); a conversation with two answers is
+    refused."""
+    from hf_distill.chat import prepare_chat_dataset
+    from hf_distill.data import with_teacher_prompts
+
+    from .test_chat_data import CHATML
+
+    student_tok = chat_version(KINDS["byte_bpe"], CHATML, ["<|im_start|>", "<|im_end|>"], "<|im_end|>")
+    teacher_tok = chat_version(KINDS["sentencepiece"], GEMMA_LIKE, ["<start_of_turn>", "<end_of_turn>"],
+                               "<end_of_turn>")
+    questions = ["What did the café serve?", "Why distil?", "Where do words end?", "Which emoji show up?"]
+    answers = ["crème brûlée", "knowledge transfers", "tokenizers disagree", "🙂 and 🚀"]
+    raw = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in questions],
+                                      "completion": [[{"role": "assistant", "content": a}] for a in answers]})
+    rows, collator = prepare_chat_dataset(with_teacher_prompts(raw, teacher_tok), student_tok)
+    assert "teacher_prompt_ids" in rows.column_names
+    trainer = DistillationTrainer(
+        model=tiny_llama(vocab=len(student_tok), layers=1, seed=2), teacher_model=tiny_llama(vocab=len(teacher_tok)),
+        args=DistillationConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, save_strategy="no",
+                                per_device_train_batch_size=4, max_steps=1, logging_steps=1, disable_tqdm=True,
+                                logits_loss="hybrid", temperature=1.0, train_sampling_strategy="sequential"),
+        train_dataset=rows, data_collator=collator, processing_class=student_tok, teacher_processing_class=teacher_tok)
+    inner, seen = trainer.teacher_source.inner, []
+    original = inner.outputs
+    inner.outputs = lambda inputs, request: seen.append(inputs["input_ids"].clone()) or original(inputs, request)
+    trainer.train()
+    for row, question, answer in zip(seen[0].tolist(), questions, answers):
+        prompt = teacher_tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                 add_generation_prompt=True)
+        expected = (teacher_tok(prompt, add_special_tokens=False)["input_ids"]
+                    + teacher_tok(answer, add_special_tokens=False)["input_ids"])
+        assert row[: len(expected)] == expected
+        assert "<|im_start|>" not in teacher_tok.decode(row) and "<start_of_turn>model" in teacher_tok.decode(row)
+    answer_tokens = sum(len(student_tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    log = trainer.state.log_history[0]
+    assert 4 <= log["aligned_spans"] <= answer_tokens and log["logits_loss"] > 0
+    # on-policy: the student's samples follow the teacher's rendering of the same prompts
+    sample = student_tok(" tokenizers disagree", add_special_tokens=False)["input_ids"]
+    on_policy = DistillationTrainer(
+        model=tiny_llama(vocab=len(student_tok), layers=1, seed=2), teacher_model=tiny_llama(vocab=len(teacher_tok)),
+        args=DistillationConfig(output_dir=str(tmp_path / "op"), report_to=[], use_cpu=True, save_strategy="no",
+                                per_device_train_batch_size=4, max_steps=1, disable_tqdm=True, lmbda=1.0,
+                                max_new_tokens=6, logits_loss="uld", temperature=1.0, num_generations=2,
+                                train_sampling_strategy="sequential"),
+        train_dataset=rows, data_collator=collator, processing_class=student_tok, teacher_processing_class=teacher_tok)
+    on_policy.teacher_source.generate_fn = lambda m, p, settings, seed: [sample + [settings.stop_ids[0]] for _ in p * 2]
+    inner, seen = on_policy.teacher_source.inner.inner, []
+    original = inner.outputs
+    inner.outputs = lambda inputs, request: seen.append(inputs["input_ids"].clone()) or original(inputs, request)
+    on_policy.train()
+    assert seen[0].shape[0] == 8
+    for r, row in enumerate(seen[0].tolist()):
+        prompt = teacher_tok.apply_chat_template([{"role": "user", "content": questions[r // 2]}], tokenize=False,
+                                                 add_generation_prompt=True)
+        expected = (teacher_tok(prompt, add_special_tokens=False)["input_ids"]
+                    + teacher_tok(student_tok.decode(sample), add_special_tokens=False)["input_ids"])
+        assert row[: len(expected)] == expected
+    two_answers = datasets.Dataset.from_dict({"messages": [[
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]]})
+    with pytest.raises(ValueError, match="2 assistant turns cannot be aligned"):
+        with_teacher_prompts(two_answers, teacher_tok)
+    # the command line does the same with chat data and a --student of another tokenizer
+    from hf_distill.cli.jobs import distill_main
+
+    from .test_chat_data import _argv
+
+    for name, tok, seed in (("teacher", teacher_tok, 1), ("student_in", student_tok, 2)):
+        tiny_llama(vocab=len(tok), layers=1, seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    data = tmp_path / "chat.jsonl"
+    raw.to_json(str(data))
+    summary = distill_main(_argv(tmp_path, tmp_path / "teacher", data, "--student", str(tmp_path / "student_in"),
+                                 "--logits_loss", "hybrid", "--logging_steps", "1"))
+    assert float(dict((n, s) for n, _, s in summary["rows"])["held-out perplexity"]) > 1

@@ -91,7 +91,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     labelled = bool(label_weights(args))
     pair = cross_tokenizers(model_args, args)  # a student with another tokenizer: (its tokenizer, the teacher's)
     tokenizer, data = prepare_inputs(model_args, data_args, args, require_labels=labelled,
-                                     tokenizer=pair[0] if pair else None)
+                                     tokenizer=pair[0] if pair else None, teacher_tokenizer=pair[1] if pair else None)
     task = model_args.task
     if data_args.packing:
         check_packing_data(data, task)
@@ -160,7 +160,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     trainer.save_model(args.output_dir, _internal_call=True)  # the push comes last, once
 
     batch = next(iter(trainer.get_eval_dataloader()))
-    batch = {k: v.to(args.device) for k, v in batch.items() if k != "labels"}
+    batch = {k: v.to(args.device) for k, v in batch.items() if k != "labels" and torch.is_tensor(v)}
     speed = {"teacher": throughput(teacher, batch) if pair is None else None,
              "student": throughput(trainer.model, batch)}
     teacher_size = folder_size(resolve_source(model_args.teacher) if not model_args.teacher_gguf_file else None)

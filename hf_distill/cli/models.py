@@ -161,7 +161,8 @@ def _dataset_path(name: str) -> str:
 
 
 def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments | CacheArguments,
-                   teacher_head_trained: bool = True, require_labels: bool = True, tokenizer: Any = None):
+                   teacher_head_trained: bool = True, require_labels: bool = True, tokenizer: Any = None,
+                   teacher_tokenizer: Any = None):
     """Tokenizer and tokenised splits for a job (the teacher's tokenizer); `args` gives the seed of the held-out
     split (and, for training jobs, `main_process_first`). Classification labels become the teacher's class ids
     (`hf_distill.data.label_plan`); `teacher_head_trained`: the teacher's number of classes bounds the labels (not
@@ -194,7 +195,8 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
         # on-policy runs that sample every micro-batch (lmbda=1, seq_kd) can train on prompts alone
         prompts = getattr(args, "lmbda", 0) >= 1 or getattr(args, "seq_kd", False)
         prepared = prepare_datasets(model_args.task, train, held_out, tokenizer, data_args, teacher_labels,
-                                    teacher_classes, require_labels, prompts=prompts)
+                                    teacher_classes, require_labels, prompts=prompts,
+                                    teacher_tokenizer=teacher_tokenizer)
         if transfer is not None:
             prepared.train = add_transfer_set(prepared.train, transfer[data_args.transfer_split], tokenizer, data_args)
     if prepared.labels is not None and prepared.labels.warning and teacher_head_trained:

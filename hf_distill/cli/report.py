@@ -39,7 +39,7 @@ def evaluate_model(model: torch.nn.Module, trainer: Trainer, task: str) -> dict[
     device = trainer.args.device
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of the per-example values, count)
     for batch in trainer.get_eval_dataloader():
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}  # (not a teacher's prompt lists)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         if task == "sequence-classification":

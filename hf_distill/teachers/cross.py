@@ -22,7 +22,8 @@ from torch import nn
 from transformers.utils import logging
 
 from ..accounting import PositionUnit, infer_position_unit
-from ..alignment import VocabularyMap, align_spans, check_fast, decoded_offsets, teacher_offsets
+from ..alignment import Offsets, VocabularyMap, align_spans, check_fast, decoded_offsets, teacher_offsets
+from ..chat import TEACHER_PROMPTS
 from ..signals.chunked import auto_chunk_size, chunking_obstacle, output_head
 from ..signals.cross_vocab import CROSS_LOSSES, AlignedSpans, SpanPooling, SpanSide, describe_vocab
 from .base import TeacherOutputs, TeacherRequest, TeacherSource, prepare_batch
@@ -114,15 +115,15 @@ class CrossTokenizerTeacher(TeacherSource):
         ids, attention = inputs["input_ids"], inputs.get("attention_mask")
         device, width = ids.device, ids.shape[1]
         counted, id_rows = request.mask.tolist(), ids.tolist()
-        rows, texts, offsets = [], [], []
-        for b in range(ids.shape[0]):
+        rows, offsets, teacher_ids, teacher_spans = [], [], [], []
+        for b, (row_ids, t_prompt) in enumerate(zip(id_rows, inputs.get(TEACHER_PROMPTS) or [None] * len(id_rows))):
             keep = attention[b].bool() if torch.is_tensor(attention) else torch.ones_like(ids[b], dtype=torch.bool)
             positions = keep.nonzero().flatten().tolist()
-            text, spans = decoded_offsets(self.student_tokenizer, [id_rows[b][p] for p in positions])
+            t_row, s_off, t_off = self._row(positions, row_ids, counted[b], t_prompt)
             rows.append(positions)
-            texts.append(text)
-            offsets.append(spans)
-        teacher_ids, teacher_spans = teacher_offsets(self.teacher_tokenizer, texts)
+            offsets.append(s_off)
+            teacher_ids.append(t_row)
+            teacher_spans.append(t_off)
         s_rows, s_tokens, s_sizes, t_positions, t_tokens, t_sizes = [], [], [], [], [], []
         pooled: list[tuple[list[int], list[tuple[int, int]]]] = []  # every span's token positions (hidden states)
         for b, (positions, s_off, t_ids, t_off) in enumerate(zip(rows, offsets, teacher_ids, teacher_spans)):
@@ -158,6 +159,23 @@ class CrossTokenizerTeacher(TeacherSource):
             self._teacher_logits(result, needed, head_only), self.vocab, self._chunk_rows(), pooling,
         )
         return TeacherOutputs(model=self.first_model, outputs=result.outputs, aligned=aligned)
+
+    def _row(self, positions: list[int], row_ids: list[int], counted: list[bool],
+             teacher_prompt: list[int] | None) -> tuple[list[int], Offsets, Offsets]:
+        """One row for the teacher: its ids and both sides' character offsets. Plain rows: the whole decoded text,
+        tokenised by the teacher. Chat rows with the teacher's own rendering of their prompt: that prompt (covering
+        no text) followed by the teacher's tokens of the answer's text; the student's prompt covers no text either,
+        so only the answer is aligned."""
+        ids = [row_ids[p] for p in positions]
+        if teacher_prompt is None:
+            text, s_off = decoded_offsets(self.student_tokenizer, ids)
+            (t_row,), (t_off,) = teacher_offsets(self.teacher_tokenizer, [text])
+            return t_row, s_off, t_off
+        start = next((k + 1 for k, p in enumerate(positions[:-1]) if counted[p]), len(ids))  # the first answer token
+        text, s_off = decoded_offsets(self.student_tokenizer, ids[start:])
+        (t_answer,), (t_off,) = teacher_offsets(self.teacher_tokenizer, [text], add_special_tokens=False)
+        return (list(teacher_prompt) + t_answer, [(0, 0)] * start + s_off,
+                [(0, 0)] * len(teacher_prompt) + t_off)
 
     def _teacher_batch(self, teacher_ids: list[list[int]], positions: list[tuple[int, int]],
                        device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -211,10 +229,10 @@ class CrossTokenizerTeacher(TeacherSource):
         return values
 
     def input_columns(self) -> list[str]:
-        return self.inner.input_columns()
+        return [*self.inner.input_columns(), TEACHER_PROMPTS]
 
     def batch_only_keys(self) -> tuple[str, ...]:
-        return self.inner.batch_only_keys()
+        return (*self.inner.batch_only_keys(), TEACHER_PROMPTS)
 
     def on_step(self, state: Any) -> None:
         self._training = True

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..chat import end_completion, left_padded, stop_ids
+from ..chat import TEACHER_PROMPTS, end_completion, left_padded, stop_ids
 from ..modeling import unwrap
 from .base import TeacherSource
 
@@ -243,8 +243,12 @@ class SampledCompletions(TeacherSource):
         self._stats[0] += sum(map(len, completions))
         self._stats[1] += len(completions)
         device = batch["input_ids"].device
-        return completion_batch(prompts, completions, self.settings.num_generations, self.settings.pad_id, device,
-                                self.label_name)
+        out = completion_batch(prompts, completions, self.settings.num_generations, self.settings.pad_id, device,
+                               self.label_name)
+        if TEACHER_PROMPTS in batch:  # (a teacher of another tokenizer reads each row's prompt in its own template)
+            out[TEACHER_PROMPTS] = [batch[TEACHER_PROMPTS][r // self.settings.num_generations]
+                                    for r in range(len(completions))]
+        return out
 
     def log_values(self) -> dict[str, float]:
         """Since the last log, over all processes: ``generated_tokens``, ``completion_length`` (mean tokens per
