@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_distill import DistillationConfig, DistillationTrainer  # noqa: E402
-from tests.conftest import lm_dataset, tiny_llama  # noqa: E402
+from tests.conftest import leave, lm_dataset, tiny_llama  # noqa: E402
 
 
 def main() -> None:
@@ -41,3 +41,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave()

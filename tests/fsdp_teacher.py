@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_distill import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_distill.engines import fully_shard_teacher  # noqa: E402
-from tests.conftest import lm_dataset, tiny_llama  # noqa: E402
+from tests.conftest import leave, lm_dataset, tiny_llama  # noqa: E402
 
 
 def main() -> None:
@@ -47,8 +47,10 @@ def main() -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"same_logits": same_logits, "local_block_params": local, "full_block_params": full,
                    "losses": losses, "teacher_grads": len(grads)}, f)
+    dist.barrier()  # (no rank leaves while another still talks to it)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    leave()

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_distill import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_distill.chat import prepare_chat_dataset  # noqa: E402
-from tests.conftest import tiny_llama  # noqa: E402
+from tests.conftest import leave, tiny_llama  # noqa: E402
 from tests.test_chat_data import CHATML, chat_tokenizer  # noqa: E402
 from tests.test_on_policy import VOCAB, chat_rows, fixed_completions  # noqa: E402
 
@@ -64,3 +64,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave()
