@@ -68,14 +68,14 @@ def decoded_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, Offsets]:
     return text, offsets
 
 
-def teacher_offsets(tokenizer: Any, texts: Sequence[str], max_length: int | None = None,
-                    add_special_tokens: bool = True) -> tuple[list, list[Offsets]]:
+def teacher_offsets(tokenizer: Any, texts: Sequence[str],
+                    add_special_tokens: bool = True) -> tuple[list[list[int]], list[Offsets]]:
     """The teacher's tokens of each text (with its special tokens, e.g. BOS, unless `add_special_tokens` is False)
     and their character offsets (special tokens: empty spans); refuses offsets that leave text uncovered
     (`check_coverage`)."""
     check_fast(tokenizer, "teacher")
     encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=True,
-                        return_special_tokens_mask=True, truncation=max_length is not None, max_length=max_length)
+                        return_special_tokens_mask=True)
     rows, offsets = [], []
     for text, ids, spans, special in zip(texts, encoded["input_ids"], encoded["offset_mapping"],
                                          encoded["special_tokens_mask"]):
@@ -84,8 +84,7 @@ def teacher_offsets(tokenizer: Any, texts: Sequence[str], max_length: int | None
             (a, b), (c, d) = spans[k], spans[k + 1]
             if b > a and d > c and c < b:
                 spans[k] = (a, max(b, d))
-        if max_length is None or len(ids) < max_length:
-            check_coverage(text, spans, "teacher")
+        check_coverage(text, spans, "teacher")
         rows.append(list(ids))
         offsets.append(spans)
     return rows, offsets

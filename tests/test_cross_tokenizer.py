@@ -181,6 +181,10 @@ def test_aligned_losses_have_the_finite_difference_gradient_and_chunking_changes
         assert float(aligned_loss_sum(z, chunked, kind, 1.5, 0.3)) == pytest.approx(float(loss(z)), rel=1e-12)
     with pytest.raises(ValueError, match="cannot hold one aligned span of 3 teacher tokens"):
         hand_spans(vocab, chunk_rows=2)[0].chunks()
+    none = torch.zeros(0, dtype=torch.long)  # a micro-batch without a counted span: zero, on the student's graph
+    empty = SpanSide(none, none, none, torch.zeros(1, dtype=torch.long))
+    nothing = aligned_loss_sum(z, AlignedSpans(empty, empty, lambda rows: None, vocab, 3), kind)
+    assert float(nothing.detach()) == 0 and nothing.requires_grad
 
 
 @pytest.mark.parametrize("hybrid", [False, True])

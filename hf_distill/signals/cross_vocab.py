@@ -170,7 +170,8 @@ class AlignedSpans:
                 ranges.append((g0, g))
                 g0, rows = g, 0
             rows += size
-        ranges.append((g0, len(sizes)))
+        if sizes:
+            ranges.append((g0, len(sizes)))
         return ranges
 
 
@@ -185,7 +186,8 @@ def aligned_loss_sum(student_logits: torch.Tensor, spans: AlignedSpans, kind: st
             f"across tokenizers use one of {sorted(CROSS_LOSSES)}."
         )
     flat = student_logits.reshape(-1, student_logits.shape[-1])
-    total = flat.new_zeros((), dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32)
+    # zero when no span counts, still on the student's graph (a micro-batch may have no span: its backward runs)
+    total = (flat.sum() * 0).to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
     for g0, g1 in spans.chunks():
         s_rows, s_tok, s_group, s_last = spans.student.chunk(g0, g1)
         t_rows, t_tok, t_group, t_last = spans.teacher.chunk(g0, g1)
