@@ -20,6 +20,13 @@ from hf_distill.safety import NonFiniteLossError  # noqa: E402
 from tests.conftest import classification_dataset, tiny_bert  # noqa: E402
 
 
+def say(text: str) -> None:
+    """One line in one `write` (atomic on a pipe below 4 KiB): `print(a, b)` writes its pieces apart, and the two
+    processes' lines interleave ("REFUSED:REFUSED: ...")."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (text + "\n").encode())
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     args = DistillationConfig(
@@ -42,14 +49,14 @@ def main() -> None:
         trainer = DistillationTrainer(model=tiny_bert(layers=1), teacher_model=teacher, args=args,
                                       train_dataset=classification_dataset())
     except ValueError as error:
-        print("REFUSED:", error, flush=True)
+        say(f"REFUSED: {error}")
         raise SystemExit(3)
     try:
         trainer.train()
     except NonFiniteLossError as error:
-        print("STOPPED:", error, flush=True)
+        say(f"STOPPED: {error}")
         raise SystemExit(4)
-    print("FINISHED", flush=True)
+    say("FINISHED")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..alignment import VocabularyMap
+from .base import upcast_half
 from .divergences import jsd_from_log_probs
 
 #: The output-term kinds that compare distributions over different vocabularies.
@@ -79,7 +80,7 @@ def span_log_probs(logits: torch.Tensor, tokens: torch.Tensor, group: torch.Tens
     """Each span's log distribution ``[groups, V]`` from the logits of its predicting positions (``[n, V]``, spans in
     order): the last position's ``log softmax(z / T)`` plus the log-probabilities of the span's earlier tokens
     (`tokens[i]` is the token row i predicts, `group[i]` its span, `last[g]` the row of span g's last token)."""
-    z = logits if logits.dtype == torch.float64 else logits.float()
+    z = upcast_half(logits)
     log_p = F.log_softmax(z if temperature == 1 else z / temperature, dim=-1)
     picked = log_p.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
     earlier = torch.ones_like(picked, dtype=torch.bool)
@@ -149,10 +150,6 @@ class AlignedSpans:
     chunk_rows: int = 0
     pooling: SpanPooling | None = None  #: every span, for hidden-state matching (when a hidden signal is on)
 
-    @property
-    def count(self) -> int:
-        return int(self.student.starts.numel()) - 1
-
     def chunks(self) -> list[tuple[int, int]]:
         """Consecutive span ranges whose teacher rows fit `chunk_rows` (refused when one span alone does not)."""
         starts = self.teacher.starts.tolist()
@@ -206,9 +203,8 @@ def aligned_loss_sum(student_logits: torch.Tensor, spans: AlignedSpans, kind: st
 def same_vocabulary_distance(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                              temperature: float, beta: float) -> torch.Tensor:
     """``uld`` / ``hybrid`` per position when both models share one vocabulary (every span one token)."""
-    up = lambda z: z if z.dtype == torch.float64 else z.float()  # noqa: E731
-    p_s = F.softmax(up(student_logits) / temperature, dim=-1)
-    p_t = F.softmax(up(teacher_logits) / temperature, dim=-1)
+    p_s = F.softmax(upcast_half(student_logits) / temperature, dim=-1)
+    p_t = F.softmax(upcast_half(teacher_logits) / temperature, dim=-1)
     return sorted_l1(p_s, p_t) if kind == "uld" else clamped_jsd(p_s, p_t, beta)
 
 

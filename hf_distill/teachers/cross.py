@@ -31,24 +31,27 @@ from .base import TeacherOutputs, TeacherRequest, TeacherSource, prepare_batch
 logger = logging.get_logger(__name__)
 
 
+def _long(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 def _side(rows: list[int], tokens: list[int], sizes: list[int], device: torch.device) -> SpanSide:
     starts = [0]
     for size in sizes:
         starts.append(starts[-1] + size)
     group = [g for g, size in enumerate(sizes) for _ in range(size)]
-    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return SpanSide(as_long(rows), as_long(tokens), as_long(group), as_long(starts))
+    return SpanSide(_long(rows, device), _long(tokens, device), _long(group, device), _long(starts, device))
 
 
 def _pooling(spans: list[tuple[list[int], list[tuple[int, int]]]], teacher_width: int,
              device: torch.device) -> SpanPooling:
     """`SpanPooling` of every aligned span: student flat positions, teacher (row, position) pairs."""
-    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     s_index = [i for s, _ in spans for i in s]
     s_group = [g for g, (s, _) in enumerate(spans) for _ in s]
     t_index = [b * teacher_width + i for _, t in spans for b, i in t]
     t_group = [g for g, (_, t) in enumerate(spans) for _ in t]
-    return SpanPooling(as_long(s_index), as_long(s_group), as_long(t_index), as_long(t_group), len(spans))
+    return SpanPooling(_long(s_index, device), _long(s_group, device), _long(t_index, device),
+                       _long(t_group, device), len(spans))
 
 
 class CrossTokenizerTeacher(TeacherSource):
@@ -115,20 +118,17 @@ class CrossTokenizerTeacher(TeacherSource):
         ids, attention = inputs["input_ids"], inputs.get("attention_mask")
         device, width = ids.device, ids.shape[1]
         counted, id_rows = request.mask.tolist(), ids.tolist()
-        rows, offsets, teacher_ids, teacher_spans = [], [], [], []
+        pool = bool(request.forward_options.get("output_hidden_states"))  # (a hidden-state signal is on)
+        teacher_ids, s_rows, s_tokens, s_sizes, t_positions, t_tokens, t_sizes = [], [], [], [], [], [], []
+        pooled: list[tuple[list[int], list[tuple[int, int]]]] = []  # every span's token positions (hidden states)
         for b, (row_ids, t_prompt) in enumerate(zip(id_rows, inputs.get(TEACHER_PROMPTS) or [None] * len(id_rows))):
             keep = attention[b].bool() if torch.is_tensor(attention) else torch.ones_like(ids[b], dtype=torch.bool)
             positions = keep.nonzero().flatten().tolist()
-            t_row, s_off, t_off = self._row(positions, row_ids, counted[b], t_prompt)
-            rows.append(positions)
-            offsets.append(s_off)
-            teacher_ids.append(t_row)
-            teacher_spans.append(t_off)
-        s_rows, s_tokens, s_sizes, t_positions, t_tokens, t_sizes = [], [], [], [], [], []
-        pooled: list[tuple[list[int], list[tuple[int, int]]]] = []  # every span's token positions (hidden states)
-        for b, (positions, s_off, t_ids, t_off) in enumerate(zip(rows, offsets, teacher_ids, teacher_spans)):
+            t_ids, s_off, t_off = self._row(positions, row_ids, counted[b], t_prompt)
+            teacher_ids.append(t_ids)
             for s_idx, t_idx in align_spans(s_off, t_off):
-                pooled.append(([b * width + positions[i] for i in s_idx], [(b, i) for i in t_idx]))
+                if pool:
+                    pooled.append(([b * width + positions[i] for i in s_idx], [(b, i) for i in t_idx]))
                 if s_idx[0] == 0 or t_idx[0] == 0:
                     continue  # nothing predicts a row's first token
                 predictors = [positions[i] - 1 for i in s_idx]
@@ -151,9 +151,7 @@ class CrossTokenizerTeacher(TeacherSource):
         result = self.inner.outputs(teacher_inputs, inner_request)
         if result is None:
             return None
-        pooling = None
-        if request.forward_options.get("output_hidden_states"):
-            pooling = _pooling(pooled, teacher_inputs["input_ids"].shape[1], device)
+        pooling = _pooling(pooled, teacher_inputs["input_ids"].shape[1], device) if pool else None
         aligned = AlignedSpans(
             _side(s_rows, s_tokens, s_sizes, device), _side(list(range(len(t_tokens))), t_tokens, t_sizes, device),
             self._teacher_logits(result, needed, head_only), self.vocab, self._chunk_rows(), pooling,
