@@ -3,8 +3,8 @@ strategy, chosen once (`plan_output`).
 
 - `FullLogits`: the models return full logits ``[..., V]``; the task loss comes from them (or from the loss the
   student returns), the output term reads them like every other signal.
-- `HeadChunks`: causal LMs; each model returns its last position's logits only (``logits_to_keep=1``, checked once
-  against our output layer) and its final hidden states; the task and output terms are computed chunk by chunk
+- `HeadChunks`: causal LMs; each model returns its final hidden states, and its last position's logits on its first
+  batch only (``logits_to_keep=1``, checked once against our output layer; then an empty index); the task and output terms are computed chunk by chunk
   from those (`signals.chunked.chunked_head_losses`), so no ``[tokens, V]`` tensor exists.
 """
 
@@ -134,7 +134,8 @@ class HeadChunks:
         """The student's outputs, and its output layer with the final hidden states of the counted positions."""
         drop = (*self.label_names, *drop)  # labels would make the model compute a full-vocabulary loss
         with FinalHiddenTap(model) as tap:
-            outputs = model(**model_inputs(model, inputs, drop=drop), logits_to_keep=1, **options)
+            keep = self.head_check.logits_to_keep(model, measure.mask.device)
+            outputs = model(**model_inputs(model, inputs, drop=drop), logits_to_keep=keep, **options)
         head = output_head(model)
         self.head_check(model, head, tap.value, outputs, self.precision)
         return outputs, (head, tap.value[measure.mask])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import accepts_input, output_logits, unwrap
+from .closed_form import CLOSED_FORM_KINDS, cross_entropy_and_grad, divergence_and_grad
 from .logits import bucket_divergence, logits_divergence
 
 #: Elements of one ``[chunk, vocab]`` float32 tensor that "auto" aims at (64 MB): chunk = 2**24 // vocab.
@@ -151,6 +152,14 @@ class HeadCheck:
         self.who = who
         self._checked: set[int] = set()
 
+    def logits_to_keep(self, model: nn.Module, device: torch.device) -> int | torch.Tensor:
+        """What the model's forward is asked for: its last position's logits until the check has passed, then none (an
+        empty index: the model's own output layer does no work, and a non-contiguous ``[B, 1, H]`` slice no longer
+        makes the matmul copy the output weight once per row, 0.5 s a step for SmolLM2 under CPU autocast)."""
+        if id(model) in self._checked:
+            return torch.empty(0, dtype=torch.long, device=device)
+        return 1
+
     def __call__(self, model: nn.Module, head: OutputHead, hidden: torch.Tensor, outputs: Any,
                  precision: Callable[[], ContextManager] = nullcontext) -> None:
         if id(model) in self._checked:
@@ -163,6 +172,10 @@ class HeadCheck:
 TermsFn = Callable[[torch.Tensor, int, int], dict[str, torch.Tensor]]
 
 
+def _capped(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return torch.tanh(z / softcap) * softcap if softcap is not None else z
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """``total = sum_k c_k * S_k`` with ``S_k = sum over chunks of terms_fn(z_chunk)[k]``, z = head(hidden); returns
     (total, S as a vector in `names` order, non-differentiable). Gradients are formed in the forward, per chunk."""
@@ -173,8 +186,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         want_grad = needs_hidden or needs_weight or needs_bias
         n = hidden.shape[0]
         dtype = hidden.dtype
-        w = weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
+        with precision():  # the output layer's matmuls in the precision of the student's forward (autocast: bf16)
+            on = torch.is_autocast_enabled(hidden.device.type)
+            mm = torch.get_autocast_dtype(hidden.device.type) if on else dtype
+        w = weight.to(mm)  # (cast once, not per chunk)
+        b = None if bias is None else bias.to(mm)
         grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias else None
@@ -182,26 +198,36 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            h = hidden[start:end]
-            with precision():  # the student's output layer in the precision of its forward (autocast), as the model
-                z = F.linear(h, w, b)
-            with torch.enable_grad():
-                z = z.float().detach().requires_grad_(want_grad)
-                capped = torch.tanh(z / head_softcap) * head_softcap if head_softcap is not None else z
-                terms = terms_fn(capped, start, end)
+            h = hidden[start:end].to(mm)
+            z = F.linear(h, w, b)
+            closed_form = getattr(terms_fn, "closed_form", None) if want_grad else None
+            found = closed_form(_capped(z.float(), head_softcap), start, end, coefficients) if closed_form else None
+            if found is not None:  # value and dL/dz by formula (`signals.closed_form`), no autograd graph
+                terms, grad_z, capped = found
                 weighted = sum(coefficients[k] * terms[k].float() for k in names)
-                if want_grad and weighted.requires_grad:
-                    (grad_z,) = torch.autograd.grad(weighted, z)
-                else:
-                    grad_z = None
+                if head_softcap is not None and grad_z is not None:  # d(c tanh(z / c))/dz = 1 - tanh^2
+                    grad_z.mul_(1 - (capped / head_softcap).square_())
+            else:
+                with torch.enable_grad():
+                    z = z.float().detach().requires_grad_(want_grad)
+                    terms = terms_fn(_capped(z, head_softcap), start, end)
+                    weighted = sum(coefficients[k] * terms[k].float() for k in names)
+                    if want_grad and weighted.requires_grad:
+                        (grad_z,) = torch.autograd.grad(weighted, z)
+                    else:
+                        grad_z = None
             total += weighted.detach()
             sums += torch.stack([terms[k].detach().double() for k in names])
             if grad_z is None:
                 continue
+            g = grad_z.to(mm)  # dL/dh and dL/dW as matmuls in the forward's precision, accumulated in float32
             if grad_hidden is not None:
-                grad_hidden[start:end] = grad_z.to(dtype) @ w
+                grad_hidden[start:end] = g @ w
             if grad_weight is not None:
-                grad_weight.addmm_(grad_z.float().T, h.float())
+                if mm == torch.float32:
+                    grad_weight.addmm_(g.T, h)
+                else:
+                    grad_weight += g.T @ h
             if grad_bias is not None:
                 grad_bias += grad_z.float().sum(dim=0)
         ctx.save_for_backward(
@@ -215,9 +241,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_sums):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_total
+        unit = scale.device.type == "cpu" and float(scale) == 1.0  # (the usual case: no pass over the gradients)
 
         def scaled(g):
-            return None if g is None else g * scale.to(g.dtype)
+            return None if g is None else g if unit else g * scale.to(g.dtype)
 
         return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None, None, None, None, None
 
@@ -239,8 +266,11 @@ def chunked_head_losses(
     names = tuple(coefficients)
     if not names:  # no output term is active (hidden-state signals alone): nothing to compute
         return hidden.new_zeros((), dtype=torch.float32), {}
+    weight, bias = head.weight, head.bias
+    if not torch.is_grad_enabled():  # (evaluation: no gradient is formed, though the parameters require one)
+        hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
     total, sums = _ChunkedHeadLoss.apply(
-        hidden, head.weight, head.bias, head.softcap, terms_fn, names, coefficients, int(chunk_size), precision
+        hidden, weight, bias, head.softcap, terms_fn, names, coefficients, int(chunk_size), precision
     )
     return total, {name: sums[i].float() for i, name in enumerate(names)}
 
@@ -281,6 +311,13 @@ class OutputTerms:
     precision: Callable[[], ContextManager] = nullcontext
     tokens: torch.Tensor | None = None  #: ``[N]``: the token that followed each row (`LogitsSignal.needs_tokens`)
 
+    def teacher_logits(self, start: int, end: int) -> torch.Tensor:
+        """The (combined) teacher logits of rows ``start:end``, float32, cut to the shared vocabulary."""
+        with torch.no_grad(), self.precision():
+            each = [head.logits(h[start:end]).float() for head, h in zip(self.teacher_heads, self.teacher_hidden)]
+            teacher = self.combine(each) if self.combine is not None else each[0]
+        return teacher if self.shared_vocab is None else teacher[:, : self.shared_vocab]
+
     def __call__(self, z: torch.Tensor, start: int, end: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if self.labels is not None:
@@ -298,12 +335,8 @@ class OutputTerms:
                     signal.jsd_beta, signal.scale_by_temperature_squared,
                 ).sum()
         else:
-            with torch.no_grad(), self.precision():
-                each = [head.logits(h[start:end]).float() for head, h in zip(self.teacher_heads, self.teacher_hidden)]
-                teacher = self.combine(each) if self.combine is not None else each[0]
-                if self.shared_vocab is not None:
-                    teacher = teacher[:, : self.shared_vocab]
-            teacher_top1 = teacher.argmax(dim=-1)
+            teacher = self.teacher_logits(start, end)
+            teacher_top1 = teacher.argmax(dim=-1) if self.agreement else None
             if signal is not None:
                 out["logits"] = logits_divergence(
                     student, teacher, signal.kind, signal.temperature, signal.jsd_beta,
@@ -312,3 +345,30 @@ class OutputTerms:
         if self.agreement:
             out["agreement"] = (student.detach().argmax(dim=-1) == teacher_top1).sum()
         return out
+
+    def closed_form(self, z: torch.Tensor, start: int, end: int, coefficients: dict[str, Any]
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor] | None:
+        """The chunk's terms and ``dL/dz`` of ``L = sum_k c_k * term_k`` by formula (`signals.closed_form`), or None
+        where a term needs autograd (cached targets, a cut vocabulary, a kind without a closed form)."""
+        kind = getattr(self.signal, "kind", None)
+        if self.cached is not None or self.shared_vocab is not None or (
+                self.signal is not None and kind not in CLOSED_FORM_KINDS):
+            return None
+        terms: dict[str, torch.Tensor] = {}
+        grad: torch.Tensor | None = None
+        if self.labels is not None:
+            terms["task"], grad = cross_entropy_and_grad(z, self.labels[start:end])
+            grad.mul_(coefficients["task"])
+        if self.signal is not None or self.agreement:
+            teacher = self.teacher_logits(start, end)
+            if self.agreement:
+                terms["agreement"] = (z.argmax(dim=-1) == teacher.argmax(dim=-1)).sum()
+        if self.signal is not None:
+            signal = self.signal
+            values, g = divergence_and_grad(z, teacher, kind, signal.temperature, signal.jsd_beta)
+            if signal.scale_by_temperature_squared and signal.temperature != 1:
+                values, g = values * signal.temperature**2, g.mul_(signal.temperature**2)
+            terms["logits"] = values.sum()
+            g.mul_(coefficients["logits"])
+            grad = g if grad is None else grad.add_(g)
+        return terms, grad, z

@@ -88,7 +88,8 @@ class LiveTeachers(TeacherSource):
             first = index == 0
             taps = (FeatureTap(teacher, request.feature_layer) if first and request.want_features else nullcontext(),
                     FinalHiddenTap(teacher) if request.head_only else nullcontext())
-            extra = {"logits_to_keep": 1} if request.head_only else {}
+            extra = {"logits_to_keep": self.head_check.logits_to_keep(teacher, request.mask.device)
+                     } if request.head_only else {}
             with torch.no_grad(), taps[0] as feature_tap, taps[1] as hidden_tap:
                 outputs = teacher(**model_inputs(teacher, inputs, drop=request.drop), **request.forward_options,
                                   **extra)

@@ -1,0 +1,81 @@
+"""Speed settings of the process and the precision this hardware runs fast: what the command line applies by default
+(and logs), what Python users call themselves (docs/performance.md, section 8).
+
+- `keep_freed_memory`: glibc returns every allocation above its mmap threshold (at most 32 MB) to the system when it
+  is freed, so the next one page-faults its memory in again; the ``[chunk, vocab]`` tensors of the output loss (64 MB
+  at "auto") and a model's larger activations pay that on every use: an element-wise pass over a fresh tensor cost 3x
+  one over a reused one here. Allocating from the heap and keeping freed memory halves the element-wise time of a
+  distillation step on CPU (measured in docs/performance.md); the process keeps its high-water mark resident.
+- `fast_bf16`: whether this device multiplies bf16 matrices fast (CPUs with AVX512-BF16 or AMX, CUDA GPUs of compute
+  capability 8.0 and newer).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+from dataclasses import dataclass
+
+#: glibc's `mallopt` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc serve large allocations from the heap and keep freed memory for the next one
+    (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``): no page faults for re-allocated tensors.
+    Returns whether it took effect (False off Linux / glibc, e.g. on macOS or musl). Process-wide and not undone."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_bf16(device_type: str = "cpu") -> bool:
+    """Whether bf16 matmuls are fast here: CUDA with compute capability >= 8.0 (Ampere and newer), or a CPU with
+    AVX512-BF16 or AMX-BF16 instructions (read from /proc/cpuinfo; False where it cannot be read)."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    if device_type != "cpu":
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+@dataclass(frozen=True)
+class PrecisionAdvice:
+    """What the command line applies unless told otherwise: the teacher's weights in `teacher_dtype`, and why."""
+
+    teacher_dtype: str | None
+    reason: str
+
+
+def recommended_precision(device_type: str, teacher_dtype: str | None) -> PrecisionAdvice:
+    """A bf16 teacher where bf16 is fast (`fast_bf16`) and the user chose no teacher dtype: the teacher is frozen, so
+    its bf16 outputs cost no optimizer precision (KL between fp32 and bf16 SmolLM2-135M outputs: 0.002 per token);
+    otherwise the user's choice, unchanged."""
+    if teacher_dtype not in (None, "auto"):
+        return PrecisionAdvice(teacher_dtype, f"teacher_dtype={teacher_dtype} as given")
+    if fast_bf16(device_type):
+        unit = "this GPU" if device_type == "cuda" else "this CPU (AVX512-BF16 / AMX)"
+        return PrecisionAdvice("bfloat16", f"{unit} multiplies bf16 matrices fast: the frozen teacher runs in bf16")
+    return PrecisionAdvice(teacher_dtype, "no fast bf16 on this device: the teacher keeps its dtype")
