@@ -12,12 +12,20 @@ after the same steps, with the teacher's beside.
 
 Targets (issue 6): >= 2x throughput, <= 200 bytes/token at k = 32, perplexity within 3% of the live-teacher student.
 
+The ceiling (issue 21): a cache can at best remove the teacher's forward, so the cached run's speed-up is bounded by
+``1 + t_teacher / t_student``, with ``t_teacher`` the teacher's forward over a step's batch (timed alone, no grad, its
+logits included) and ``t_student = t_live - t_teacher`` (the live step without it). Printed: the ratio and its share of
+that ceiling. --recommended runs both students in the recommended setting (docs/performance.md, section 8): the teacher
+in bfloat16 where bf16 is fast (the cache built by that teacher too), bf16 autocast, `keep_freed_memory`. The machine
+section: the matmul limit at the live job's shapes (`machine_limits.py`) and each run's share of it.
+
     HF_DISTILL_ASSETS=... python benchmarks/bench_teacher_cache.py [--steps 40 --batch_size 8 --block_size 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -31,6 +39,7 @@ from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_logits_loss import machine  # noqa: E402
+from machine_limits import limits_table, machine_limits, shares  # noqa: E402
 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
 from hf_distill.cli import ModelArguments  # noqa: E402
@@ -58,6 +67,20 @@ def perplexity(trainer: DistillationTrainer, dataset) -> float:
     return math.exp(metrics["eval_task_loss"])
 
 
+def teacher_step_seconds(teacher, dataset, collator, options, batches: int = 6) -> float:
+    """Median wall time of the teacher's forward (no grad, logits included) over one training batch."""
+    times = []
+    with torch.no_grad():
+        for i in range(batches + 1):
+            rows = [dataset[j] for j in range(i * options.batch_size, (i + 1) * options.batch_size)]
+            batch = collator(rows)
+            start = time.perf_counter()
+            teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            if i:  # (the first is a warm-up)
+                times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="asset:smollm2-135m")
@@ -73,6 +96,9 @@ def main() -> None:
     parser.add_argument("--task_weight", type=float, default=0.5)
     parser.add_argument("--logits_weight", type=float, default=0.5)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--recommended", action="store_true",
+                        help="bf16 teacher (where bf16 is fast), bf16 autocast, keep_freed_memory")
+    parser.add_argument("--no_machine", action="store_true", help="skip the matmul-limit measurement")
     parser.add_argument("--cache_dir", default=None, help="where the cache goes (default: a temporary folder)")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
     options = parser.parse_args()
@@ -88,11 +114,21 @@ def main() -> None:
     held_out = data.eval.select(range(min(len(data.eval), options.eval_blocks)))
     teacher = AutoModelForCausalLM.from_pretrained(resolve_source(options.teacher), dtype=torch.float32)
     teacher.eval()
+    teacher_dtype = None
+    if options.recommended:
+        from hf_distill.performance import keep_freed_memory, recommended_precision
+
+        keep_freed_memory()
+        teacher_dtype = recommended_precision("cpu", None).teacher_dtype
+    # the student is cut from the fp32 teacher; the teacher that teaches (live and cache builder) in teacher_dtype
+    teaching = teacher if teacher_dtype is None else copy.deepcopy(teacher)
+    if teacher_dtype is not None:
+        teaching = teaching.to(getattr(torch, teacher_dtype)).eval()
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
     cache_dir = options.cache_dir or os.path.join(workdir, "cache")
     start = time.perf_counter()
-    build_teacher_cache(teacher, train, cache_dir, tokenizer=tokenizer, top_k=options.top_k,
+    build_teacher_cache(teaching, train, cache_dir, tokenizer=tokenizer, top_k=options.top_k,
                         temperature=options.temperature, batch_size=options.batch_size, data_collator=collator)
     build_seconds = time.perf_counter() - start
     cached = load_teacher_cache(cache_dir, tokenizer=tokenizer)
@@ -108,6 +144,7 @@ def main() -> None:
             learning_rate=options.learning_rate, lr_scheduler_type="constant", logging_steps=options.steps,
             save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
             temperature=options.temperature, task_weight=options.task_weight, logits_weight=options.logits_weight,
+            bf16=options.recommended,
         )
         clock = StepClock(options.warmup)
         trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=args, train_dataset=dataset,
@@ -120,8 +157,9 @@ def main() -> None:
         print(f"  {name}: {result}", file=sys.stderr, flush=True)
         return result
 
-    live = run("live", teacher, train)
+    live = run("live", teaching, train)
     from_cache = run("cached", None, cached)
+    teacher_seconds = teacher_step_seconds(teaching, train, collator, options)
     teacher_trainer = DistillationTrainer(
         model=teacher, args=DistillationConfig(output_dir=os.path.join(workdir, "teacher"), report_to=[],
                                                use_cpu=True, task_weight=1.0, logits_weight=0.0,
@@ -136,6 +174,11 @@ def main() -> None:
                   "folder_bytes_per_token": sizes["bytes_on_disk"] / counted, "top_k": options.top_k},
     }
     speed = from_cache["tokens_per_second"] / live["tokens_per_second"]
+    live_step = options.batch_size * options.block_size / live["tokens_per_second"]
+    ceiling = 1 + teacher_seconds / max(live_step - teacher_seconds, 1e-9)
+    results["ceiling"] = {"teacher_forward_seconds_per_step": teacher_seconds, "live_seconds_per_step": live_step,
+                          "ceiling": ceiling, "share_of_ceiling": speed / ceiling}
+    results["settings_precision"] = ("bf16 autocast, teacher " + teacher_dtype) if options.recommended else "fp32"
     gap = from_cache["perplexity"] / live["perplexity"] - 1
     print("\n### Cached vs live teacher (SmolLM2-135M -> 15-layer student)\n")
     print("| teacher | tokens/s | ratio | held-out perplexity | vs live |")
@@ -144,12 +187,28 @@ def main() -> None:
     print(f"| cached (top-{options.top_k} + tail) | {from_cache['tokens_per_second']:.0f} | {speed:.2f} "
           f"| {from_cache['perplexity']:.2f} | {gap:+.1%} |")
     print(f"| (the teacher itself) | | | {teacher_ppl:.2f} | |")
+    print(f"\nCeiling 1 + t_teacher / t_student: teacher forward {teacher_seconds:.2f} s of a {live_step:.2f} s live "
+          f"step -> {ceiling:.2f}x; the cache reaches {speed:.2f}x = {speed / ceiling:.0%} of it "
+          f"({results['settings_precision']}).")
     cache = results["cache"]
     print(f"\nCache: {cache['counted_tokens']:,} counted tokens, {cache['teacher_bytes_per_token']:.1f} bytes/token for "
           f"the teacher's targets, {cache['folder_bytes_per_token']:.1f} bytes/token for the whole folder (with the "
           f"token ids), built in {build_seconds:.0f} s (one teacher pass).")
     settings = {k: v for k, v in vars(options).items() if k not in ("output", "cache_dir")}
     info = machine("cpu")
+    if not options.no_machine:
+        from hf_distill.signals.chunked import auto_chunk_size
+
+        limits = machine_limits(resolve_source(options.teacher), options.student_layers, options.batch_size,
+                                options.block_size, auto_chunk_size(teacher.config.vocab_size))
+        info["limits"] = limits
+        student_share = 3 * limits["flops_per_token"]["student_forward"] / limits["flops_per_token"]["total"]
+        for name, row in (("live", live), ("cached", from_cache)):
+            factor = 1.0 if name == "live" else student_share  # the cached step runs no teacher
+            row.update({k: v * factor for k, v in shares(row["tokens_per_second"], limits).items()})
+            print(f"{name}: {row['achieved_gflops']:.0f} GFLOP/s = "
+                  + ", ".join(f"{v:.0%} of the {k[9:-6]} limit" for k, v in row.items() if k.startswith("share_of_")))
+        print(f"\n### Machine: the matmul limit at the live job's shapes\n\n{limits_table(limits)}")
     print(f"\nMachine: {json.dumps(info)}\nSettings: {json.dumps(settings)}")
     if options.output:
         os.makedirs(os.path.dirname(options.output) or ".", exist_ok=True)

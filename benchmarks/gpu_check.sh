@@ -4,7 +4,10 @@
 #      DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (skipped, and said so, when deepspeed is not installed), with
 #      benchmarks/engine_check.py: losses finite, the teacher never in the optimizer and unchanged, the projection
 #      trained with the student, the saved student reloads, only the main process wrote files;
-#   2. benchmark 1 of docs/performance.md (output loss alone, plain vs chunked) on the GPU in bfloat16.
+#   2. benchmark 1 of docs/performance.md (output loss alone, plain vs chunked) on the GPU in bfloat16;
+#   3. bench_vs_trl.py on the GPU in bf16 (SmolLM2-135M -> 15 layers, 4 x 512 tokens): TRL's GKDTrainer with bf16
+#      autocast, with its Liger option (`use_liger_kernel`) off and on (on: skipped, and said so, when liger-kernel is
+#      not installed), beside ours in its recommended setting (`ours-fast`), with the GPU's matmul limits.
 # Needs torch with CUDA, transformers, accelerate, datasets (and optionally deepspeed) importable, e.g. after
 # `pip install -e .[dev]`; the package is taken from this checkout either way.
 #
@@ -52,5 +55,18 @@ done
 echo "== benchmark 1 on the GPU (bfloat16)"
 $PYTHON benchmarks/bench_logits_loss.py --device cuda --dtype bfloat16 --tokens 512 1024 2048 4096 --repeats 3 \
   --output "$OUTPUT_DIR/bench_logits_loss_cuda.json" >> "$SUMMARY" 2> "$OUTPUT_DIR/bench_logits_loss_cuda.log" || status=1
+echo "== bench_vs_trl.py on the GPU (bf16; TRL's Liger option off, then on)"
+echo -e "\n## bench_vs_trl.py, CUDA, bf16\n" >> "$SUMMARY"
+$PYTHON benchmarks/bench_vs_trl.py --device cuda --bf16 --steps 10 --warmup 3 --seq_len 512 \
+  --trainers trl-bf16 ours ours-fast --output "$OUTPUT_DIR/bench_vs_trl_cuda.json" >> "$SUMMARY" \
+  2> "$OUTPUT_DIR/bench_vs_trl_cuda.log" || status=1
+if $PYTHON -c "import liger_kernel" 2>/dev/null; then
+  echo -e "\n### with TRL's use_liger_kernel=True\n" >> "$SUMMARY"
+  $PYTHON benchmarks/bench_vs_trl.py --device cuda --bf16 --steps 10 --warmup 3 --seq_len 512 --trl_liger \
+    --trainers trl-bf16 --no_machine --output "$OUTPUT_DIR/bench_vs_trl_cuda_liger.json" >> "$SUMMARY" \
+    2> "$OUTPUT_DIR/bench_vs_trl_cuda_liger.log" || status=1
+else
+  echo -e "\nTRL with Liger: skipped, liger-kernel is not installed (pip install liger-kernel)." >> "$SUMMARY"
+fi
 cat "$SUMMARY"
 exit $status

@@ -69,13 +69,40 @@ class PrecisionAdvice:
     reason: str
 
 
-def recommended_precision(device_type: str, teacher_dtype: str | None) -> PrecisionAdvice:
-    """A bf16 teacher where bf16 is fast (`fast_bf16`) and the user chose no teacher dtype: the teacher is frozen, so
-    its bf16 outputs cost no optimizer precision (KL between fp32 and bf16 SmolLM2-135M outputs: 0.002 per token);
-    otherwise the user's choice, unchanged."""
+#: Signals that differentiate through the teacher (its input gradients): a bf16 teacher would make them coarse.
+TEACHER_GRADIENT_WEIGHTS = ("input_grad_weight", "adversarial_grad_weight", "feature_grad_weight")
+
+
+def recommended_precision(device_type: str, teacher_dtype: str | None, teacher_gradients: bool = False,
+                          task: str = "causal-lm") -> PrecisionAdvice:
+    """A bf16 teacher where bf16 is fast (`fast_bf16`), the task is causal-LM, the user chose no teacher dtype and no
+    signal differentiates through the teacher: the teacher is frozen, so its bf16 outputs cost no optimizer precision
+    (KL between fp32 and bf16 SmolLM2-135M outputs: 0.002 per token); otherwise the user's choice, unchanged.
+    Classifiers keep their dtype: the gain there is unmeasured, and a near-tied prediction can flip (a tiny test
+    classifier's accuracy fell from 1.0 to 0.57 in bf16)."""
     if teacher_dtype not in (None, "auto"):
         return PrecisionAdvice(teacher_dtype, f"teacher_dtype={teacher_dtype} as given")
+    if task != "causal-lm":
+        return PrecisionAdvice(teacher_dtype, f"a {task} teacher keeps its dtype (the bf16 teacher is a causal-LM "
+                                              "default)")
+    if teacher_gradients:
+        return PrecisionAdvice(teacher_dtype, "a gradient signal differentiates through the teacher: it keeps its dtype")
     if fast_bf16(device_type):
         unit = "this GPU" if device_type == "cuda" else "this CPU (AVX512-BF16 / AMX)"
         return PrecisionAdvice("bfloat16", f"{unit} multiplies bf16 matrices fast: the frozen teacher runs in bf16")
     return PrecisionAdvice(teacher_dtype, "no fast bf16 on this device: the teacher keeps its dtype")
+
+
+def apply_speed_defaults(args, device_type: str, task: str = "causal-lm") -> list[str]:
+    """What the command line does unless ``--fast_defaults false``: `keep_freed_memory` on CPU, and the
+    `recommended_precision` teacher dtype written into `args` (a `DistillationConfig`); returns what was done, for the
+    log. The Python API applies nothing (`TrainingArguments` defaults); call this yourself for the same."""
+    done = []
+    if device_type == "cpu" and keep_freed_memory():
+        done.append("glibc keeps freed memory for reuse (no page faults on re-allocated tensors)")
+    gradients = any(getattr(args, name, 0) for name in TEACHER_GRADIENT_WEIGHTS)
+    advice = recommended_precision(device_type, args.teacher_dtype, gradients, task)
+    if advice.teacher_dtype != args.teacher_dtype:
+        args.teacher_dtype = advice.teacher_dtype
+    done.append(advice.reason)
+    return done

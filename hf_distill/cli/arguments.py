@@ -66,6 +66,13 @@ class ModelArguments:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names to adapt (default: all linear layers but the head)."}
     )
+    fast_defaults: bool = field(
+        default=True,
+        metadata={"help": "Apply the speed recommendation (docs/performance.md, section 8), logged at start: where this "
+                          "device multiplies bf16 fast, the task is causal-lm and no --teacher_dtype is given, the "
+                          "frozen teacher runs in bfloat16; on CPU, freed memory is kept for reuse. The student's precision is yours "
+                          "(--bf16 true is recommended on such hardware). --fast_defaults false: neither."},
+    )
     merge_adapters: bool = field(
         default=False, metadata={"help": "Also save the student with its adapters merged, as a plain model, in "
                                          "<output_dir>/merged."}
@@ -91,6 +98,11 @@ class CacheArguments:
                                       "cached training rows are the ones distill trains on."}
     )
     device: str | None = field(default=None, metadata={"help": "Where the teacher runs (default: cuda if available)."})
+    teacher_dtype: str | None = field(
+        default=None, metadata={"help": "The teacher's weights while caching: float32, bfloat16 or float16 (default: "
+                                        "bfloat16 where this device multiplies it fast and --fast_defaults is on, "
+                                        "else the teacher's own)."}
+    )
 
 
 def _option_names(dataclass_types: Sequence[type]) -> dict[str, str]:

@@ -13,7 +13,7 @@ from transformers import (
 from transformers.utils import logging
 
 from ..chat import chat_generation_config
-from ..config import DistillationConfig
+from ..config import TEACHER_DTYPES, DistillationConfig
 from ..data import (
     DataArguments,
     load_raw,
@@ -21,7 +21,9 @@ from ..data import (
 from ..generate import GenerationArguments, generate_completions, holds_teacher_cache
 from ..hub import CardInfo, hub_errors
 from ..modeling import unwrap
+from ..options import check_choice
 from ..output_dir import check_output_dir, move_aside_on_main
+from ..performance import apply_speed_defaults, keep_freed_memory, recommended_precision
 from ..safety import check_one_run
 from ..signals import label_weights
 from ..students import model_depth, shrink_model
@@ -57,6 +59,7 @@ from .report import (
     parameters,
     regression_metrics,
     throughput,
+    weights_dtype,
     write_report,
 )
 
@@ -88,6 +91,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     """The whole job. Every check that can run before a model loads does (flags, output folder, processes), and the
     order of the end is: save the student and its card, write the report, merge adapters, push last."""
     resume, move_earlier = start_training_job(model_args, data_args, args, distilling=True)
+    if model_args.fast_defaults:
+        for line in apply_speed_defaults(args, args.device.type, model_args.task):
+            logger.warning(f"Speed default (--fast_defaults false to turn off): {line}.")
     labelled = bool(label_weights(args))
     pair = cross_tokenizers(model_args, args)  # a student with another tokenizer: (its tokenizer, the teacher's)
     tokenizer, data = prepare_inputs(model_args, data_args, args, require_labels=labelled,
@@ -175,6 +181,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     ]
     if "eval_teacher_agreement" in student_eval:
         rows.append(("teacher agreement", 1.0, student_eval["eval_teacher_agreement"], "{:.4f}"))
+    rows.append(("weights dtype", weights_dtype(teacher), weights_dtype(student), "{}"))
     rows.append((f"{device.upper()} examples/s (batch {len(next(iter(batch.values())))})",
                  speed["teacher"], speed["student"], "{:.0f}"))
     shown = displayed(rows)
@@ -243,10 +250,20 @@ def cache_teacher_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if data_args.dataset and holds_teacher_cache(data_args.dataset):
         raise ValueError(f"{data_args.dataset} already holds the teacher's top-k (generated with --cache_top_k): "
                          f"distil from it directly with --teacher_cache {data_args.dataset}.")
+    check_choice("teacher_dtype", cache_args.teacher_dtype, TEACHER_DTYPES, allow_none=True)
+    device = torch.device(cache_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = cache_args.teacher_dtype
+    if model_args.fast_defaults:
+        keep_freed_memory()
+        advice = recommended_precision(device.type, dtype, task=model_args.task)
+        dtype = advice.teacher_dtype
+        logger.warning(f"Speed default (--fast_defaults false to turn off): {advice.reason}.")
     tokenizer, data = prepare_inputs(model_args, data_args, cache_args)
     teacher = load_model(model_args.teacher, model_args.task, data, model_args.teacher_gguf_file,
                          model_args.trust_remote_code)
-    teacher.to(cache_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher.to(device)
+    if dtype not in (None, "auto"):
+        teacher.to(getattr(torch, dtype))
     path = build_teacher_cache(
         teacher, data.train, cache_args.output_dir, tokenizer=tokenizer, top_k=cache_args.top_k,
         temperature=cache_args.temperature, batch_size=cache_args.batch_size, shard_size=cache_args.shard_size,

@@ -89,6 +89,14 @@ def parameters(model: torch.nn.Module) -> int:
                if ATTACHED_NAME not in n.split("."))
 
 
+def weights_dtype(model) -> str | None:
+    """The dtype of a model's floating-point weights (a self-distillation teacher: its base model's), e.g. "float32";
+    None without any."""
+    model = model.student if isinstance(model, AdapterDisabledTeacher) else model
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    return " + ".join(dtypes) if dtypes else None
+
+
 #: One line of the summary: label, teacher value, student value (None: unknown), display format.
 Row = tuple[str, Any, Any, str]
 
@@ -135,7 +143,8 @@ def write_report(folder: str, rows: list[Row], log_history: list[dict[str, Any]]
     left.set_xlabel("step"), left.set_title("training loss components")
     if steps:
         left.legend()
-    numeric = [(n, t, s) for n, t, s, _ in rows if t is not None and s is not None]
+    numeric = [(n, t, s) for n, t, s, _ in rows
+               if isinstance(t, (int, float)) and isinstance(s, (int, float))]  # (not "weights dtype")
     if numeric:
         positions = np.arange(len(numeric))
         teacher_values = [float(t) for _, t, _ in numeric]

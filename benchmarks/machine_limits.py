@@ -1,0 +1,157 @@
+"""The machine's own matmul limit at a job's shapes, and each benchmark row's share of it (the `machine` section).
+
+`matmul_rate` times ``torch.mm`` of one shape in one dtype (median of a few runs of at least --seconds each, after a
+warm-up). `job_limit` takes the products one step of a job runs (`hf_distill.flops.matmul_shapes`: every linear
+layer, the chunked output layer, attention) and returns the rate at which those products alone would run here:
+``sum_i flops_i / sum_i (flops_i / rate_i)``, each product at its own measured rate. A row's achieved FLOP/s is its
+tokens/s times `hf_distill.flops.distillation_flops_per_token`; its share is that over the limit.
+
+    python benchmarks/machine_limits.py                 # the SmolLM2 job of bench_vs_trl.py at 4 x 256, fp32 and bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+DTYPES_BY_DEVICE = {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "tf32", "bfloat16", "float16")}
+
+
+def matmul_rate(rows: int, inner: int, cols: int, dtype: str, device: str = "cpu", seconds: float = 0.2,
+                repeats: int = 3) -> float:
+    """GFLOP/s of ``[rows, inner] @ [inner, cols]`` in `dtype` ("tf32": float32 with TF32 tensor cores on)."""
+    import torch
+
+    torch_dtype = torch.float32 if dtype == "tf32" else getattr(torch, dtype)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        a = torch.randn(rows, inner, device=device, dtype=torch_dtype)
+        b = torch.randn(inner, cols, device=device, dtype=torch_dtype)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        for _ in range(2):
+            a @ b
+        sync()
+        flops = 2.0 * rows * inner * cols
+        start = time.perf_counter()
+        a @ b
+        sync()
+        once = max(time.perf_counter() - start, 1e-6)
+        n = max(1, int(seconds / once))
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(n):
+                a @ b
+            sync()
+            rates.append(flops * n / (time.perf_counter() - start) / 1e9)
+        return statistics.median(rates)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def job_limit(shapes, dtypes, device: str = "cpu", seconds: float = 0.2) -> dict:
+    """For each dtype: the rate of every distinct shape and the job's limit (see the module docstring)."""
+    out = {"shapes": [{"rows": s.rows, "inner": s.inner, "cols": s.cols, "count": s.count, "part": s.part,
+                       "gflop_per_step": s.flops / 1e9} for s in shapes], "limit_gflops": {}, "rates_gflops": {}}
+    total = sum(s.flops for s in shapes)
+    cache: dict[tuple, float] = {}
+    for dtype in dtypes:
+        seconds_needed, rates = 0.0, []
+        for s in shapes:
+            key = (s.rows, s.inner, s.cols, dtype)
+            if key not in cache:
+                cache[key] = matmul_rate(s.rows, s.inner, s.cols, dtype, device, seconds)
+            rates.append(cache[key])
+            seconds_needed += s.flops / (cache[key] * 1e9)
+        out["rates_gflops"][dtype] = rates
+        out["limit_gflops"][dtype] = total / seconds_needed / 1e9
+    out["gflop_per_step"] = total / 1e9
+    return out
+
+
+def distillation_job(teacher_dir: str, student_layers: int, batch: int, seq_len: int, chunk: int | None):
+    """The teacher and its `student_layers`-layer cut as meta-device models (shapes only), their products of one
+    step (teacher forward; student forward and backward) and the FLOPs per token."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_distill.flops import distillation_flops_per_token, matmul_shapes
+
+    config = AutoConfig.from_pretrained(teacher_dir)
+    student_config = AutoConfig.from_pretrained(teacher_dir, num_hidden_layers=student_layers)
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(config)
+        student = AutoModelForCausalLM.from_config(student_config)
+    tokens = batch * seq_len
+    counted = batch * (seq_len - 1)  # (the positions that predict a next token: the output layer's rows)
+    shapes = (matmul_shapes(teacher, tokens, seq_len, batch, chunk, output_rows=counted, name="teacher")
+              + matmul_shapes(student, tokens, seq_len, batch, chunk, backward=True, output_rows=counted,
+                              name="student"))
+    return shapes, distillation_flops_per_token(teacher, student, seq_len)
+
+
+def machine_limits(teacher_dir: str, student_layers: int, batch: int, seq_len: int, chunk: int | None,
+                   device: str = "cpu", seconds: float = 0.2) -> dict:
+    """The `machine` section of a benchmark of the distillation job: FLOPs per token written out, the limit per
+    dtype."""
+    shapes, step = distillation_job(teacher_dir, student_layers, batch, seq_len, chunk)
+    limits = job_limit(shapes, DTYPES_BY_DEVICE.get(device, ("float32",)), device, seconds)
+    limits["flops_per_token"] = step.as_dict()
+    limits["flops_per_token_formula"] = (
+        "teacher forward + 3 x student forward; forward = sum over nn.Linear of 2*in*out (output layer included) "
+        "+ attention 2*2*heads*head_dim*(T+1)/2 per layer")
+    return limits
+
+
+def shares(tokens_per_s: float, limits: dict) -> dict:
+    """A row's achieved GFLOP/s and its share of each dtype's limit."""
+    achieved = tokens_per_s * limits["flops_per_token"]["total"] / 1e9
+    return {"achieved_gflops": achieved,
+            **{f"share_of_{d}_limit": achieved / v for d, v in limits["limit_gflops"].items()}}
+
+
+def limits_table(limits: dict) -> str:
+    dtypes = list(limits["limit_gflops"])
+    lines = ["| product [rows, inner] @ [inner, cols] | part | per step | GFLOP per step | "
+             + " | ".join(f"{d} GFLOP/s" for d in dtypes) + " |", "|---|---|---:|---:|" + "---:|" * len(dtypes)]
+    for i, s in enumerate(limits["shapes"]):
+        rates = " | ".join(f"{limits['rates_gflops'][d][i]:,.0f}" for d in dtypes)
+        lines.append(f"| [{s['rows']}, {s['inner']}] @ [{s['inner']}, {s['cols']}] | {s['part']} | {s['count']} | "
+                     f"{s['gflop_per_step']:,.2f} | {rates} |")
+    lines.append(f"| **the job's limit** | | | {limits['gflop_per_step']:,.1f} | "
+                 + " | ".join(f"**{limits['limit_gflops'][d]:,.0f}**" for d in dtypes) + " |")
+    f = limits["flops_per_token"]
+    lines.append(f"\nFLOPs per token: teacher forward {f['teacher_forward'] / 1e6:,.1f} M + student forward "
+                 f"{f['student_forward'] / 1e6:,.1f} M + student backward {f['student_backward'] / 1e6:,.1f} M = "
+                 f"{f['total'] / 1e9:.3f} GFLOP ({limits['flops_per_token_formula']}).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--student_layers", type=int, default=15)
+    parser.add_argument("--chunk_size", type=int, default=None, help="default: what 'auto' picks (2**24 // vocab)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seconds", type=float, default=0.2)
+    parser.add_argument("--output", default=None)
+    opts = parser.parse_args()
+    from hf_distill.assets import fetch
+    from hf_distill.signals.chunked import auto_chunk_size
+
+    teacher_dir = str(fetch("smollm2-135m"))
+    chunk = opts.chunk_size or auto_chunk_size(49_152)
+    limits = machine_limits(teacher_dir, opts.student_layers, opts.batch_size, opts.seq_len, chunk, opts.device,
+                            opts.seconds)
+    print(limits_table(limits))
+    if opts.output:
+        with open(opts.output, "w") as f:
+            json.dump(limits, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
