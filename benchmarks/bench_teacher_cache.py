@@ -25,7 +25,6 @@ section: the matmul limit at the live job's shapes (`machine_limits.py`) and eac
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -120,10 +119,10 @@ def main() -> None:
 
         keep_freed_memory()
         teacher_dtype = recommended_precision("cpu", None).teacher_dtype
-    # the student is cut from the fp32 teacher; the teacher that teaches (live and cache builder) in teacher_dtype
-    teaching = teacher if teacher_dtype is None else copy.deepcopy(teacher)
-    if teacher_dtype is not None:
-        teaching = teaching.to(getattr(torch, teacher_dtype)).eval()
+    # the student is cut from the fp32 teacher; the teacher that teaches (live and cache builder) in teacher_dtype,
+    # loaded in it (no fp32 copy to cast)
+    teaching = teacher if teacher_dtype is None else AutoModelForCausalLM.from_pretrained(
+        resolve_source(options.teacher), dtype=getattr(torch, teacher_dtype)).eval()
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
     cache_dir = options.cache_dir or os.path.join(workdir, "cache")
