@@ -8,7 +8,9 @@ the forward and backward of `aligned_loss_sum` for ``uld`` and ``hybrid``,
   `auto_chunk_size(V_t)` rows), as `CrossTokenizerTeacher` does;
 - direct: the teacher's ``[rows, V_t]`` logits of the whole batch at once (what a plain implementation holds).
 
-Each measurement runs in its own process (peak RSS minus the RSS after setting up its inputs).
+Each measurement runs in its own process (peak RSS minus the RSS after setting up its inputs). Machine section (off
+with --no_machine): the teacher output layer's GFLOP/s and its share of this machine's fp32 and bf16 matmul limit at
+its products.
 
     python benchmarks/bench_cross_vocab.py [--rows 512 --teacher_vocab 262144 --student_vocab 49152]
 """
@@ -26,6 +28,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_logits_loss import machine  # noqa: E402
+
 from hf_distill.alignment import VocabularyMap  # noqa: E402
 from hf_distill.signals.chunked import OutputHead, auto_chunk_size  # noqa: E402
 from hf_distill.signals.cross_vocab import AlignedSpans, SpanSide, aligned_loss_sum  # noqa: E402
@@ -89,6 +93,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=640)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=None)
+    parser.add_argument("--no_machine", action="store_true", help="skip the matmul-limit measurement")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kind", default="hybrid", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -110,9 +115,31 @@ def main() -> None:
     for r in results:
         print(f"| {r['kind']} | {r['mode']} | {r['chunk_rows'] or 'all'} | {r['loss']:.4f} | {r['seconds']:.2f} | "
               f"{r['peak_over_inputs_mb']:.0f} |")
+    info = machine("cpu")
+    if not options.no_machine:  # (measured after the rows)
+        from machine_limits import DTYPES_BY_DEVICE, gflops_shares, job_limit
+
+        from hf_distill.flops import MatmulShape
+
+        print("\n### Machine: the teacher's output layer (2 x rows x H x V_t FLOPs; the student side is given logits "
+              "and all element-wise) against this machine's matmul limit at its products\n")
+        dtypes = DTYPES_BY_DEVICE["cpu"]
+        print("| loss | teacher logits | GFLOP | GFLOP/s | " + " | ".join(f"{d} limit | share" for d in dtypes) + " |")
+        print("|---|---|---:|---:|" + "---:|---:|" * len(dtypes))
+        for r in results:
+            rows, chunk = r["teacher_rows"], r["chunk_rows"] or r["teacher_rows"]
+            full, rest = divmod(rows, chunk)
+            shapes = [MatmulShape(chunk, options.hidden, options.teacher_vocab, full, "teacher output")] + (
+                [MatmulShape(rest, options.hidden, options.teacher_vocab, 1, "teacher output")] if rest else [])
+            limits = job_limit(shapes, dtypes)
+            r.update(gflops_shares(limits["gflop_per_step"] / r["seconds"], limits), limit_gflops=limits["limit_gflops"])
+            print(f"| {r['kind']} | {r['mode']} | {limits['gflop_per_step']:.1f} | {r['achieved_gflops']:,.0f} | "
+                  + " | ".join(f"{limits['limit_gflops'][d]:,.0f} | {r[f'share_of_{d}_limit']:.0%}" for d in dtypes)
+                  + " |", flush=True)
+    print(f"\nMachine: {json.dumps(info)}\nSettings: {json.dumps(vars(options))}")
     if options.output:
         with open(options.output, "w") as f:
-            json.dump({"settings": vars(options), "results": results}, f, indent=2)
+            json.dump({"machine": info, "settings": vars(options), "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ is written). Rows, each after one warm-up call, in this order:
 - ours, batch 1 and batch --batch_size: shards, manifest and stored ids included;
 - ours with the top-k cache written in the same pass (--top_k), at batch --batch_size.
 
+Machine section (off with --no_machine): each row's GFLOP/s and its share of the matmul limit at one decoding step's
+products at that row's batch (a batch-1 step is matrix-vector products, bound by memory, not by the matmul units).
+
     HF_DISTILL_ASSETS=... python benchmarks/bench_generate.py [--prompts 32 --max_new_tokens 32 --batch_size 16]
         [--output docs/results/bench_generate.json]
 """
@@ -61,6 +64,35 @@ def ours(model, tokenizer, rows, max_new_tokens: int, batch_size: int, top_k: in
     return tokens
 
 
+def machine_section(model, results: dict, batch_size: int) -> dict:
+    """Each row's GFLOP/s (answer tokens/s x the forward FLOPs of one token, `hf_distill.flops.forward_flops_per_token`
+    without attention; prompts' prefill not counted, so this is a lower bound) and its share of the matmul limit at one
+    decoding step's products at the row's batch (`machine_limits.decode_shapes`: ``[batch, in] @ [in, out]``)."""
+    from machine_limits import DTYPES_BY_DEVICE, decode_shapes, gflops_shares, job_limit
+
+    from hf_distill.flops import forward_flops_per_token
+
+    flops = forward_flops_per_token(model, 1)
+    per_token = flops.layers + flops.output
+    dtypes = DTYPES_BY_DEVICE["cpu"]
+    print(f"\n### Machine: {per_token / 1e6:,.0f} MFLOP per answer token (every linear layer, the output layer "
+          "included); the limit at one decoding step's products\n")
+    print("| run | GFLOP/s | " + " | ".join(f"{d} limit | share" for d in dtypes) + " |")
+    print("|---|---:|" + "---:|---:|" * len(dtypes))
+    out, by_batch = {"mflop_per_token": per_token / 1e6, "rows": {}}, {}
+    for name, r in results.items():
+        batch = batch_size if f"batch {batch_size}" in name else 1
+        if batch not in by_batch:  # (measured once per batch size)
+            by_batch[batch] = job_limit(decode_shapes(model, batch), dtypes)
+        limits = by_batch[batch]
+        found = gflops_shares(r["tokens_per_s"] * per_token / 1e9, limits)
+        print(f"| {name} | {found['achieved_gflops']:,.1f} | "
+              + " | ".join(f"{limits['limit_gflops'][d]:,.0f} | {found[f'share_of_{d}_limit']:.0%}" for d in dtypes)
+              + " |", flush=True)
+        out["rows"][name] = {"batch": batch, "limit_gflops": limits["limit_gflops"], **found}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
@@ -68,6 +100,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--top_k", type=int, default=32)
     parser.add_argument("--output", default=None)
+    parser.add_argument("--no_machine", action="store_true", help="skip the matmul-limit measurement")
     options = parser.parse_args()
     source = str(fetch("smollm2-135m"))
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -100,6 +133,8 @@ def main() -> None:
                      f"{r['tokens_per_s'] / base:.2f}x |")
     print("\n".join(lines))
     info = machine("cpu")
+    if not options.no_machine:
+        info["limits"] = machine_section(model, results, options.batch_size)
     print(f"\nMachine: {info}")
     write_json(options.output, {"machine": info, "settings": vars(options), "results": results})
     shutil.rmtree(workdir, ignore_errors=True)

@@ -15,6 +15,9 @@ Hidden sizes are the real models': 576 for vocab 49,152 (SmolLM2) and 640 for 26
 
 Target (issue 6): chunked peak <= 10% of plain at 262,144 x 2,048 tokens, time <= 1.2x plain.
 
+Machine section (off with --no_machine; `machine_limits.py`): each row's achieved GFLOP/s, ``8 N H V`` FLOPs per step
+over its time, and its share of the matmul limit of this machine in fp32 and bf16 at that row's own products.
+
     python benchmarks/bench_logits_loss.py                       # CPU: vocab 49,152 and 262,144, 512-2,048 tokens
     python benchmarks/bench_logits_loss.py --tokens 512 1024 2048 4096 --device cuda --dtype bfloat16
 """
@@ -129,6 +132,36 @@ def machine(device: str) -> dict:
     return info
 
 
+def machine_section(rows: list[dict], device: str, chunk_size: int | None) -> dict:
+    """Each row's GFLOP/s (``8 * N * H * V`` per step: the teacher's output layer, the student's and its two gradient
+    products, `machine_limits.output_loss_shapes`) and its share of this machine's matmul limit at the row's own
+    products (plain: whole, chunked: per chunk), measured after the rows; printed as a table, returned for the JSON."""
+    from machine_limits import DTYPES_BY_DEVICE, gflops_shares, job_limit, output_loss_shapes
+
+    from hf_distill.signals.chunked import auto_chunk_size
+
+    dtypes = DTYPES_BY_DEVICE.get(device, ("float32",))
+    print("\n### Machine: achieved GFLOP/s and share of the matmul limit at each row's products (8 N H V FLOPs per "
+          "step)\n")
+    print("| vocab | tokens | path | GFLOP per step | GFLOP/s | " + " | ".join(f"{d} limit | share" for d in dtypes)
+          + " |")
+    print("|---:|---:|---|---:|---:|" + "---:|---:|" * len(dtypes))
+    out = []
+    for pair in rows:
+        for path, row in pair.items():
+            if "error" in row:
+                continue
+            n, hidden, vocab = row["tokens"], row["hidden"], row["vocab"]
+            chunk = (chunk_size or auto_chunk_size(vocab)) if path == "chunked" else None
+            limits = job_limit(output_loss_shapes(n, hidden, vocab, chunk), dtypes, device)
+            found = gflops_shares(limits["gflop_per_step"] / row["seconds"], limits)
+            cells = " | ".join(f"{limits['limit_gflops'][d]:,.0f} | {found[f'share_of_{d}_limit']:.0%}" for d in dtypes)
+            print(f"| {vocab:,} | {n:,} | {path} | {limits['gflop_per_step']:,.1f} | {found['achieved_gflops']:,.0f} | "
+                  f"{cells} |", flush=True)
+            out.append({"path": path, "vocab": vocab, "tokens": n, **limits, **found})
+    return {"rows": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[49_152, 262_144])
@@ -138,6 +171,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--chunk_size", type=int, default=None, help="default: 2**24 // vocab (what 'auto' picks)")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    parser.add_argument("--no_machine", action="store_true", help="skip the matmul-limit measurement")
     parser.add_argument("--worker", nargs=3, metavar=("PATH", "VOCAB", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -185,6 +219,8 @@ def main() -> None:
             f"| {abs(chunked['loss'] - plain['loss']) / abs(plain['loss']):.1e} |"
         )
     info = machine(args.device)
+    if not args.no_machine:
+        info["limits"] = machine_section(rows, args.device, args.chunk_size)
     settings = {"loss": "0.5 CE + 0.5 T^2 forward KL, T=2", "repeats": args.repeats, "dtype": args.dtype,
                 "chunk": args.chunk_size or "2**24 // vocab"}
     print(f"\nMachine: {json.dumps(info)}\nSettings: {json.dumps(settings)}")

@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_logits_loss import machine  # noqa: E402
-from machine_limits import limits_table, machine_limits, shares  # noqa: E402
+from machine_limits import limits_table, machine_limits, share_cells, shares  # noqa: E402
 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
 from hf_distill.cli import ModelArguments  # noqa: E402
@@ -205,8 +205,7 @@ def main() -> None:
         for name, row in (("live", live), ("cached", from_cache)):
             factor = 1.0 if name == "live" else student_share  # the cached step runs no teacher
             row.update({k: v * factor for k, v in shares(row["tokens_per_second"], limits).items()})
-            print(f"{name}: {row['achieved_gflops']:.0f} GFLOP/s = "
-                  + ", ".join(f"{v:.0%} of the {k[9:-6]} limit" for k, v in row.items() if k.startswith("share_of_")))
+            print(f"{name}: {share_cells(row)}")
         print(f"\n### Machine: the matmul limit at the live job's shapes\n\n{limits_table(limits)}")
     print(f"\nMachine: {json.dumps(info)}\nSettings: {json.dumps(settings)}")
     if options.output:

@@ -1,7 +1,8 @@
 """The machine's own matmul limit at a job's shapes, and each benchmark row's share of it (the `machine` section).
 
 `matmul_rate` times ``torch.mm`` of one shape in one dtype (median of a few runs of at least --seconds each, after a
-warm-up). `job_limit` takes the products one step of a job runs (`hf_distill.flops.matmul_shapes`: every linear
+warm-up; a product above `MAX_TIMED_PRODUCT` multiply-adds on fewer columns). `job_limit` takes the products one step
+of a job runs (`hf_distill.flops.matmul_shapes`: every linear
 layer, the chunked output layer, attention) and returns the rate at which those products alone would run here:
 ``sum_i flops_i / sum_i (flops_i / rate_i)``, each product at its own measured rate. A row's achieved FLOP/s is its
 tokens/s times `hf_distill.flops.distillation_flops_per_token`; its share is that over the limit.
@@ -16,6 +17,9 @@ import json
 import statistics
 import time
 
+#: Products above this many multiply-adds are timed on fewer output columns (same rows and inner size): a
+#: ``[2048, 640] @ [640, 262144]`` is timed as ``[2048, 640] @ [640, 16384]``, 20 GFLOP, where the rate no longer grows.
+MAX_TIMED_PRODUCT = 2048 * 640 * 16384
 DTYPES_BY_DEVICE = {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "tf32", "bfloat16", "float16")}
 
 
@@ -25,6 +29,8 @@ def matmul_rate(rows: int, inner: int, cols: int, dtype: str, device: str = "cpu
     import torch
 
     torch_dtype = torch.float32 if dtype == "tf32" else getattr(torch, dtype)
+    if rows * inner * cols > MAX_TIMED_PRODUCT:  # (timed on fewer columns: the rate is flat at this size)
+        cols = max(1, MAX_TIMED_PRODUCT // (rows * inner))
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
     try:
@@ -108,9 +114,47 @@ def machine_limits(teacher_dir: str, student_layers: int, batch: int, seq_len: i
 
 def shares(tokens_per_s: float, limits: dict) -> dict:
     """A row's achieved GFLOP/s and its share of each dtype's limit."""
-    achieved = tokens_per_s * limits["flops_per_token"]["total"] / 1e9
-    return {"achieved_gflops": achieved,
-            **{f"share_of_{d}_limit": achieved / v for d, v in limits["limit_gflops"].items()}}
+    return gflops_shares(tokens_per_s * limits["flops_per_token"]["total"] / 1e9, limits)
+
+
+def gflops_shares(achieved_gflops: float, limits: dict) -> dict:
+    """``{"achieved_gflops": ..., "share_of_<dtype>_limit": achieved / limit, ...}`` for each dtype of `limits`."""
+    return {"achieved_gflops": achieved_gflops,
+            **{f"share_of_{d}_limit": achieved_gflops / v for d, v in limits["limit_gflops"].items()}}
+
+
+def share_cells(row: dict) -> str:
+    """``"123 GFLOP/s = 45% of the float32 limit, 12% of the bfloat16 limit"`` of a row with `gflops_shares` keys."""
+    return f"{row['achieved_gflops']:,.0f} GFLOP/s = " + ", ".join(
+        f"{v:.0%} of the {k[len('share_of_'):-len('_limit')]} limit" for k, v in row.items() if k.startswith("share_of_"))
+
+
+def output_loss_shapes(rows: int, hidden: int, vocab: int, chunk: int | None, teacher: bool = True):
+    """The products of the output loss alone (`bench_logits_loss.py`): the teacher's output layer ``[rows, H] @ [H,
+    V]`` (forward only) and the student's (forward, input gradient ``[rows, V] @ [V, H]``, weight gradient ``[H,
+    rows] @ [rows, V]``), `chunk` rows at a time when given: ``2 * rows * H * V`` FLOPs each, 8 in all with a
+    teacher."""
+    from hf_distill.flops import MatmulShape
+
+    full, rest = divmod(rows, chunk) if chunk else (1, 0)
+    pieces = ([(chunk or rows, full)] if full else []) + ([(rest, 1)] if rest else [])
+    shapes = []
+    for n, count in pieces:
+        if teacher:
+            shapes.append(MatmulShape(n, hidden, vocab, count, "teacher output"))
+        shapes += [MatmulShape(n, hidden, vocab, count, "student output"),
+                   MatmulShape(n, vocab, hidden, count, "student output"),
+                   MatmulShape(hidden, n, vocab, count, "student output")]
+    return shapes
+
+
+def decode_shapes(model, batch: int):
+    """The products of one decoding step of `model` at `batch` sequences: every linear layer ``[batch, in] @ [in,
+    out]``, the output layer included (the attention over the cache, a matrix-vector product per head, is left out:
+    under 3% of a 135M model's FLOPs at a few hundred positions)."""
+    from hf_distill.flops import matmul_shapes
+
+    return [s for s in matmul_shapes(model, batch, 1, batch) if not s.part.endswith("attention")]
 
 
 def limits_table(limits: dict) -> str:
@@ -123,7 +167,9 @@ def limits_table(limits: dict) -> str:
                      f"{s['gflop_per_step']:,.2f} | {rates} |")
     lines.append(f"| **the job's limit** | | | {limits['gflop_per_step']:,.1f} | "
                  + " | ".join(f"**{limits['limit_gflops'][d]:,.0f}**" for d in dtypes) + " |")
-    f = limits["flops_per_token"]
+    f = limits.get("flops_per_token")
+    if f is None:
+        return "\n".join(lines)
     lines.append(f"\nFLOPs per token: teacher forward {f['teacher_forward'] / 1e6:,.1f} M + student forward "
                  f"{f['student_forward'] / 1e6:,.1f} M + student backward {f['student_backward'] / 1e6:,.1f} M = "
                  f"{f['total'] / 1e9:.3f} GFLOP ({limits['flops_per_token_formula']}).")

