@@ -19,12 +19,18 @@ that ceiling. --recommended runs both students in the recommended setting (docs/
 in bfloat16 where bf16 is fast (the cache built by that teacher too), bf16 autocast, `keep_freed_memory`. The machine
 section: the matmul limit at the live job's shapes (`machine_limits.py`) and each run's share of it.
 
+--student takes a real student instead of the shrink (the same pretrained weights for both runs), for the pair where
+the teacher's cost dominates (issue 21):
+
     HF_DISTILL_ASSETS=... python benchmarks/bench_teacher_cache.py [--steps 40 --batch_size 8 --block_size 128]
+    HF_DISTILL_ASSETS=... python benchmarks/bench_teacher_cache.py --teacher asset:qwen-coder-1.5b \
+        --student asset:qwen-coder-0.5b --steps 6 --warmup 1 --batch_size 4 --eval_blocks 16
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -71,7 +77,7 @@ def teacher_step_seconds(teacher, dataset, collator, options, batches: int = 6) 
     times = []
     with torch.no_grad():
         for i in range(batches + 1):
-            rows = [dataset[j] for j in range(i * options.batch_size, (i + 1) * options.batch_size)]
+            rows = [dataset[j % len(dataset)] for j in range(i * options.batch_size, (i + 1) * options.batch_size)]
             batch = collator(rows)
             start = time.perf_counter()
             teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
@@ -85,6 +91,8 @@ def main() -> None:
     parser.add_argument("--teacher", default="asset:smollm2-135m")
     parser.add_argument("--dataset", default="asset:news-articles")
     parser.add_argument("--student_layers", type=int, default=15)
+    parser.add_argument("--student", default=None, help="a student model (asset:NAME, folder or Hub id) instead of "
+                        "the teacher's --student_layers cut")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -111,18 +119,18 @@ def main() -> None:
     tokenizer, data = prepare_inputs(model_args, data_args, base)
     train = data.train.select(range(min(len(data.train), options.steps * options.batch_size)))
     held_out = data.eval.select(range(min(len(data.eval), options.eval_blocks)))
-    teacher = AutoModelForCausalLM.from_pretrained(resolve_source(options.teacher), dtype=torch.float32)
-    teacher.eval()
     teacher_dtype = None
     if options.recommended:
         from hf_distill.performance import keep_freed_memory, recommended_precision
 
         keep_freed_memory()
         teacher_dtype = recommended_precision("cpu", None).teacher_dtype
-    # the student is cut from the fp32 teacher; the teacher that teaches (live and cache builder) in teacher_dtype,
-    # loaded in it (no fp32 copy to cast)
-    teaching = teacher if teacher_dtype is None else AutoModelForCausalLM.from_pretrained(
-        resolve_source(options.teacher), dtype=getattr(torch, teacher_dtype)).eval()
+    # the student is cut from the fp32 teacher (loaded only for that); the teacher that teaches (live, cache builder,
+    # its own perplexity) in teacher_dtype, loaded in it (no fp32 copy to cast)
+    teacher = None if options.student else AutoModelForCausalLM.from_pretrained(
+        resolve_source(options.teacher), dtype=torch.float32).eval()
+    teaching = teacher if teacher_dtype is None and teacher is not None else AutoModelForCausalLM.from_pretrained(
+        resolve_source(options.teacher), dtype=getattr(torch, teacher_dtype or "float32")).eval()
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
     cache_dir = options.cache_dir or os.path.join(workdir, "cache")
@@ -136,7 +144,8 @@ def main() -> None:
 
     def run(name: str, teacher_model, dataset) -> dict:
         torch.manual_seed(0)
-        student = shrink_model(teacher, num_layers=options.student_layers)
+        student = (AutoModelForCausalLM.from_pretrained(resolve_source(options.student), dtype=torch.float32)
+                   if options.student else shrink_model(teacher, num_layers=options.student_layers))
         args = DistillationConfig(
             output_dir=os.path.join(workdir, name), report_to=[], use_cpu=True, seed=0, max_steps=options.steps,
             per_device_train_batch_size=options.batch_size, per_device_eval_batch_size=options.batch_size,
@@ -157,10 +166,12 @@ def main() -> None:
         return result
 
     live = run("live", teaching, train)
+    gc.collect()  # (the first student and its optimizer state go before the second is built: 10 GB for a 0.5B)
     from_cache = run("cached", None, cached)
+    gc.collect()
     teacher_seconds = teacher_step_seconds(teaching, train, collator, options)
     teacher_trainer = DistillationTrainer(
-        model=teacher, args=DistillationConfig(output_dir=os.path.join(workdir, "teacher"), report_to=[],
+        model=teaching, args=DistillationConfig(output_dir=os.path.join(workdir, "teacher"), report_to=[],
                                                use_cpu=True, task_weight=1.0, logits_weight=0.0,
                                                per_device_eval_batch_size=options.batch_size),
         data_collator=collator, processing_class=tokenizer)
@@ -179,7 +190,8 @@ def main() -> None:
                           "ceiling": ceiling, "share_of_ceiling": speed / ceiling}
     results["settings_precision"] = ("bf16 autocast, teacher " + teacher_dtype) if options.recommended else "fp32"
     gap = from_cache["perplexity"] / live["perplexity"] - 1
-    print("\n### Cached vs live teacher (SmolLM2-135M -> 15-layer student)\n")
+    pair = f"{options.teacher} -> " + (options.student or f"its {options.student_layers}-layer cut")
+    print(f"\n### Cached vs live teacher ({pair}, {options.batch_size} x {options.block_size} tokens a step)\n")
     print("| teacher | tokens/s | ratio | held-out perplexity | vs live |")
     print("|---|---:|---:|---:|---:|")
     print(f"| live | {live['tokens_per_second']:.0f} | 1.00 | {live['perplexity']:.2f} | |")
@@ -198,8 +210,9 @@ def main() -> None:
     if not options.no_machine:
         from hf_distill.signals.chunked import auto_chunk_size
 
-        limits = machine_limits(resolve_source(options.teacher), options.student_layers, options.batch_size,
-                                options.block_size, auto_chunk_size(teacher.config.vocab_size))
+        student_spec = str(resolve_source(options.student)) if options.student else options.student_layers
+        limits = machine_limits(resolve_source(options.teacher), student_spec, options.batch_size,
+                                options.block_size, auto_chunk_size(teaching.config.vocab_size))
         info["limits"] = limits
         student_share = 3 * limits["flops_per_token"]["student_forward"] / limits["flops_per_token"]["total"]
         for name, row in (("live", live), ("cached", from_cache)):

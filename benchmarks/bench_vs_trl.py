@@ -11,6 +11,8 @@ What runs: the same logit-distillation job in up to five ways, each for --warmup
 - ``ours-fast``: ours in its recommended setting, what the command line applies by default where bf16 is fast
   (`hf_distill.performance.recommended_precision`): the teacher in bfloat16, ``bf16=True`` autocast for the student,
   and `keep_freed_memory()` (glibc keeps freed blocks instead of returning them to the kernel).
+- ``ours-bf16-head``: the teacher in bfloat16, `keep_freed_memory()`, the student's decoder in fp32 and only the
+  output layers' matmuls in bf16 (``output_layer_dtype="bfloat16"``: fp32 softmax, loss and gradient accumulation).
 - ``ours-plain``: the same as ``ours`` with ``logits_chunk_size=0`` (our full-logits path). Both ``logits_chunk_size``
   settings are passed only when `DistillationConfig` has that field; without it the two "ours" rows run the same code.
 
@@ -84,7 +86,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_logits_loss import machine  # noqa: E402
 
-TRAINERS = ("trl", "trl-bf16", "ours", "ours-plain", "ours-fast", "trl-stable")
+TRAINERS = ("trl", "trl-bf16", "ours", "ours-plain", "ours-fast", "ours-bf16-head", "trl-stable")
 #: Rows that run their student step under bf16 autocast whatever --bf16 says (``TrainingArguments(bf16=True)``).
 BF16_ROWS = ("trl-bf16", "ours-fast")
 #: Marks the worker's result line on stdout (libraries may print there too).
@@ -183,7 +185,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         every = packed_blocks(tokenizer, str(fetch("news-articles")), opts.seq_len,
                               total_steps * opts.batch_size + opts.eval_blocks)
         eval_ids = torch.tensor(every["input_ids"][total_steps * opts.batch_size:])
-    if which == "ours-fast":  # our recommended setting (docs/performance.md, section 8)
+    if which in ("ours-fast", "ours-bf16-head"):  # (docs/performance.md, section 8)
         from hf_distill.performance import keep_freed_memory
 
         keep_freed_memory()
@@ -234,7 +236,9 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         if "logits_chunk_size" in {f.name for f in dataclasses.fields(DistillationConfig)}:
             chunk_setting = 0 if which == "ours-plain" else (opts.chunk_size or "auto")
             extra["logits_chunk_size"] = chunk_setting
-        if which == "ours-fast":
+        if which == "ours-bf16-head":
+            extra["output_layer_dtype"] = "bfloat16"
+        if which in ("ours-fast", "ours-bf16-head"):
             from hf_distill.performance import recommended_precision
 
             extra["teacher_dtype"] = recommended_precision(opts.device, None).teacher_dtype
@@ -370,7 +374,8 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         "loss_last": losses[-1],
         "held_out_loss": held_out,
         "precision": ("bf16 autocast" if args.bf16 else "fp32") + (
-            f", teacher {args.teacher_dtype}" if getattr(args, "teacher_dtype", None) else ""),
+            f", teacher {args.teacher_dtype}" if getattr(args, "teacher_dtype", None) else "") + (
+            f", output layers {args.output_layer_dtype}" if getattr(args, "output_layer_dtype", None) else ""),
         "parameters": {"student": sum(p.numel() for p in trainer.model.parameters())},
         "torch_threads": torch.get_num_threads(),
     }

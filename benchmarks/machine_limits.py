@@ -78,16 +78,18 @@ def job_limit(shapes, dtypes, device: str = "cpu", seconds: float = 0.2) -> dict
     return out
 
 
-def distillation_job(teacher_dir: str, student_layers: int, batch: int, seq_len: int, chunk: int | None):
-    """The teacher and its `student_layers`-layer cut as meta-device models (shapes only), their products of one
-    step (teacher forward; student forward and backward) and the FLOPs per token."""
+def distillation_job(teacher_dir: str, student_layers: int | str, batch: int, seq_len: int, chunk: int | None):
+    """The teacher and its `student_layers`-layer cut (or the student model folder, when `student_layers` is a path)
+    as meta-device models (shapes only), their products of one step (teacher forward; student forward and backward)
+    and the FLOPs per token."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hf_distill.flops import distillation_flops_per_token, matmul_shapes
 
     config = AutoConfig.from_pretrained(teacher_dir)
-    student_config = AutoConfig.from_pretrained(teacher_dir, num_hidden_layers=student_layers)
+    student_config = (AutoConfig.from_pretrained(student_layers) if isinstance(student_layers, str)
+                      else AutoConfig.from_pretrained(teacher_dir, num_hidden_layers=student_layers))
     with torch.device("meta"):
         teacher = AutoModelForCausalLM.from_config(config)
         student = AutoModelForCausalLM.from_config(student_config)
@@ -99,7 +101,7 @@ def distillation_job(teacher_dir: str, student_layers: int, batch: int, seq_len:
     return shapes, distillation_flops_per_token(teacher, student, seq_len)
 
 
-def machine_limits(teacher_dir: str, student_layers: int, batch: int, seq_len: int, chunk: int | None,
+def machine_limits(teacher_dir: str, student_layers: int | str, batch: int, seq_len: int, chunk: int | None,
                    device: str = "cpu", seconds: float = 0.2) -> dict:
     """The `machine` section of a benchmark of the distillation job: FLOPs per token written out, the limit per
     dtype."""

@@ -18,6 +18,7 @@ WEIGHT_FIELDS: tuple[str, ...] = ("task_weight", *signal_weight_fields())
 ENSEMBLE_MODES = ("mean_probs", "mean_logits")
 
 TEACHER_DTYPES = ("auto", "float32", "float16", "bfloat16")
+OUTPUT_LAYER_DTYPES = ("bfloat16", "float16")
 VOCAB_MISMATCH_MODES = ("error", "truncate")
 #: What a training step whose loss or gradient norm is not finite does (`on_nonfinite`).
 NONFINITE_MODES = ("error", "skip_step")
@@ -67,6 +68,12 @@ class DistillationConfig(TrainingArguments):
         teacher_dtype (`str`, *optional*):
             Cast the teacher to this dtype (`"float32"`, `"float16"`, `"bfloat16"`) before training; `None` or
             `"auto"` keeps the teacher as it was loaded. Teacher logits are compared in float32 either way.
+        output_layer_dtype (`str`, *optional*):
+            The chunked output loss's matmuls in this dtype (`"bfloat16"`, `"float16"`) even where the models run in
+            float32: ``z = h.bf16 @ W.bf16^T`` for the student's and the teacher's output layers, and the gradient
+            products ``dL/dh = g.bf16 @ W.bf16``, ``dL/dW = sum_chunks g.bf16^T @ h.bf16``; the softmax, log-sum-exp,
+            loss and the accumulation of dL/dW stay in float32. The decoder keeps its own precision. `None`: the
+            precision of the forward (autocast's when it is on). Only the chunked path (`logits_chunk_size` != 0).
         vocab_mismatch (`str`, defaults to `"error"`):
             What to do when teacher and student output sizes differ. `"error"` raises before training. `"truncate"`
             (language models only) compares the shared ids ``[0, min(V_t, V_s))``, for families whose config vocabulary
@@ -204,6 +211,11 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Cast the teacher to this dtype; None/'auto' keeps it.", "choices": list(TEACHER_DTYPES)},
     )
+    output_layer_dtype: str | None = field(
+        default=None,
+        metadata={"help": "The chunked output loss's matmuls in this dtype (fp32 softmax and accumulation); None: the "
+                          "forward's.", "choices": list(OUTPUT_LAYER_DTYPES)},
+    )
     vocab_mismatch: str = field(
         default="error",
         metadata={
@@ -333,6 +345,7 @@ class DistillationConfig(TrainingArguments):
         for signal_class in registered_signals():
             signal_class.check_options(self)
         check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES, allow_none=True)
+        check_choice("output_layer_dtype", self.output_layer_dtype, OUTPUT_LAYER_DTYPES, allow_none=True)
         if not self.discriminator_lr > 0:
             raise ValueError(f"discriminator_lr must be > 0, got {self.discriminator_lr}.")
         check_choice("ensemble", self.ensemble, ENSEMBLE_MODES)

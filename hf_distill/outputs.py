@@ -193,6 +193,16 @@ def shared_vocabulary(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return student_logits[..., :shared], teacher_logits[..., :shared]
 
 
+def output_precision(accelerator: Any, dtype: str | None) -> Callable[[], Any]:
+    """The context the chunked output layer's matmuls run in: the accelerator's autocast (`dtype` None: the
+    forward's precision), or autocast to `dtype` (`output_layer_dtype`) on the models' device; the loss itself and the
+    accumulation of the output layer's gradient stay in float32 (`signals.chunked`)."""
+    if dtype is None:
+        return accelerator.autocast
+    device, torch_dtype = accelerator.device.type, getattr(torch, dtype)
+    return lambda: torch.autocast(device_type=device, dtype=torch_dtype)
+
+
 def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module, teachers: list[nn.Module],
                 signals: list[tuple[Signal, float]], distributed_type: str, label_names: tuple[str, ...],
                 precision: Callable[[], Any] = nullcontext, aligned: bool = False) -> FullLogits | HeadChunks:
