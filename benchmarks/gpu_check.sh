@@ -7,7 +7,9 @@
 #   2. benchmark 1 of docs/performance.md (output loss alone, plain vs chunked) on the GPU in bfloat16;
 #   3. bench_vs_trl.py on the GPU in bf16 (SmolLM2-135M -> 15 layers, 4 x 512 tokens): TRL's GKDTrainer with bf16
 #      autocast, with its Liger option (`use_liger_kernel`) off and on (on: skipped, and said so, when liger-kernel is
-#      not installed), beside ours in its recommended setting (`ours-fast`), with the GPU's matmul limits.
+#      not installed), beside ours in fp32, with bf16 autocast (`ours-fast`), in the recommended setting
+#      (`ours-bf16-head`) and with our output terms through Liger's kernel (`ours-liger`, `output_kernel="liger"`;
+#      when liger-kernel is installed), with the GPU's matmul limits.
 # Needs torch with CUDA, transformers, accelerate, datasets (and optionally deepspeed) importable, e.g. after
 # `pip install -e .[dev]`; the package is taken from this checkout either way.
 #
@@ -58,9 +60,13 @@ $PYTHON benchmarks/bench_logits_loss.py --device cuda --dtype bfloat16 --tokens 
 echo "== bench_vs_trl.py on the GPU (bf16; TRL's Liger option off, then on)"
 echo -e "\n## bench_vs_trl.py, CUDA, bf16\n" >> "$SUMMARY"
 $PYTHON benchmarks/bench_vs_trl.py --device cuda --bf16 --steps 10 --warmup 3 --seq_len 512 \
-  --trainers trl-bf16 ours ours-fast --output "$OUTPUT_DIR/bench_vs_trl_cuda.json" >> "$SUMMARY" \
+  --trainers trl-bf16 ours ours-bf16-head ours-fast --output "$OUTPUT_DIR/bench_vs_trl_cuda.json" >> "$SUMMARY" \
   2> "$OUTPUT_DIR/bench_vs_trl_cuda.log" || status=1
 if $PYTHON -c "import liger_kernel" 2>/dev/null; then
+  echo -e "\n### ours with output_kernel=liger\n" >> "$SUMMARY"
+  $PYTHON benchmarks/bench_vs_trl.py --device cuda --bf16 --steps 10 --warmup 3 --seq_len 512 \
+    --trainers ours-fast ours-liger --no_machine --output "$OUTPUT_DIR/bench_vs_trl_cuda_ours_liger.json" \
+    >> "$SUMMARY" 2> "$OUTPUT_DIR/bench_vs_trl_cuda_ours_liger.log" || status=1
   echo -e "\n### with TRL's use_liger_kernel=True\n" >> "$SUMMARY"
   $PYTHON benchmarks/bench_vs_trl.py --device cuda --bf16 --steps 10 --warmup 3 --seq_len 512 --trl_liger \
     --trainers trl-bf16 --no_machine --output "$OUTPUT_DIR/bench_vs_trl_cuda_liger.json" >> "$SUMMARY" \

@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from .accounting import Measure, PositionUnit, align_labels
 from .checks import check_output_sizes
+from .liger import liger_head_losses, liger_obstacle
 from .modeling import accepts_input, describe, model_inputs, output_logits, output_loss
 from .signals import Signal, task_loss_sum
 from .signals.chunked import (
@@ -32,7 +33,7 @@ from .signals.chunked import (
     chunking_obstacle,
     output_head,
 )
-from .teachers import TeacherOutputs
+from .teachers import CachedTeacher, TeacherOutputs
 
 logger = logging.get_logger(__name__)
 
@@ -171,9 +172,34 @@ class HeadChunks:
             coefficients[signal.name] = context.coefficient(signal.name)
         if terms.agreement:
             coefficients["agreement"] = 0.0
+        kernel = self.fused_kernel(rows, head, terms, coefficients, context.training)
+        if kernel is not None:
+            fused, sums = kernel
+            return OutputResult(sums, fused=fused, fused_terms=frozenset(sums), agreement=None)
         fused, sums = chunked_head_losses(rows, head, terms, coefficients, self.chunk_size, precision=self.precision)
         agreement = sums.pop("agreement", None)
         return OutputResult(sums, fused=fused, fused_terms=frozenset(sums), agreement=agreement)
+
+    def fused_kernel(self, rows: torch.Tensor, head: OutputHead, terms: OutputTerms, coefficients: dict[str, Any],
+                     training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Another implementation of the same ``(sum_k c_k S_k, {k: S_k})`` (`LigerChunks`); None: ours."""
+        return None
+
+
+class LigerChunks(HeadChunks):
+    """`HeadChunks` whose training steps compute the output terms with Liger's fused linear JSD
+    (`output_kernel="liger"`, `hf_distill.liger`); evaluation (top-1 agreement) and a truncated shared vocabulary
+    (``vocab_mismatch="truncate"``) stay on ours."""
+
+    def fused_kernel(self, rows: torch.Tensor, head: OutputHead, terms: OutputTerms, coefficients: dict[str, Any],
+                     training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        if not training or terms.signal is None or len(terms.teacher_heads) != 1 or terms.shared_vocab is not None:
+            return None
+        with self.precision():  # the dtype the matmuls are autocast to (None: none)
+            device = rows.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return liger_head_losses(rows, head, terms.teacher_hidden[0], terms.teacher_heads[0], terms.labels,
+                                 terms.signal, coefficients, dtype, self.chunk_size)
 
 
 def shared_vocabulary(student_logits: torch.Tensor, teacher_logits: torch.Tensor, unit: PositionUnit,
@@ -203,12 +229,28 @@ def output_precision(accelerator: Any, dtype: str | None) -> Callable[[], Any]:
     return lambda: torch.autocast(device_type=device, dtype=torch_dtype)
 
 
+def checked_kernel(args: Any, source: Any) -> str:
+    """`args.output_kernel`, after checking before training that it can run this job (an error naming the fix)."""
+    if args.output_kernel == "liger":
+        obstacle = liger_obstacle(args, len(source.models), isinstance(source, CachedTeacher))
+        if obstacle:
+            raise ValueError(f"output_kernel='liger' cannot run this job: {obstacle}. Set output_kernel='chunked' "
+                             "(our chunked loss, the default).")
+    return args.output_kernel
+
+
 def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module, teachers: list[nn.Module],
                 signals: list[tuple[Signal, float]], distributed_type: str, label_names: tuple[str, ...],
-                precision: Callable[[], Any] = nullcontext, aligned: bool = False) -> FullLogits | HeadChunks:
+                precision: Callable[[], Any] = nullcontext, aligned: bool = False,
+                kernel: str = "chunked") -> FullLogits | HeadChunks:
     """The output strategy of a run (`logits_chunk_size`): `HeadChunks` where the models allow it ("auto", or an
     integer that insists, with an error saying why it cannot), else `FullLogits`. `aligned` (a teacher with another
-    tokenizer): `FullLogits` for the student; `logits_chunk_size` then chunks the teacher's side of the spans."""
+    tokenizer): `FullLogits` for the student; `logits_chunk_size` then chunks the teacher's side of the spans.
+    `kernel` "liger" (`output_kernel`) needs the chunked path: an error says why where it cannot have it."""
+    if kernel != "chunked" and (setting == 0 or aligned):
+        raise ValueError(f"output_kernel={kernel!r} computes the chunked output terms, but "
+                         f"{'logits_chunk_size=0' if setting == 0 else 'a teacher with another tokenizer'} asks for "
+                         "full logits. Set output_kernel='chunked' or logits_chunk_size='auto'.")
     if setting == 0 or aligned:
         return FullLogits(label_names)
     reasons = []
@@ -225,7 +267,7 @@ def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module
     if distributed_type not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU"):
         reasons.append(f"{distributed_type} shards the output layer")
     if reasons:
-        if setting == "auto":
+        if setting == "auto" and kernel == "chunked":
             logger.info("Logits loss on full logits (not chunked): %s.", "; ".join(reasons))
             return FullLogits(label_names)
         raise ValueError(
@@ -233,4 +275,4 @@ def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module
             "logits_chunk_size=0 for the full-logits path, or 'auto' to chunk only where possible."
         )
     size = auto_chunk_size(output_head(student).vocab_size) if setting == "auto" else int(setting)
-    return HeadChunks(size, label_names, precision)
+    return (LigerChunks if kernel == "liger" else HeadChunks)(size, label_names, precision)

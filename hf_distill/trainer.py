@@ -23,7 +23,7 @@ from .config import DistillationConfig
 from .hub import CardInfo, write_model_card
 from .modeling import check_no_attention_dropout, output_logits, use_eager_attention
 from .output_dir import API_WORDS, prepare_output_dir
-from .outputs import output_precision, plan_output
+from .outputs import checked_kernel, output_precision, plan_output
 from .safety import (
     NonFiniteGuard,
     check_finite_weights,
@@ -156,8 +156,8 @@ class DistillationTrainer(Trainer):
         #: how the output terms are computed (`outputs.plan_output`): full logits, or chunks of the output layer
         self.output_strategy = plan_output(
             args.logits_chunk_size, model_unit, self.model, source.models, self.signals,
-            self.accelerator.distributed_type.value, tuple(self.label_names),
-            output_precision(self.accelerator, args.output_layer_dtype), aligned=source.aligns_tokens)
+            self.accelerator.distributed_type.value, tuple(self.label_names), kernel=checked_kernel(args, source),
+            precision=output_precision(self.accelerator, args.output_layer_dtype), aligned=source.aligns_tokens)
         check_sizes()
         check_labels_available(self.train_dataset, self.data_collator,
                                lambda d: self._remove_unused_columns(d, description="label check"),

@@ -185,7 +185,30 @@ def test_speed_defaults_pick_a_bf16_teacher_only_where_bf16_is_fast_and_nothing_
     monkeypatch.setattr(performance, "fast_bf16", lambda device_type="cpu": False)
     slow = make_args()
     performance.apply_speed_defaults(slow, "cpu")
-    assert slow.teacher_dtype is None
+    assert slow.teacher_dtype is None and slow.output_layer_dtype is None
+
+
+def test_speed_defaults_put_the_chunked_output_layers_in_bf16_only_where_safe(make_args, monkeypatch):
+    monkeypatch.setattr(performance, "fast_bf16", lambda device_type="cpu": True)
+    args = make_args()
+    lines = performance.apply_speed_defaults(args, "cpu")
+    assert args.output_layer_dtype == "bfloat16" and any("output layers" in line for line in lines)
+    kept = {  # each a reason to leave the output layers as they are
+        "chosen": make_args(output_layer_dtype="float16"),
+        "full logits": make_args(logits_chunk_size=0),
+        "gradient signal": make_args(input_grad_weight=1.0),
+    }
+    for name, chosen in kept.items():
+        before = chosen.output_layer_dtype
+        performance.apply_speed_defaults(chosen, "cpu")
+        assert chosen.output_layer_dtype == before, name
+    classifier = make_args()
+    performance.apply_speed_defaults(classifier, "cpu", "sequence-classification")
+    assert classifier.output_layer_dtype is None
+    autocast = make_args()
+    autocast.bf16 = True  # mixed precision already sets the output layers' dtype
+    performance.apply_speed_defaults(autocast, "cpu")
+    assert autocast.output_layer_dtype is None
 
 
 def test_fast_bf16_reads_the_cpu_flags(monkeypatch):

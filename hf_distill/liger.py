@@ -1,0 +1,75 @@
+"""The output terms through Liger's fused linear + distillation loss (`output_kernel="liger"`; `liger-kernel`).
+
+Liger's `LigerFusedLinearJSDLoss` computes, chunk by chunk over the counted rows, from the final hidden states and
+the output layers of both models:
+
+    L = w_hard * mean_rows CE(z_s, y) + w_soft * mean_rows JSD_beta(softmax(z_s / T), softmax(z_t / T))
+
+with ``JSD_beta = beta KL(p_t || m) + (1 - beta) KL(p_s || m)``, ``m = (1 - beta) p_s + beta p_t`` (beta 0: forward
+KL(p_t || p_s), beta 1: reverse KL(p_s || p_t)): our ``jsd`` / ``forward_kl`` / ``reverse_kl`` divergences. We pass
+``w_hard = c_task``, ``w_soft = c_logits * T^2`` (with `scale_by_temperature_squared`) and multiply by the number of
+rows N, so the result is the chunked path's ``sum_k c_k S_k`` (`signals.chunked.chunked_head_losses`), equal within
+float tolerance (tested on CPU). On CUDA Liger compiles its chunk step (``torch.compile``); elsewhere it runs eagerly
+(for tests; our own chunked loss is faster there). Training steps only: evaluation (top-1 agreement) stays on ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+#: Our divergences Liger's JSD covers, as its beta (None: the run's `jsd_beta`).
+LIGER_BETAS = {"jsd": None, "forward_kl": 0.0, "reverse_kl": 1.0}
+
+
+def liger_available() -> bool:
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def liger_obstacle(args: Any, teachers: int, cached: bool) -> str | None:
+    """Why `output_kernel="liger"` cannot run this job (None: it can), checked before training."""
+    if not liger_available():
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    if args.logits_loss not in LIGER_BETAS:
+        return (f"logits_loss={args.logits_loss!r} has no Liger kernel (it has {', '.join(LIGER_BETAS)})")
+    if cached:
+        return "a teacher cache holds top-k targets, Liger needs the teacher's output layer"
+    if teachers != 1:
+        return f"{teachers} teachers: Liger takes one teacher's output layer"
+    return None
+
+
+def liger_head_losses(rows: torch.Tensor, head: Any, teacher_rows: torch.Tensor, teacher_head: Any,
+                      labels: torch.Tensor | None, signal: Any, coefficients: dict[str, Any],
+                      dtype: torch.dtype | None = None, chunk_size: int = 1024,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(sum_k c_k S_k, {k: S_k})`` for ``k`` in task / logits over the ``N`` counted `rows` (``[N, H]``), as
+    `chunked_head_losses` returns them, through Liger's fused kernel. `dtype`: the matmuls' dtype (autocast's);
+    `chunk_size`: rows per chunk."""
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    if head.softcap is not None or teacher_head.softcap is not None:
+        raise ValueError("output_kernel='liger' has no logit softcap (Gemma 2): set output_kernel='chunked'.")
+    count = rows.shape[0]
+    beta = LIGER_BETAS[signal.kind]
+    beta = signal.jsd_beta if beta is None else beta
+    scale = signal.temperature**2 if signal.scale_by_temperature_squared else 1.0
+    c_task = float(coefficients.get("task", 0.0)) if labels is not None else 0.0
+    c_soft = float(coefficients.get(signal.name, 0.0))
+    target = labels.long() if labels is not None else torch.zeros(count, dtype=torch.long, device=rows.device)
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=c_task, weight_soft_loss=c_soft * scale, beta=beta,
+                                      temperature=signal.temperature, compiled=rows.device.type == "cuda",
+                                      chunk_size=chunk_size, return_soft_hard_loss=True)
+    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+    loss, soft, hard = loss_fn(cast(rows), cast(head.weight), cast(teacher_rows).detach(),
+                               cast(teacher_head.weight).detach(), target, cast(head.bias),
+                               None if teacher_head.bias is None else cast(teacher_head.bias).detach())
+    sums = {signal.name: soft.detach().float() * count * scale}
+    if labels is not None:
+        sums = {"task": torch.as_tensor(hard).detach().float() * count, **sums}
+    return loss.float() * count, sums
