@@ -136,7 +136,8 @@ def main() -> None:
             print(f"| {r['kind']} | {r['mode']} | {limits['gflop_per_step']:.1f} | {r['achieved_gflops']:,.0f} | "
                   + " | ".join(f"{limits['limit_gflops'][d]:,.0f} | {r[f'share_of_{d}_limit']:.0%}" for d in dtypes)
                   + " |", flush=True)
-    print(f"\nMachine: {json.dumps(info)}\nSettings: {json.dumps(vars(options))}")
+    shown = {k: v for k, v in info.items() if k != "limits"}  # (the limits: the tables above, and the JSON)
+    print(f"\nMachine: {json.dumps(shown)}\nSettings: {json.dumps(vars(options))}")
     if options.output:
         with open(options.output, "w") as f:
             json.dump({"machine": info, "settings": vars(options), "results": results}, f, indent=2)

@@ -135,7 +135,7 @@ def main() -> None:
     info = machine("cpu")
     if not options.no_machine:
         info["limits"] = machine_section(model, results, options.batch_size)
-    print(f"\nMachine: {info}")
+    print(f"\nMachine: { {k: v for k, v in info.items() if k != 'limits'} }")  # (the limits: above, and the JSON)
     write_json(options.output, {"machine": info, "settings": vars(options), "results": results})
     shutil.rmtree(workdir, ignore_errors=True)
 

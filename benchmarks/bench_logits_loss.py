@@ -223,7 +223,8 @@ def main() -> None:
         info["limits"] = machine_section(rows, args.device, args.chunk_size)
     settings = {"loss": "0.5 CE + 0.5 T^2 forward KL, T=2", "repeats": args.repeats, "dtype": args.dtype,
                 "chunk": args.chunk_size or "2**24 // vocab"}
-    print(f"\nMachine: {json.dumps(info)}\nSettings: {json.dumps(settings)}")
+    shown = {k: v for k, v in info.items() if k != "limits"}  # (the limits: the tables above, and the JSON)
+    print(f"\nMachine: {json.dumps(shown)}\nSettings: {json.dumps(settings)}")
     if args.output:
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
         with open(args.output, "w") as f:

@@ -220,7 +220,8 @@ def main() -> None:
             row.update({k: v * factor for k, v in shares(row["tokens_per_second"], limits).items()})
             print(f"{name}: {share_cells(row)}")
         print(f"\n### Machine: the matmul limit at the live job's shapes\n\n{limits_table(limits)}")
-    print(f"\nMachine: {json.dumps(info)}\nSettings: {json.dumps(settings)}")
+    shown = {k: v for k, v in info.items() if k != "limits"}  # (the limits: the tables above, and the JSON)
+    print(f"\nMachine: {json.dumps(shown)}\nSettings: {json.dumps(settings)}")
     if options.output:
         os.makedirs(os.path.dirname(options.output) or ".", exist_ok=True)
         with open(options.output, "w") as f:

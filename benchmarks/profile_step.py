@@ -11,6 +11,8 @@ and the top operators by self CPU time.
     python benchmarks/profile_step.py                                   # fp32
     python benchmarks/profile_step.py --teacher_dtype bfloat16          # bf16 teacher
     python benchmarks/profile_step.py --teacher_dtype bfloat16 --autocast bf16 --output docs/results/profile.json
+    python benchmarks/profile_step.py --teacher_dtype bfloat16 --output_layer_dtype bfloat16 --keep_freed_memory
+                                                                         # the command line's recommended setting
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def build(opts: argparse.Namespace):
     transformers.set_seed(0)
     student = shrink_model(teacher, num_layers=15)
     extra = {"bf16": opts.autocast == "bf16", "fp16": opts.autocast == "fp16"}
-    for key in ("teacher_dtype", "student_matmul_dtype"):
+    for key in ("teacher_dtype", "output_layer_dtype"):
         if getattr(opts, key, None):
             extra[key] = getattr(opts, key)
     args = DistillationConfig(
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--teacher_dtype", default=None)
     parser.add_argument("--autocast", choices=("bf16", "fp16"), default=None)
+    parser.add_argument("--output_layer_dtype", choices=("bfloat16", "float16"), default=None,
+                        help="the chunked output layers' matmuls in this dtype (the command line's default: bfloat16)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep_freed_memory", action="store_true", help="hf_distill.performance.keep_freed_memory()")
     parser.add_argument("--top", type=int, default=25)
