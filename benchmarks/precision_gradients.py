@@ -15,7 +15,7 @@ with one part of every decoder layer taken out of autocast (``-fp32-attention``:
 autocast, the output layers as ``bf16-head``): ``bf16-linear-fp32-weight-grad`` (``y = bf16(x) @ bf16(W)^T`` and
 ``dL/dx = bf16(g) @ bf16(W)`` in bf16, ``dL/dW = g^T @ x`` in float32) and ``bf16-forward-fp32-backward`` (the forward
 products in bf16, both backward products in float32 from float32 inputs): which of the three products carries the
-error.
+error; ``fp32-forward-bf16-backward``: the forward products in float32, both backward products in bf16.
 
     python benchmarks/precision_gradients.py --batch_size 4 --seq_len 256
 """
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_vs_trl import packed_blocks  # noqa: E402
 
 VARIANTS = ("fp32", "bf16-teacher", "bf16-head", "autocast", "autocast-fp32-attention", "autocast-fp32-mlp",
-            "bf16-linear-fp32-weight-grad", "bf16-forward-fp32-backward")
+            "bf16-linear-fp32-weight-grad", "bf16-forward-fp32-backward", "fp32-forward-bf16-backward")
 FAMILIES = ("embeddings / output layer", "attention", "mlp", "norms")
 
 
@@ -65,7 +65,7 @@ def without_autocast(module) -> None:
     module.forward = fp32_forward
 
 
-def bf16_linear(module, weight_grad_bf16: bool, input_grad_bf16: bool) -> None:
+def bf16_linear(module, weight_grad_bf16: bool, input_grad_bf16: bool, forward_bf16: bool = True) -> None:
     """Replace `module.forward` (an `nn.Linear`) with ``y = bf16(x) @ bf16(W)^T + b`` (float32 out), and a backward
     whose ``dL/dx = g @ W`` and ``dL/dW = g^T @ x`` run in bf16 or float32 as asked (float32 accumulation either way)."""
     import torch
@@ -74,7 +74,7 @@ def bf16_linear(module, weight_grad_bf16: bool, input_grad_bf16: bool) -> None:
         @staticmethod
         def forward(ctx, x, weight, bias):
             ctx.save_for_backward(x, weight)
-            y = (x.bfloat16() @ weight.bfloat16().t()).float()
+            y = (x.bfloat16() @ weight.bfloat16().t()).float() if forward_bf16 else x @ weight.t()
             return y + bias if bias is not None else y
 
         @staticmethod
@@ -107,7 +107,7 @@ def gradient(variant: str, opts, model_dir: str, train, collator) -> dict:
             grads.update({n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None})
 
     autocast = variant.startswith("autocast")
-    linear = variant.startswith("bf16-linear") or variant.startswith("bf16-forward")
+    linear = variant.startswith(("bf16-linear", "bf16-forward", "fp32-forward"))
     extra = {"output_layer_dtype": "bfloat16"} if variant == "bf16-head" or linear else {}
     args = DistillationConfig(
         output_dir=tempfile.mkdtemp(prefix="precision_gradients_"), max_steps=1,
@@ -125,7 +125,10 @@ def gradient(variant: str, opts, model_dir: str, train, collator) -> dict:
     if linear:
         for name, module in trainer.model.model.layers.named_modules():
             if isinstance(module, torch.nn.Linear) and not any(re.search(k, name) for k in opts.keep_fp32):
-                bf16_linear(module, weight_grad_bf16=False, input_grad_bf16=variant.startswith("bf16-linear"))
+                backward_bf16 = variant == "fp32-forward-bf16-backward"
+                bf16_linear(module, weight_grad_bf16=backward_bf16,
+                            input_grad_bf16=variant.startswith("bf16-linear") or backward_bf16,
+                            forward_bf16=not backward_bf16)
     with contextlib.redirect_stdout(sys.stderr):
         trainer.train()
     return grads
