@@ -53,8 +53,6 @@ def liger_head_losses(rows: torch.Tensor, head: Any, teacher_rows: torch.Tensor,
     `chunk_size`: rows per chunk."""
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-    if head.softcap is not None or teacher_head.softcap is not None:
-        raise ValueError("output_kernel='liger' has no logit softcap (Gemma 2): set output_kernel='chunked'.")
     count = rows.shape[0]
     beta = LIGER_BETAS[signal.kind]
     beta = signal.jsd_beta if beta is None else beta
@@ -65,7 +63,10 @@ def liger_head_losses(rows: torch.Tensor, head: Any, teacher_rows: torch.Tensor,
     loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=c_task, weight_soft_loss=c_soft * scale, beta=beta,
                                       temperature=signal.temperature, compiled=rows.device.type == "cuda",
                                       chunk_size=chunk_size, return_soft_hard_loss=True)
-    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+    # both models' operands in the student's matmul dtype: Liger takes the softmax of each side's logits in the dtype
+    # they come out in, so a bf16 teacher beside a float32 student would get a bf16 softmax
+    dtype = dtype or rows.dtype
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     loss, soft, hard = loss_fn(cast(rows), cast(head.weight), cast(teacher_rows).detach(),
                                cast(teacher_head.weight).detach(), target, cast(head.bias),
                                None if teacher_head.bias is None else cast(teacher_head.bias).detach())

@@ -274,5 +274,8 @@ def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module
             f"logits_chunk_size={setting} asks for the chunked logits loss, but {'; '.join(reasons)}. Set "
             "logits_chunk_size=0 for the full-logits path, or 'auto' to chunk only where possible."
         )
+    if kernel == "liger" and any(output_head(model).softcap is not None for model in (student, *teachers)):
+        raise ValueError("output_kernel='liger' has no logit softcap (Gemma 2's final_logit_softcapping): set "
+                         "output_kernel='chunked'.")
     size = auto_chunk_size(output_head(student).vocab_size) if setting == "auto" else int(setting)
     return (LigerChunks if kernel == "liger" else HeadChunks)(size, label_names, precision)

@@ -96,7 +96,8 @@ def recommended_precision(device_type: str, teacher_dtype: str | None, teacher_g
 def apply_speed_defaults(args, device_type: str, task: str = "causal-lm") -> list[str]:
     """What the command line does unless ``--fast_defaults false``: `keep_freed_memory` on CPU, the
     `recommended_precision` teacher dtype and the `recommended_output_layer_dtype` written into `args` (a
-    `DistillationConfig`); returns what was done, for the log. The Python API applies nothing (`TrainingArguments` defaults); call this yourself for the same."""
+    `DistillationConfig`); returns what was done, for the log. The Python API applies nothing (`TrainingArguments`
+    defaults); call this yourself for the same."""
     done = []
     if device_type == "cpu" and keep_freed_memory():
         done.append("glibc keeps freed memory for reuse (no page faults on re-allocated tensors)")

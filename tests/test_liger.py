@@ -30,7 +30,8 @@ def _loss_and_grad(trainer):
 @pytest.mark.parametrize("settings", [{"logits_loss": "jsd", "jsd_beta": 0.5},
                                       {"logits_loss": "jsd", "jsd_beta": 0.2, "temperature": 2.0},
                                       {"logits_loss": "forward_kl", "temperature": 2.0},
-                                      {"logits_loss": "reverse_kl"}])
+                                      {"logits_loss": "reverse_kl"},
+                                      {"logits_loss": "jsd", "teacher_dtype": "bfloat16"}])
 def test_liger_kernel_gives_our_chunked_loss_and_gradient(make_args, monkeypatch, settings):
     calls = []
     real = outputs.liger_head_losses
@@ -58,3 +59,18 @@ def test_liger_kernel_refuses_what_it_cannot_compute_before_training(make_args, 
     args = make_args(task_weight=0.5, logits_weight=0.5, output_kernel="liger", **settings)
     with pytest.raises(ValueError, match=words):
         DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=lm_dataset())
+
+
+def test_liger_kernel_refuses_a_softcapped_output_layer_before_training(make_args):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    def gemma(seed, layers):
+        torch.manual_seed(seed)
+        return Gemma3ForCausalLM(Gemma3TextConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, max_position_embeddings=64, final_logit_softcapping=3.0,
+            sliding_window=8, layer_types=["full_attention"] * layers))
+
+    args = make_args(task_weight=0.5, logits_weight=0.5, output_kernel="liger", logits_loss="jsd")
+    with pytest.raises(ValueError, match="softcap"):
+        DistillationTrainer(model=gemma(2, 1), teacher_model=gemma(1, 2), args=args, train_dataset=lm_dataset())
