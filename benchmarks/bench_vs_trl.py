@@ -8,15 +8,17 @@ What runs: the same logit-distillation job in up to five ways, each for --warmup
 - ``ours``: `hf_distill.DistillationTrainer` with ``logits_loss="jsd", jsd_beta=beta, task_weight=0,
   logits_weight=1`` and ``logits_chunk_size`` left at its default ``"auto"`` (the loss computed chunk by chunk from the
   final hidden states, no full logits) or --chunk_size; fp32 (the `TrainingArguments` defaults).
-- ``ours-bf16-head``: ours in its recommended setting, what the command line applies by default where bf16 is fast
-  (`hf_distill.performance.apply_speed_defaults`): the teacher in bfloat16, `keep_freed_memory()` (glibc keeps freed
-  blocks instead of returning them to the kernel), the student's decoder in fp32 and only the output layers' matmuls
-  in bf16 (``output_layer_dtype="bfloat16"``: fp32 softmax, loss and gradient accumulation).
+- ``ours-bf16-head``: the teacher in bfloat16, `keep_freed_memory()` (glibc keeps freed blocks instead of returning
+  them to the kernel), the student's decoder in fp32 and only the output layers' matmuls in bf16
+  (``output_layer_dtype="bfloat16"``: fp32 softmax, loss and gradient accumulation); the recommended setting before
+  ``linear_backward_dtype``.
 - ``ours-fast``: the same teacher and memory setting with ``bf16=True`` autocast for the student (fastest; the
   held-out loss rises 2-3%: `benchmarks/precision_gradients.py` shows why).
-- ``ours-bf16-backward`` (an experiment, not an option of the package): ``ours-bf16-head`` with the student's decoder
-  `nn.Linear` layers computing their forward in float32 and both backward products (``dL/dx``, ``dL/dW``) in bf16
-  (`precision_gradients.bf16_linear`; one step's gradient within 1.0% of float32's, against 16% for a bf16 forward).
+- ``ours-bf16-backward``: ours in its recommended setting, what the command line applies by default where bf16 is
+  fast (`hf_distill.performance.apply_speed_defaults`): ``ours-bf16-head`` with ``linear_backward_dtype="bfloat16"``,
+  the student's `nn.Linear` layers computing their forward in float32 and both backward products (``dL/dx``,
+  ``dL/dW``) in bf16 (`hf_distill.linear_backward`; one step's gradient within about 1% of float32's, against 16% for
+  a bf16 forward).
 - ``ours-liger``: ``ours-fast`` with the output terms through Liger's fused kernel (``output_kernel="liger"``; needs
   liger-kernel; compiled on CUDA, eager elsewhere).
 - ``ours-plain``: the same as ``ours`` with ``logits_chunk_size=0`` (our full-logits path). Both ``logits_chunk_size``
@@ -52,7 +54,7 @@ How it is measured: every row runs in its own subprocess (``--worker NAME``), so
   and backward, the output layer in chunks), the FLOP count per token written out, and per row the achieved GFLOP/s
   (tokens/s x FLOPs per token) and its share of each limit.
 
-Targets (issue 21): ours in its recommended setting (ours-bf16-head) >= 2.5x the tokens/s of TRL's fastest row
+Targets (issue 21): ours in its recommended setting (ours-bf16-backward) >= 2.5x the tokens/s of TRL's fastest row
 (``trl`` or ``trl-bf16``) at <= 0.6x its peak RSS; the step at >= 40% of the bf16 matmul limit; the held-out loss
 within 1% of ours (fp32).
 
@@ -70,7 +72,8 @@ trainer's; overall >= both; peak RSS <= 0.6x GKD's.
     python benchmarks/bench_vs_trl.py --on_policy --trainers trl trl-stable ours --batch_size 4 --max_new_tokens 64
 
     python benchmarks/bench_vs_trl.py --steps 10 --warmup 2 --batch_size 4 --seq_len 256 \
-        --trainers trl trl-bf16 ours ours-bf16-head ours-fast --output docs/results/issue21/speed_256.json
+        --trainers trl trl-bf16 ours ours-bf16-head ours-bf16-backward ours-fast \
+        --output docs/results/issue21/speed_256.json
     HF_DISTILL_ASSETS=/path/to/assets python benchmarks/bench_vs_trl.py                # 20 timed steps, 4 x 512, CPU
     python benchmarks/bench_vs_trl.py --device cuda --bf16 --output docs/results/bench_vs_trl.json
     python benchmarks/bench_vs_trl.py --steps 3 --warmup 1 --batch_size 2 --seq_len 64   # smoke run
@@ -246,6 +249,8 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
             extra["logits_chunk_size"] = chunk_setting
         if which in ("ours-bf16-head", "ours-bf16-backward"):
             extra["output_layer_dtype"] = "bfloat16"
+        if which == "ours-bf16-backward":
+            extra["linear_backward_dtype"] = "bfloat16"
         if which == "ours-liger":
             extra["output_kernel"] = "liger"
         if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-liger"):
@@ -326,12 +331,6 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
             return out
 
         trainer.teacher_source.generate_fn = timed
-    if which == "ours-bf16-backward":
-        from precision_gradients import bf16_linear
-
-        for module in trainer.model.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                bf16_linear(module, weight_grad_bf16=True, input_grad_bf16=True, forward_bf16=False)
     del teacher, student  # the trainer holds them
 
     if cuda:
@@ -596,7 +595,7 @@ def main() -> None:
         print("\nTargets: the training part >= 1.25x GKD's and >= the stable trainer's; overall >= both; peak RSS "
               "<= 0.6x GKD's.")
     else:
-        print("\nTargets: ours (ours-bf16-head: its recommended setting) >= 2.5x TRL's fastest row, <= 0.6x its peak "
+        print("\nTargets: ours (ours-bf16-backward: its recommended setting) >= 2.5x TRL's fastest row, <= 0.6x its peak "
               "RSS; the step at >= 40% of the bf16 limit.")
     shown = {k: v for k, v in info.items() if k != "limits"}  # (the limits: the table above, and the JSON)
     print(f"\nMachine: {json.dumps(shown)}\nSettings: {json.dumps(settings)}")

@@ -8,7 +8,9 @@
 #   3. bench_vs_trl.py on the GPU in bf16 (SmolLM2-135M -> 15 layers, 4 x 512 tokens): TRL's GKDTrainer with bf16
 #      autocast, with its Liger option (`use_liger_kernel`) off and on (on: skipped, and said so, when liger-kernel is
 #      not installed), beside ours in fp32, with bf16 autocast (`ours-fast`), in the recommended setting
-#      (`ours-bf16-head`) and with our output terms through Liger's kernel (`ours-liger`, `output_kernel="liger"`;
+#      (`ours-bf16-head`: the bf16 teacher and output layers; the recommended `ours-bf16-backward` adds bf16
+#      backward products to an fp32 forward and does not combine with --bf16) and with our output terms through
+#      Liger's kernel (`ours-liger`, `output_kernel="liger"`;
 #      when liger-kernel is installed), with the GPU's matmul limits.
 # Needs torch with CUDA, transformers, accelerate, datasets (and optionally deepspeed) importable, e.g. after
 # `pip install -e .[dev]`; the package is taken from this checkout either way.

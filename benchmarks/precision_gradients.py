@@ -15,7 +15,9 @@ with one part of every decoder layer taken out of autocast (``-fp32-attention``:
 autocast, the output layers as ``bf16-head``): ``bf16-linear-fp32-weight-grad`` (``y = bf16(x) @ bf16(W)^T`` and
 ``dL/dx = bf16(g) @ bf16(W)`` in bf16, ``dL/dW = g^T @ x`` in float32) and ``bf16-forward-fp32-backward`` (the forward
 products in bf16, both backward products in float32 from float32 inputs): which of the three products carries the
-error; ``fp32-forward-bf16-backward``: the forward products in float32, both backward products in bf16.
+error; ``fp32-forward-bf16-backward``: the forward products in float32, both backward products in bf16 (the package's
+``linear_backward_dtype="bfloat16"``, `hf_distill.linear_backward`, on every `nn.Linear` of the student but its output
+layer).
 
     python benchmarks/precision_gradients.py --batch_size 4 --seq_len 256
 """
@@ -65,7 +67,7 @@ def without_autocast(module) -> None:
     module.forward = fp32_forward
 
 
-def bf16_linear(module, weight_grad_bf16: bool, input_grad_bf16: bool, forward_bf16: bool = True) -> None:
+def bf16_linear(module, weight_grad_bf16: bool, input_grad_bf16: bool) -> None:
     """Replace `module.forward` (an `nn.Linear`) with ``y = bf16(x) @ bf16(W)^T + b`` (float32 out), and a backward
     whose ``dL/dx = g @ W`` and ``dL/dW = g^T @ x`` run in bf16 or float32 as asked (float32 accumulation either way)."""
     import torch
@@ -74,7 +76,7 @@ def bf16_linear(module, weight_grad_bf16: bool, input_grad_bf16: bool, forward_b
         @staticmethod
         def forward(ctx, x, weight, bias):
             ctx.save_for_backward(x, weight)
-            y = (x.bfloat16() @ weight.bfloat16().t()).float() if forward_bf16 else x @ weight.t()
+            y = (x.bfloat16() @ weight.bfloat16().t()).float()
             return y + bias if bias is not None else y
 
         @staticmethod
@@ -109,6 +111,9 @@ def gradient(variant: str, opts, model_dir: str, train, collator) -> dict:
     autocast = variant.startswith("autocast")
     linear = variant.startswith(("bf16-linear", "bf16-forward", "fp32-forward"))
     extra = {"output_layer_dtype": "bfloat16"} if variant == "bf16-head" or linear else {}
+    backward_bf16 = variant == "fp32-forward-bf16-backward"
+    if backward_bf16:
+        extra["linear_backward_dtype"] = "bfloat16"
     args = DistillationConfig(
         output_dir=tempfile.mkdtemp(prefix="precision_gradients_"), max_steps=1,
         per_device_train_batch_size=opts.batch_size, learning_rate=1e-9, lr_scheduler_type="constant",
@@ -122,13 +127,10 @@ def gradient(variant: str, opts, model_dir: str, train, collator) -> dict:
     if part:
         for layer in trainer.model.model.layers:
             without_autocast(getattr(layer, part))
-    if linear:
+    if linear and not backward_bf16:
         for name, module in trainer.model.model.layers.named_modules():
             if isinstance(module, torch.nn.Linear) and not any(re.search(k, name) for k in opts.keep_fp32):
-                backward_bf16 = variant == "fp32-forward-bf16-backward"
-                bf16_linear(module, weight_grad_bf16=backward_bf16,
-                            input_grad_bf16=variant.startswith("bf16-linear") or backward_bf16,
-                            forward_bf16=not backward_bf16)
+                bf16_linear(module, weight_grad_bf16=False, input_grad_bf16=variant.startswith("bf16-linear"))
     with contextlib.redirect_stdout(sys.stderr):
         trainer.train()
     return grads

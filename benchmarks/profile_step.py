@@ -11,7 +11,8 @@ and the top operators by self CPU time.
     python benchmarks/profile_step.py                                   # fp32
     python benchmarks/profile_step.py --teacher_dtype bfloat16          # bf16 teacher
     python benchmarks/profile_step.py --teacher_dtype bfloat16 --autocast bf16 --output docs/results/profile.json
-    python benchmarks/profile_step.py --teacher_dtype bfloat16 --output_layer_dtype bfloat16 --keep_freed_memory
+    python benchmarks/profile_step.py --teacher_dtype bfloat16 --output_layer_dtype bfloat16 --keep_freed_memory \
+        --linear_backward_dtype bfloat16
                                                                          # the command line's recommended setting
 """
 
@@ -75,7 +76,7 @@ def build(opts: argparse.Namespace):
     transformers.set_seed(0)
     student = shrink_model(teacher, num_layers=15)
     extra = {"bf16": opts.autocast == "bf16", "fp16": opts.autocast == "fp16"}
-    for key in ("teacher_dtype", "output_layer_dtype"):
+    for key in ("teacher_dtype", "output_layer_dtype", "linear_backward_dtype"):
         if getattr(opts, key, None):
             extra[key] = getattr(opts, key)
     args = DistillationConfig(
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--autocast", choices=("bf16", "fp16"), default=None)
     parser.add_argument("--output_layer_dtype", choices=("bfloat16", "float16"), default=None,
                         help="the chunked output layers' matmuls in this dtype (the command line's default: bfloat16)")
+    parser.add_argument("--linear_backward_dtype", choices=("bfloat16",), default=None,
+                        help="the student's linear layers' backward products in this dtype (the command line's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep_freed_memory", action="store_true", help="hf_distill.performance.keep_freed_memory()")
     parser.add_argument("--top", type=int, default=25)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 from dataclasses import dataclass
 
@@ -95,7 +96,8 @@ def recommended_precision(device_type: str, teacher_dtype: str | None, teacher_g
 
 def apply_speed_defaults(args, device_type: str, task: str = "causal-lm") -> list[str]:
     """What the command line does unless ``--fast_defaults false``: `keep_freed_memory` on CPU, the
-    `recommended_precision` teacher dtype and the `recommended_output_layer_dtype` written into `args` (a
+    `recommended_precision` teacher dtype, the `recommended_output_layer_dtype` and the
+    `recommended_linear_backward_dtype` written into `args` (a
     `DistillationConfig`); returns what was done, for the log. The Python API applies nothing (`TrainingArguments`
     defaults); call this yourself for the same."""
     done = []
@@ -111,19 +113,43 @@ def apply_speed_defaults(args, device_type: str, task: str = "causal-lm") -> lis
         args.output_layer_dtype = output_layers
         done.append("the chunked output layers' matmuls run in bf16, their log-sum-exp, loss and gradient accumulation "
                     "in float32 (held-out loss +0.13% vs float32 after 60 SmolLM2 steps, 1.5x the tokens/s)")
+    backward = recommended_linear_backward_dtype(device_type, args, gradients, task)
+    if backward is not None:
+        args.linear_backward_dtype = backward
+        done.append("the student's linear layers keep their float32 forward and take their backward products in bf16 "
+                    "(linear_backward_dtype; one step's gradient within about 1% of float32's)")
     return done
+
+
+def _student_precision_free(device_type: str, args, teacher_gradients: bool, task: str) -> bool:
+    """Whether the command line may lower the precision of the student's own matmuls: bf16 is fast here, the task is
+    causal-LM, no ``--bf16`` / ``--fp16`` (they set it already) and no signal differentiates through the teacher."""
+    if task != "causal-lm" or teacher_gradients or getattr(args, "bf16", False) or getattr(args, "fp16", False):
+        return False
+    return fast_bf16(device_type)
 
 
 def recommended_output_layer_dtype(device_type: str, args, teacher_gradients: bool = False,
                                    task: str = "causal-lm") -> str | None:
-    """``"bfloat16"`` for `output_layer_dtype` where bf16 is fast (`fast_bf16`), the task is causal-LM, the output loss
-    is chunked (``logits_chunk_size != 0``), the user chose no output-layer dtype and no mixed precision (``--bf16`` /
-    ``--fp16`` already set the output layers' precision) and no signal differentiates through the teacher; else None
-    (keep the user's setting). The output layers are most of an LLM distillation step's FLOPs (``2 * d * V`` per token
-    for each model, three times for the student): on this CPU the step ran 1.5x faster with a held-out loss within
-    0.13% of the float32 run's (docs/performance.md, section 8)."""
-    if getattr(args, "output_layer_dtype", None) is not None or task != "causal-lm" or teacher_gradients:
+    """``"bfloat16"`` for `output_layer_dtype` where the student's precision is free to choose
+    (`_student_precision_free`), the output loss is chunked (``logits_chunk_size != 0``) and the user chose no
+    output-layer dtype; else None (keep the user's setting). The output layers are most of an LLM distillation step's
+    FLOPs (``2 * d * V`` per token for each model, three times for the student): on this CPU the step ran 1.5x faster
+    with a held-out loss within 0.13% of the float32 run's (docs/performance.md, section 8)."""
+    if getattr(args, "output_layer_dtype", None) is not None or args.logits_chunk_size == 0:
         return None
-    if args.logits_chunk_size == 0 or getattr(args, "bf16", False) or getattr(args, "fp16", False):
+    return "bfloat16" if _student_precision_free(device_type, args, teacher_gradients, task) else None
+
+
+def recommended_linear_backward_dtype(device_type: str, args, teacher_gradients: bool = False,
+                                      task: str = "causal-lm") -> str | None:
+    """``"bfloat16"`` for `linear_backward_dtype` where the student's precision is free to choose
+    (`_student_precision_free`), the user chose none and the run is not DeepSpeed / FSDP; else None. The backward is
+    two thirds of the decoder's matmul FLOPs; its bf16 products move one step's gradient about 1% (a bf16 forward:
+    16-25%) and kept the held-out loss of a 60-step SmolLM2 run within 0.1% of float32's (docs/performance.md,
+    section 8)."""
+    sharded = getattr(args, "deepspeed", None) or getattr(args, "fsdp", None) or any(
+        os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true") for engine in ("DEEPSPEED", "FSDP"))
+    if getattr(args, "linear_backward_dtype", None) is not None or sharded:
         return None
-    return "bfloat16" if fast_bf16(device_type) else None
+    return "bfloat16" if _student_precision_free(device_type, args, teacher_gradients, task) else None

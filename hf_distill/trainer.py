@@ -21,6 +21,7 @@ from .batch import BatchPath
 from .checks import check_declared_sizes, check_labels_available
 from .config import DistillationConfig
 from .hub import CardInfo, write_model_card
+from .linear_backward import LinearBackwardPrecision
 from .modeling import check_no_attention_dropout, output_logits, use_eager_attention
 from .output_dir import API_WORDS, prepare_output_dir
 from .outputs import checked_kernel, output_precision, plan_output
@@ -137,6 +138,9 @@ class DistillationTrainer(Trainer):
                 "optimizer_cls_and_kwargs=...) instead of passing optimizers=(...)."
             )
         self.add_callback(_AfterOptimizerStep(self))
+        if args.linear_backward_dtype:  # bf16 backward products of the student's linear layers, during train()
+            self.add_callback(LinearBackwardPrecision(model, args.linear_backward_dtype, self.signals,
+                                                      self.accelerator.distributed_type.value))
         # transformers releases without `loss_is_scaled_for_ga` decide from this flag (our loss is already normalised).
         self.model_accepts_loss_kwargs = True
         if not self.label_names:  # plain nn.Modules: the data collators' name for targets
@@ -337,13 +341,8 @@ class DistillationTrainer(Trainer):
 
     # ---- evaluation ---------------------------------------------------------------------------------------------------
 
-    def prediction_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor | None, ...]:
         """Distillation loss of one evaluation batch; accumulates per-term sums and teacher agreement."""
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get(self.label_name)

@@ -211,6 +211,32 @@ def test_speed_defaults_put_the_chunked_output_layers_in_bf16_only_where_safe(ma
     assert autocast.output_layer_dtype is None
 
 
+def test_speed_defaults_take_the_linear_layers_backward_in_bf16_only_where_safe(make_args, monkeypatch):
+    monkeypatch.setattr(performance, "fast_bf16", lambda device_type="cpu": True)
+    args = make_args()
+    lines = performance.apply_speed_defaults(args, "cpu")
+    assert args.linear_backward_dtype == "bfloat16" and any("backward products in bf16" in line for line in lines)
+    full_logits = make_args(logits_chunk_size=0)  # (independent of the output path)
+    performance.apply_speed_defaults(full_logits, "cpu")
+    assert full_logits.linear_backward_dtype == "bfloat16"
+    for name, kept in {"gradient signal": make_args(input_grad_weight=1.0), "autocast": make_args()}.items():
+        kept.bf16 = name == "autocast"
+        performance.apply_speed_defaults(kept, "cpu")
+        assert kept.linear_backward_dtype is None, name
+    classifier = make_args()
+    performance.apply_speed_defaults(classifier, "cpu", "sequence-classification")
+    assert classifier.linear_backward_dtype is None
+    sharded = make_args()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # launched under FSDP: sharded weights, left as is
+    performance.apply_speed_defaults(sharded, "cpu")
+    assert sharded.linear_backward_dtype is None
+    monkeypatch.setattr(performance, "fast_bf16", lambda device_type="cpu": False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    slow = make_args()
+    performance.apply_speed_defaults(slow, "cpu")
+    assert slow.linear_backward_dtype is None
+
+
 def test_fast_bf16_reads_the_cpu_flags(monkeypatch):
     monkeypatch.setattr(performance, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
     assert performance.fast_bf16("cpu")
