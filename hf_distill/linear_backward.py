@@ -5,10 +5,12 @@ backward takes ``dL/dx = bf16(g) @ bf16(W)`` and ``dL/dW = bf16(g)^T @ bf16(x)``
 inside the matmul, results rounded to bf16 and returned in float32) and ``dL/db = sum g`` in float32. Only the bf16
 copy of ``x`` is saved for the backward (half the float32 activation memory of these layers).
 
-Why this split (docs/performance.md, section 8.2): bf16 rounding in the student's *forward* moves one step's gradient
-16-25% from float32's, while the same rounding in its backward products alone moves it about 1%: the forward's errors
-compound through every later layer and the loss, the backward's enter the gradient once. On this CPU the backward is
-two thirds of a decoder's matmul FLOPs, and bf16 multiplies 2.5-3.5x faster than float32.
+Why this split (docs/performance.md, section 8.2): measured on a SmolLM2 student, bf16 rounding in the *forward* moves
+one step's gradient 16-25% from float32's and raised the held-out loss 2.9% after 60 steps, while the same rounding
+in the backward products alone moves the gradient about 1% and left the held-out loss within 0.02% (a likely reason:
+a forward rounding changes what every later layer and the loss see, a backward rounding only the products it enters).
+The backward is two thirds of a decoder's matmul FLOPs; bf16 multiplied 1.2-3.6x faster than float32 at that
+student's shapes on a CPU with AMX (`benchmarks/machine_limits.py`).
 
 `LinearBackwardPrecision` (a `TrainerCallback`) puts the layers in this mode for the length of `train()` and restores
 them after; `low_precision_backward` / `restore_linears` do the same by hand.
