@@ -12,13 +12,17 @@ What runs: the same logit-distillation job in up to five ways, each for --warmup
   them to the kernel), the student's decoder in fp32 and only the output layers' matmuls in bf16
   (``output_layer_dtype="bfloat16"``: fp32 softmax, loss and gradient accumulation); the recommended setting before
   ``linear_backward_dtype``.
-- ``ours-fast``: the same teacher and memory setting with ``bf16=True`` autocast for the student (fastest; the
-  held-out loss rises 2-3%: `benchmarks/precision_gradients.py` shows why).
-- ``ours-bf16-backward``: ours in its recommended setting, what the command line applies by default where bf16 is
-  fast (`hf_distill.performance.apply_speed_defaults`): ``ours-bf16-head`` with ``linear_backward_dtype="bfloat16"``,
-  the student's `nn.Linear` layers computing their forward in float32 and both backward products (``dL/dx``,
-  ``dL/dW``) in bf16 (`hf_distill.linear_backward`; one step's gradient within about 1% of float32's, against 16% for
-  a bf16 forward).
+- ``ours-fast``: the same teacher and memory setting with ``bf16=True`` autocast for the student and the compiled
+  output kernel (what the command line does with ``--bf16``; fastest; the held-out loss rises 2-3%:
+  `benchmarks/precision_gradients.py` shows why).
+- ``ours-bf16-backward``: ``ours-bf16-head`` with ``linear_backward_dtype="bfloat16"``, the student's `nn.Linear`
+  layers computing their forward in float32 and both backward products (``dL/dx``, ``dL/dW``) in bf16
+  (`hf_distill.linear_backward`; one step's gradient within about 1% of float32's, against 16% for a bf16 forward);
+  the recommended setting before ``output_kernel="compiled"``.
+- ``ours-compiled``: ours in its recommended setting, what the command line applies by default where bf16 is fast
+  and `torch.compile` can build (`hf_distill.performance.apply_speed_defaults`): ``ours-bf16-backward`` with
+  ``output_kernel="compiled"``, the chunk's closed-form loss and gradient as one `torch.compile` kernel
+  (`hf_distill.signals.compiled`; its compile falls in the warm-up steps, ``setup_to_first_step_s`` in the JSON).
 - ``ours-liger``: ``ours-fast`` with the output terms through Liger's fused kernel (``output_kernel="liger"``; needs
   liger-kernel; compiled on CUDA, eager elsewhere).
 - ``ours-plain``: the same as ``ours`` with ``logits_chunk_size=0`` (our full-logits path). Both ``logits_chunk_size``
@@ -40,7 +44,9 @@ multiplies the soft term by T^2: at T != 1 the values differ but the work does n
 How it is measured: every row runs in its own subprocess (``--worker NAME``), so memory is its own.
 - Tokens/s: the tokens of the timed steps (after --warmup warm-up steps) over their wall time, from
   ``time.perf_counter()`` taken at `on_step_end` by a `TrainerCallback` (after a CUDA synchronize on GPU); set-up and
-  warm-up are excluded.
+  warm-up are excluded (each step's seconds, warm-up included, are in the JSON: ``step_seconds``). This host's speed
+  drifts from hour to hour (up to 1.3x between two runs of the same row): ``--rounds N`` runs the rows in turn N times,
+  shows each row at its median round and prints each round's ratio to that round's fastest TRL row.
 - Peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the worker at the end (the whole process). RSS increase:
   the resident-set high-water mark during training (``VmHWM`` after resetting it through ``/proc/self/clear_refs``
   just before ``train()``; ``ru_maxrss`` when that reset is refused) minus the RSS just before ``train()``: models
@@ -54,7 +60,7 @@ How it is measured: every row runs in its own subprocess (``--worker NAME``), so
   and backward, the output layer in chunks), the FLOP count per token written out, and per row the achieved GFLOP/s
   (tokens/s x FLOPs per token) and its share of each limit.
 
-Targets (issue 21): ours in its recommended setting (ours-bf16-backward) >= 2.5x the tokens/s of TRL's fastest row
+Targets (issue 21): ours in its recommended setting (ours-compiled) >= 2.5x the tokens/s of TRL's fastest row
 (``trl`` or ``trl-bf16``) at <= 0.6x its peak RSS; the step at >= 40% of the bf16 matmul limit; the held-out loss
 within 1% of ours (fp32).
 
@@ -72,7 +78,7 @@ trainer's; overall >= both; peak RSS <= 0.6x GKD's.
     python benchmarks/bench_vs_trl.py --on_policy --trainers trl trl-stable ours --batch_size 4 --max_new_tokens 64
 
     python benchmarks/bench_vs_trl.py --steps 10 --warmup 2 --batch_size 4 --seq_len 256 \
-        --trainers trl trl-bf16 ours ours-bf16-head ours-bf16-backward ours-fast \
+        --trainers trl trl-bf16 ours ours-bf16-backward ours-compiled ours-fast \
         --output docs/results/issue21/speed_256.json
     HF_DISTILL_ASSETS=/path/to/assets python benchmarks/bench_vs_trl.py                # 20 timed steps, 4 x 512, CPU
     python benchmarks/bench_vs_trl.py --device cuda --bf16 --output docs/results/bench_vs_trl.json
@@ -88,6 +94,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,8 +103,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_logits_loss import machine  # noqa: E402
 
-TRAINERS = ("trl", "trl-bf16", "ours", "ours-plain", "ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-liger",
-            "trl-stable")
+TRAINERS = ("trl", "trl-bf16", "ours", "ours-plain", "ours-fast", "ours-bf16-head", "ours-bf16-backward",
+            "ours-compiled", "ours-liger", "trl-stable")
 #: Rows that run their student step under bf16 autocast whatever --bf16 says (``TrainingArguments(bf16=True)``).
 BF16_ROWS = ("trl-bf16", "ours-fast", "ours-liger")
 #: Marks the worker's result line on stdout (libraries may print there too).
@@ -196,7 +203,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         every = packed_blocks(tokenizer, str(fetch("news-articles")), opts.seq_len,
                               total_steps * opts.batch_size + opts.eval_blocks)
         eval_ids = torch.tensor(every["input_ids"][total_steps * opts.batch_size:])
-    if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-liger"):  # (performance.md, section 8)
+    if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-liger"):  # (section 8)
         from hf_distill.performance import keep_freed_memory
 
         keep_freed_memory()
@@ -247,13 +254,15 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         if "logits_chunk_size" in {f.name for f in dataclasses.fields(DistillationConfig)}:
             chunk_setting = 0 if which == "ours-plain" else (opts.chunk_size or "auto")
             extra["logits_chunk_size"] = chunk_setting
-        if which in ("ours-bf16-head", "ours-bf16-backward"):
+        if which in ("ours-bf16-head", "ours-bf16-backward", "ours-compiled"):
             extra["output_layer_dtype"] = "bfloat16"
-        if which == "ours-bf16-backward":
+        if which in ("ours-bf16-backward", "ours-compiled"):
             extra["linear_backward_dtype"] = "bfloat16"
+        if which in ("ours-compiled", "ours-fast"):
+            extra["output_kernel"] = "compiled"
         if which == "ours-liger":
             extra["output_kernel"] = "liger"
-        if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-liger"):
+        if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-liger"):
             from hf_distill.performance import recommended_precision
 
             extra["teacher_dtype"] = recommended_precision(opts.device, None).teacher_dtype
@@ -376,6 +385,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         "chunk_in_use": getattr(trainer, "logits_chunk_size", None) if which != "trl" else None,
         "steps_timed": opts.steps, "warmup": opts.warmup, "tokens_timed": tokens, "seconds_timed": seconds,
         "tokens_per_s": tokens / seconds,
+        "step_seconds": [b - a for a, b in zip([clock.start, *clock.ends[:-1]], clock.ends)],
         "seconds_per_step": seconds / max(opts.steps, 1),
         "setup_to_first_step_s": clock.ends[0] - clock.start,
         "peak_rss_mb": maxrss_kb / 1024,
@@ -392,7 +402,8 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
             f", teacher {args.teacher_dtype}" if getattr(args, "teacher_dtype", None) else "") + (
             f", output layers {args.output_layer_dtype}" if getattr(args, "output_layer_dtype", None) else "") + (
             ", Liger kernel" if getattr(args, "output_kernel", "chunked") == "liger" else "") + (
-            ", decoder backward bf16" if which == "ours-bf16-backward" else ""),
+            ", compiled output kernel" if getattr(args, "output_kernel", "chunked") == "compiled" else "") + (
+            ", decoder backward bf16" if getattr(args, "linear_backward_dtype", None) else ""),
         "parameters": {"student": sum(p.numel() for p in trainer.model.parameters())},
         "torch_threads": torch.get_num_threads(),
     }
@@ -449,6 +460,37 @@ def run_worker(which: str, opts: argparse.Namespace) -> dict:
 
 def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if value is not None and reference else ""
+
+
+def median_run(rounds: list[dict]) -> dict:
+    """The round whose tokens/s is the median of a row's rounds (the lower middle one for an even count), with every
+    round's tokens/s in ``tokens_per_s_rounds``; a failed round stands for the row only if every round failed."""
+    good = sorted((r for r in rounds if "error" not in r), key=lambda r: r["tokens_per_s"])
+    if not good:
+        return rounds[-1]
+    chosen = dict(good[(len(good) - 1) // 2])
+    chosen["tokens_per_s_rounds"] = [r.get("tokens_per_s") for r in rounds]
+    return chosen
+
+
+def rounds_table(results: list[dict]) -> str:
+    """Each row's tokens/s per round and its ratio to the fastest TRL row of the same round (rounds run in turn, so a
+    round's rows saw the same hour of the host), with the median ratio."""
+    trl = [r for r in results if r["trainer"] in ("trl", "trl-bf16") and "tokens_per_s_rounds" in r]
+    count = max(len(r.get("tokens_per_s_rounds", [])) for r in results)
+    fastest = [max((r["tokens_per_s_rounds"][i] or 0.0) for r in trl) if trl else None for i in range(count)]
+    lines = ["| trainer | " + " | ".join(f"round {i + 1} tokens/s" for i in range(count)) + " | median | "
+             + " | ".join(f"round {i + 1} vs TRL fastest" for i in range(count)) + " | median ratio |",
+             "|---|" + "---:|" * (2 * count + 2)]
+    for r in results:
+        values = r.get("tokens_per_s_rounds", [])
+        ratios = [v / f for v, f in zip(values, fastest) if v and f]
+        cells = [f"{v:.1f}" if v else "failed" for v in values]
+        shown = [f"{x:.2f}x" for x in ratios] + [""] * (count - len(ratios))
+        middle = statistics.median(ratios) if ratios else None
+        lines.append(f"| {r['trainer']} | " + " | ".join(cells) + f" | {r.get('tokens_per_s', 0):.1f} | "
+                     + " | ".join(shown) + f" | {f'{middle:.2f}x' if middle else ''} |")
+    return "\n".join(lines)
 
 
 def table(results: list[dict], cuda: bool) -> str:
@@ -522,6 +564,9 @@ def main() -> None:
                         help="default: trl ours ours-plain; with --on_policy: trl trl-stable ours")
     parser.add_argument("--output", default=None, help="also write everything as JSON here")
     parser.add_argument("--verbose", action="store_true", help="print a failed worker's stderr tail")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the rows this many times, one after the other in turn (a, b, a, b, ...); each row "
+                             "shown at its median round, and each round's ratio to that round's fastest TRL row")
     parser.add_argument("--on_policy", action="store_true", help="every step samples completions (see the docstring)")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="on-policy: most tokens sampled per prompt")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
@@ -534,13 +579,15 @@ def main() -> None:
         print(RESULT_MARK + json.dumps(worker(opts.worker, opts)), flush=True)
         return
 
-    results = []
-    for which in opts.trainers:
-        print(f"running {which} ...", file=sys.stderr, flush=True)
-        result = run_worker(which, opts)
-        shown = {k: v for k, v in result.items() if k != "losses"}
-        print(f"  {which}: {json.dumps(shown)}", file=sys.stderr, flush=True)
-        results.append(result)
+    runs: dict[str, list[dict]] = {which: [] for which in opts.trainers}
+    for round_ in range(max(opts.rounds, 1)):
+        for which in opts.trainers:
+            print(f"running {which} (round {round_ + 1}) ...", file=sys.stderr, flush=True)
+            result = run_worker(which, opts)
+            shown = {k: v for k, v in result.items() if k not in ("losses", "step_seconds")}
+            print(f"  {which}: {json.dumps(shown)}", file=sys.stderr, flush=True)
+            runs[which].append(result)
+    results = [median_run(runs[which]) for which in opts.trainers]
 
     cuda = opts.device == "cuda"
     settings = {
@@ -580,6 +627,9 @@ def main() -> None:
         print(f"\n### End-to-end distillation: TRL GKDTrainer vs DistillationTrainer ({opts.device}, "
               f"{settings['precision']}, batch {opts.batch_size} x {opts.seq_len} tokens, {opts.steps} timed steps)\n")
     print(table(results, cuda))
+    if opts.rounds > 1:
+        print(f"\n### Rounds (each row {opts.rounds} times in turn; the table above shows each row's median round)\n")
+        print(rounds_table(results))
     ok = {r["trainer"]: r for r in results if "error" not in r}
     if "trl" in ok:
         for name in ("ours", "ours-plain"):
@@ -595,7 +645,7 @@ def main() -> None:
         print("\nTargets: the training part >= 1.25x GKD's and >= the stable trainer's; overall >= both; peak RSS "
               "<= 0.6x GKD's.")
     else:
-        print("\nTargets: ours (ours-bf16-backward: its recommended setting) >= 2.5x TRL's fastest row, <= 0.6x its peak "
+        print("\nTargets: ours (ours-compiled: its recommended setting) >= 2.5x TRL's fastest row, <= 0.6x its peak "
               "RSS; the step at >= 40% of the bf16 limit.")
     shown = {k: v for k, v in info.items() if k != "limits"}  # (the limits: the table above, and the JSON)
     print(f"\nMachine: {json.dumps(shown)}\nSettings: {json.dumps(settings)}")

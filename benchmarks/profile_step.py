@@ -12,7 +12,7 @@ and the top operators by self CPU time.
     python benchmarks/profile_step.py --teacher_dtype bfloat16          # bf16 teacher
     python benchmarks/profile_step.py --teacher_dtype bfloat16 --autocast bf16 --output docs/results/profile.json
     python benchmarks/profile_step.py --teacher_dtype bfloat16 --output_layer_dtype bfloat16 --keep_freed_memory \
-        --linear_backward_dtype bfloat16
+        --linear_backward_dtype bfloat16 --output_kernel compiled
                                                                          # the command line's recommended setting
 """
 
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 #: Operator families, matched in order on the profiler's operator name (first match wins).
 FAMILIES = (
+    ("compiled kernels", ("CompiledFxGraph", "Torch-Compiled Region", "CompiledFunction", "cpp_fused", "triton_")),
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "sdpa")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
                 "mkldnn", "onednn", "aten::_addmm", "aten::addmv")),
@@ -76,7 +77,7 @@ def build(opts: argparse.Namespace):
     transformers.set_seed(0)
     student = shrink_model(teacher, num_layers=15)
     extra = {"bf16": opts.autocast == "bf16", "fp16": opts.autocast == "fp16"}
-    for key in ("teacher_dtype", "output_layer_dtype", "linear_backward_dtype"):
+    for key in ("teacher_dtype", "output_layer_dtype", "linear_backward_dtype", "output_kernel"):
         if getattr(opts, key, None):
             extra[key] = getattr(opts, key)
     args = DistillationConfig(
@@ -102,6 +103,9 @@ def main() -> None:
                         help="the chunked output layers' matmuls in this dtype (the command line's default: bfloat16)")
     parser.add_argument("--linear_backward_dtype", choices=("bfloat16",), default=None,
                         help="the student's linear layers' backward products in this dtype (the command line's default)")
+    parser.add_argument("--output_kernel", choices=("chunked", "compiled"), default=None,
+                        help="the chunked output terms eager or through torch.compile (the command line's default: "
+                             "compiled; its compile falls in the warm-up steps)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep_freed_memory", action="store_true", help="hf_distill.performance.keep_freed_memory()")
     parser.add_argument("--top", type=int, default=25)

@@ -22,6 +22,7 @@ from .accounting import Measure, PositionUnit, align_labels
 from .checks import check_output_sizes
 from .liger import liger_head_losses, liger_obstacle
 from .modeling import accepts_input, describe, model_inputs, output_logits, output_loss
+from .performance import compile_obstacle
 from .signals import Signal, task_loss_sum
 from .signals.chunked import (
     FinalHiddenTap,
@@ -33,6 +34,7 @@ from .signals.chunked import (
     chunking_obstacle,
     output_head,
 )
+from .signals.compiled import CompiledTerms
 from .teachers import CachedTeacher, TeacherOutputs
 
 logger = logging.get_logger(__name__)
@@ -120,6 +122,7 @@ class HeadChunks:
     counted tokens at a time, in the precision of the models' forwards (`precision`: the accelerator's autocast)."""
 
     head_only = True
+    terms_class: type[OutputTerms] = OutputTerms
 
     def __init__(self, chunk_size: int, label_names: tuple[str, ...], precision: Callable[[], Any]) -> None:
         self.chunk_size = chunk_size
@@ -152,7 +155,7 @@ class HeadChunks:
                                    teacher.model, context.student)
                 shared = min(sizes)
         signal = context.output_signal if teacher is not None else None
-        terms = OutputTerms(
+        terms = self.terms_class(
             labels=None if context.labels is None else align_labels(context.labels, measure.unit)[measure.mask],
             signal=signal,
             teacher_heads=tuple(heads),
@@ -202,6 +205,13 @@ class LigerChunks(HeadChunks):
                                  terms.signal, coefficients, dtype, self.chunk_size)
 
 
+class CompiledChunks(HeadChunks):
+    """`HeadChunks` whose closed-form chunk terms run as one `torch.compile` kernel (`output_kernel="compiled"`,
+    `signals.compiled`): the same values and gradients in fewer passes over each ``[chunk, V]`` tensor."""
+
+    terms_class = CompiledTerms
+
+
 def shared_vocabulary(student_logits: torch.Tensor, teacher_logits: torch.Tensor, unit: PositionUnit,
                       context: OutputContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Both logits cut to the ids they share (``vocab_mismatch="truncate"``; else sizes must be equal)."""
@@ -236,6 +246,11 @@ def checked_kernel(args: Any, source: Any) -> str:
         if obstacle:
             raise ValueError(f"output_kernel='liger' cannot run this job: {obstacle}. Set output_kernel='chunked' "
                              "(our chunked loss, the default).")
+    if args.output_kernel == "compiled":
+        obstacle = compile_obstacle(args.device.type)
+        if obstacle:
+            raise ValueError(f"output_kernel='compiled' cannot run here: {obstacle}. Set output_kernel='chunked' "
+                             "(the same loss, eager).")
     return args.output_kernel
 
 
@@ -247,7 +262,7 @@ def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module
     integer that insists, with an error saying why it cannot), else `FullLogits`. `aligned` (a teacher with another
     tokenizer): `FullLogits` for the student; `logits_chunk_size` then chunks the teacher's side of the spans.
     `kernel` "liger" (`output_kernel`) needs the chunked path: an error says why where it cannot have it."""
-    if kernel != "chunked" and (setting == 0 or aligned):
+    if kernel == "liger" and (setting == 0 or aligned):
         raise ValueError(f"output_kernel={kernel!r} computes the chunked output terms, but "
                          f"{'logits_chunk_size=0' if setting == 0 else 'a teacher with another tokenizer'} asks for "
                          "full logits. Set output_kernel='chunked' or logits_chunk_size='auto'.")
@@ -267,7 +282,7 @@ def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module
     if distributed_type not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU"):
         reasons.append(f"{distributed_type} shards the output layer")
     if reasons:
-        if setting == "auto" and kernel == "chunked":
+        if setting == "auto" and kernel != "liger":
             logger.info("Logits loss on full logits (not chunked): %s.", "; ".join(reasons))
             return FullLogits(label_names)
         raise ValueError(
@@ -278,4 +293,5 @@ def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module
         raise ValueError("output_kernel='liger' has no logit softcap (Gemma 2's final_logit_softcapping): set "
                          "output_kernel='chunked'.")
     size = auto_chunk_size(output_head(student).vocab_size) if setting == "auto" else int(setting)
-    return (LigerChunks if kernel == "liger" else HeadChunks)(size, label_names, precision)
+    strategy = {"liger": LigerChunks, "compiled": CompiledChunks}.get(kernel, HeadChunks)
+    return strategy(size, label_names, precision)

@@ -13,6 +13,9 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# torch.compile off in the tests and the processes they start: the command line's speed default would compile the
+# output kernel in every causal-LM run (seconds each); tests/test_compiled_kernel.py turns it back on for its own.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 from hf_distill import DistillationConfig  # noqa: E402
 
@@ -84,6 +87,23 @@ def lm_dataset(n: int = 16, seq: int = 12, vocab: int = 64, seed: int = 2, ragge
     return datasets.Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
     )
+
+
+def tiny_lm_trainer(args):
+    """A `DistillationTrainer` of a 1-layer tiny Llama student under a 2-layer, wider teacher, on `lm_dataset()`."""
+    from hf_distill import DistillationTrainer
+
+    teacher, student = tiny_llama(seed=1, hidden=64), tiny_llama(layers=1, seed=2)
+    return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=lm_dataset())
+
+
+def loss_and_grad(trainer):
+    """One training-mode `compute_loss` on the first 8 rows of `lm_dataset()` and its backward: (loss, flat grad)."""
+    batch = {k: torch.tensor(v) for k, v in lm_dataset()[:8].items()}
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
 
 
 def next_token_counted(labels):

@@ -7,24 +7,13 @@ import torch
 
 from hf_distill import DistillationTrainer, outputs
 
-from .conftest import lm_dataset, tiny_llama
+from .conftest import lm_dataset, loss_and_grad, tiny_llama, tiny_lm_trainer
 
 pytest.importorskip("liger_kernel.chunked_loss")
 
 
 def _trainer(make_args, **overrides):
-    teacher, student = tiny_llama(seed=1, hidden=64), tiny_llama(layers=1, seed=2)
-    args = make_args(task_weight=0.5, logits_weight=0.5, logits_chunk_size=5, **overrides)
-    return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=lm_dataset())
-
-
-def _loss_and_grad(trainer):
-    batch = {k: torch.tensor(v) for k, v in lm_dataset()[:8].items()}
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
-    return loss.detach(), grad
+    return tiny_lm_trainer(make_args(task_weight=0.5, logits_weight=0.5, logits_chunk_size=5, **overrides))
 
 
 @pytest.mark.parametrize("settings", [{"logits_loss": "jsd", "jsd_beta": 0.5},
@@ -36,9 +25,9 @@ def test_liger_kernel_gives_our_chunked_loss_and_gradient(make_args, monkeypatch
     calls = []
     real = outputs.liger_head_losses
     monkeypatch.setattr(outputs, "liger_head_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
-    reference_loss, reference_grad = _loss_and_grad(_trainer(make_args, **settings))
+    reference_loss, reference_grad = loss_and_grad(_trainer(make_args, **settings))
     assert not calls  # (the default is ours)
-    loss, grad = _loss_and_grad(_trainer(make_args, output_kernel="liger", **settings))
+    loss, grad = loss_and_grad(_trainer(make_args, output_kernel="liger", **settings))
     assert calls  # the Liger kernel did compute it
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     assert (grad - reference_grad).norm() <= 1e-4 * reference_grad.norm()

@@ -201,7 +201,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             h = hidden[start:end].to(mm)
             z = F.linear(h, w, b)
             closed_form = getattr(terms_fn, "closed_form", None) if want_grad else None
-            found = closed_form(_capped(z.float(), head_softcap), start, end, coefficients) if closed_form else None
+            raw = head_softcap is None and getattr(terms_fn, "takes_raw_logits", False)  # (z in the matmuls' dtype)
+            z_in = z if raw else _capped(z.float(), head_softcap)
+            found = closed_form(z_in, start, end, coefficients) if closed_form else None
             if found is not None:  # value and dL/dz by formula (`signals.closed_form`), no autograd graph
                 terms, grad_z, capped = found
                 weighted = sum(coefficients[k] * terms[k].float() for k in names)
@@ -311,10 +313,13 @@ class OutputTerms:
     precision: Callable[[], ContextManager] = nullcontext
     tokens: torch.Tensor | None = None  #: ``[N]``: the token that followed each row (`LogitsSignal.needs_tokens`)
 
-    def teacher_logits(self, start: int, end: int) -> torch.Tensor:
-        """The (combined) teacher logits of rows ``start:end``, float32, cut to the shared vocabulary."""
+    def teacher_logits(self, start: int, end: int, raw: bool = False) -> torch.Tensor:
+        """The (combined) teacher logits of rows ``start:end``, float32, cut to the shared vocabulary; `raw`: one
+        teacher's in the dtype of its output layer's matmul."""
         with torch.no_grad(), self.precision():
-            each = [head.logits(h[start:end]).float() for head, h in zip(self.teacher_heads, self.teacher_hidden)]
+            each = [head.logits(h[start:end]) for head, h in zip(self.teacher_heads, self.teacher_hidden)]
+            if not (raw and len(each) == 1 and self.combine is None):
+                each = [logits.float() for logits in each]
             teacher = self.combine(each) if self.combine is not None else each[0]
         return teacher if self.shared_vocab is None else teacher[:, : self.shared_vocab]
 

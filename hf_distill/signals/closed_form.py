@@ -72,10 +72,11 @@ def divergence_and_grad(student: torch.Tensor, teacher: torch.Tensor, kind: str,
     return value, grad
 
 
-def cross_entropy_and_grad(z: torch.Tensor, labels: torch.Tensor,
-                           ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_and_grad(z: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                           branch_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over rows of ``-log softmax(z)[y]`` and its gradient ``softmax(z) - onehot(y)`` (rows whose label is
-    `ignore_index` count zero, as `F.cross_entropy`)."""
+    `ignore_index` count zero, as `F.cross_entropy`). `branch_free`: mask the gradient even when every row counts
+    (one more pass, no data-dependent branch: for `torch.compile`)."""
     log_p = F.log_softmax(z.float(), dim=-1)
     labels = labels.long()
     keep = labels != ignore_index
@@ -84,6 +85,6 @@ def cross_entropy_and_grad(z: torch.Tensor, labels: torch.Tensor,
     value = -(picked * keep).sum()
     grad = log_p.exp_()
     grad.scatter_add_(-1, safe, -keep.to(grad.dtype).unsqueeze(-1))
-    if not bool(keep.all()):
+    if branch_free or not bool(keep.all()):
         grad.mul_(keep.unsqueeze(-1))
     return value, grad
