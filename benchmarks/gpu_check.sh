@@ -5,9 +5,11 @@
 #      benchmarks/engine_check.py: losses finite, the teacher never in the optimizer and unchanged, the projection
 #      trained with the student, the saved student reloads, only the main process wrote files;
 #   2. benchmark 1 of docs/performance.md (output loss alone, plain vs chunked) on the GPU in bfloat16;
+#   2b. bench_chunk_kernel.py on the GPU: the output chunk's closed form eager vs compiled (Triton);
 #   3. bench_vs_trl.py on the GPU in bf16 (SmolLM2-135M -> 15 layers, 4 x 512 tokens): TRL's GKDTrainer with bf16
 #      autocast, with its Liger option (`use_liger_kernel`) off and on (on: skipped, and said so, when liger-kernel is
-#      not installed), beside ours in fp32, with bf16 autocast (`ours-fast`), in the recommended setting
+#      not installed), beside ours in fp32, with bf16 autocast and the compiled output kernel (`ours-fast`;
+#      `output_kernel="compiled"`, Triton), in the recommended setting
 #      (`ours-bf16-head`: the bf16 teacher and output layers; the recommended `ours-bf16-backward` adds bf16
 #      backward products to an fp32 forward and does not combine with --bf16) and with our output terms through
 #      Liger's kernel (`ours-liger`, `output_kernel="liger"`;
@@ -59,6 +61,10 @@ done
 echo "== benchmark 1 on the GPU (bfloat16)"
 $PYTHON benchmarks/bench_logits_loss.py --device cuda --dtype bfloat16 --tokens 512 1024 2048 4096 --repeats 3 \
   --output "$OUTPUT_DIR/bench_logits_loss_cuda.json" >> "$SUMMARY" 2> "$OUTPUT_DIR/bench_logits_loss_cuda.log" || status=1
+echo "== bench_chunk_kernel.py on the GPU (the chunk's closed form, eager vs torch.compile / Triton)"
+echo -e "\n## bench_chunk_kernel.py, CUDA\n" >> "$SUMMARY"
+$PYTHON benchmarks/bench_chunk_kernel.py --device cuda --output "$OUTPUT_DIR/bench_chunk_kernel_cuda.json" \
+  >> "$SUMMARY" 2> "$OUTPUT_DIR/bench_chunk_kernel_cuda.log" || status=1
 echo "== bench_vs_trl.py on the GPU (bf16; TRL's Liger option off, then on)"
 echo -e "\n## bench_vs_trl.py, CUDA, bf16\n" >> "$SUMMARY"
 $PYTHON benchmarks/bench_vs_trl.py --device cuda --bf16 --steps 10 --warmup 3 --seq_len 512 \
