@@ -12,17 +12,20 @@ What runs: the same logit-distillation job in up to five ways, each for --warmup
   them to the kernel), the student's decoder in fp32 and only the output layers' matmuls in bf16
   (``output_layer_dtype="bfloat16"``: fp32 softmax, loss and gradient accumulation); the recommended setting before
   ``linear_backward_dtype``.
-- ``ours-fast``: the same teacher and memory setting with ``bf16=True`` autocast for the student and the compiled
-  output kernel (what the command line does with ``--bf16``; fastest; the held-out loss rises 2-3%:
+- ``ours-fast``: the same teacher and memory setting with ``bf16=True`` autocast for the student, the compiled
+  output kernel and the compiled decoder layers (what the command line does with ``--bf16``; fastest; the held-out loss rises 2-3%:
   `benchmarks/precision_gradients.py` shows why).
 - ``ours-bf16-backward``: ``ours-bf16-head`` with ``linear_backward_dtype="bfloat16"``, the student's `nn.Linear`
   layers computing their forward in float32 and both backward products (``dL/dx``, ``dL/dW``) in bf16
   (`hf_distill.linear_backward`; one step's gradient within about 1% of float32's, against 16% for a bf16 forward);
   the recommended setting before ``output_kernel="compiled"``.
-- ``ours-compiled``: ours in its recommended setting, what the command line applies by default where bf16 is fast
-  and `torch.compile` can build (`hf_distill.performance.apply_speed_defaults`): ``ours-bf16-backward`` with
-  ``output_kernel="compiled"``, the chunk's closed-form loss and gradient as one `torch.compile` kernel
-  (`hf_distill.signals.compiled`; its compile falls in the warm-up steps, ``setup_to_first_step_s`` in the JSON).
+- ``ours-compiled``: ``ours-bf16-backward`` with ``output_kernel="compiled"``, the chunk's closed-form loss and
+  gradient as one `torch.compile` kernel (`hf_distill.signals.compiled`; its compile falls in the warm-up steps,
+  ``setup_to_first_step_s`` in the JSON); the recommended setting before ``compile_student_layers``.
+- ``ours-layers``: ours in its recommended setting, what the command line applies by default where bf16 is fast and
+  `torch.compile` can build (`hf_distill.performance.apply_speed_defaults`): ``ours-compiled`` with
+  ``compile_student_layers=True``, each decoder layer of the student through `torch.compile` in training steps
+  (`hf_distill.layer_compile`; one graph for all layers, compiled in the first warm-up step).
 - ``ours-liger``: ``ours-fast`` with the output terms through Liger's fused kernel (``output_kernel="liger"``; needs
   liger-kernel; compiled on CUDA, eager elsewhere).
 - ``ours-plain``: the same as ``ours`` with ``logits_chunk_size=0`` (our full-logits path). Both ``logits_chunk_size``
@@ -60,7 +63,7 @@ How it is measured: every row runs in its own subprocess (``--worker NAME``), so
   and backward, the output layer in chunks), the FLOP count per token written out, and per row the achieved GFLOP/s
   (tokens/s x FLOPs per token) and its share of each limit.
 
-Targets (issue 21): ours in its recommended setting (ours-compiled) >= 2.5x the tokens/s of TRL's fastest row
+Targets (issue 21): ours in its recommended setting (ours-layers) >= 2.5x the tokens/s of TRL's fastest row
 (``trl`` or ``trl-bf16``) at <= 0.6x its peak RSS; the step at >= 40% of the bf16 matmul limit; the held-out loss
 within 1% of ours (fp32).
 
@@ -78,7 +81,7 @@ trainer's; overall >= both; peak RSS <= 0.6x GKD's.
     python benchmarks/bench_vs_trl.py --on_policy --trainers trl trl-stable ours --batch_size 4 --max_new_tokens 64
 
     python benchmarks/bench_vs_trl.py --steps 10 --warmup 2 --batch_size 4 --seq_len 256 \
-        --trainers trl trl-bf16 ours ours-bf16-backward ours-compiled ours-fast \
+        --trainers trl trl-bf16 ours ours-compiled ours-layers ours-fast \
         --output docs/results/issue21/speed_256.json
     HF_DISTILL_ASSETS=/path/to/assets python benchmarks/bench_vs_trl.py                # 20 timed steps, 4 x 512, CPU
     python benchmarks/bench_vs_trl.py --device cuda --bf16 --output docs/results/bench_vs_trl.json
@@ -104,7 +107,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_logits_loss import machine  # noqa: E402
 
 TRAINERS = ("trl", "trl-bf16", "ours", "ours-plain", "ours-fast", "ours-bf16-head", "ours-bf16-backward",
-            "ours-compiled", "ours-liger", "trl-stable")
+            "ours-compiled", "ours-layers", "ours-liger", "trl-stable")
 #: Rows that run their student step under bf16 autocast whatever --bf16 says (``TrainingArguments(bf16=True)``).
 BF16_ROWS = ("trl-bf16", "ours-fast", "ours-liger")
 #: Marks the worker's result line on stdout (libraries may print there too).
@@ -203,7 +206,8 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         every = packed_blocks(tokenizer, str(fetch("news-articles")), opts.seq_len,
                               total_steps * opts.batch_size + opts.eval_blocks)
         eval_ids = torch.tensor(every["input_ids"][total_steps * opts.batch_size:])
-    if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-liger"):  # (section 8)
+    if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-layers",
+                 "ours-liger"):  # (section 8)
         from hf_distill.performance import keep_freed_memory
 
         keep_freed_memory()
@@ -254,15 +258,18 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         if "logits_chunk_size" in {f.name for f in dataclasses.fields(DistillationConfig)}:
             chunk_setting = 0 if which == "ours-plain" else (opts.chunk_size or "auto")
             extra["logits_chunk_size"] = chunk_setting
-        if which in ("ours-bf16-head", "ours-bf16-backward", "ours-compiled"):
+        if which in ("ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-layers"):
             extra["output_layer_dtype"] = "bfloat16"
-        if which in ("ours-bf16-backward", "ours-compiled"):
+        if which in ("ours-bf16-backward", "ours-compiled", "ours-layers"):
             extra["linear_backward_dtype"] = "bfloat16"
-        if which in ("ours-compiled", "ours-fast"):
+        if which in ("ours-compiled", "ours-layers", "ours-fast"):
             extra["output_kernel"] = "compiled"
+        if which in ("ours-layers", "ours-fast"):
+            extra["compile_student_layers"] = True
         if which == "ours-liger":
             extra["output_kernel"] = "liger"
-        if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-liger"):
+        if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-layers",
+                     "ours-liger"):
             from hf_distill.performance import recommended_precision
 
             extra["teacher_dtype"] = recommended_precision(opts.device, None).teacher_dtype
@@ -403,7 +410,8 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
             f", output layers {args.output_layer_dtype}" if getattr(args, "output_layer_dtype", None) else "") + (
             ", Liger kernel" if getattr(args, "output_kernel", "chunked") == "liger" else "") + (
             ", compiled output kernel" if getattr(args, "output_kernel", "chunked") == "compiled" else "") + (
-            ", decoder backward bf16" if getattr(args, "linear_backward_dtype", None) else ""),
+            ", decoder backward bf16" if getattr(args, "linear_backward_dtype", None) else "") + (
+            ", compiled decoder layers" if getattr(args, "compile_student_layers", False) else ""),
         "parameters": {"student": sum(p.numel() for p in trainer.model.parameters())},
         "torch_threads": torch.get_num_threads(),
     }
@@ -645,7 +653,7 @@ def main() -> None:
         print("\nTargets: the training part >= 1.25x GKD's and >= the stable trainer's; overall >= both; peak RSS "
               "<= 0.6x GKD's.")
     else:
-        print("\nTargets: ours (ours-compiled: its recommended setting) >= 2.5x TRL's fastest row, <= 0.6x its peak "
+        print("\nTargets: ours (ours-layers: its recommended setting) >= 2.5x TRL's fastest row, <= 0.6x its peak "
               "RSS; the step at >= 40% of the bf16 limit.")
     shown = {k: v for k, v in info.items() if k != "limits"}  # (the limits: the table above, and the JSON)
     print(f"\nMachine: {json.dumps(shown)}\nSettings: {json.dumps(settings)}")

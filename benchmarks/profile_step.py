@@ -12,7 +12,7 @@ and the top operators by self CPU time.
     python benchmarks/profile_step.py --teacher_dtype bfloat16          # bf16 teacher
     python benchmarks/profile_step.py --teacher_dtype bfloat16 --autocast bf16 --output docs/results/profile.json
     python benchmarks/profile_step.py --teacher_dtype bfloat16 --output_layer_dtype bfloat16 --keep_freed_memory \
-        --linear_backward_dtype bfloat16 --output_kernel compiled
+        --linear_backward_dtype bfloat16 --output_kernel compiled --compile_student_layers
                                                                          # the command line's recommended setting
 """
 
@@ -77,7 +77,8 @@ def build(opts: argparse.Namespace):
     transformers.set_seed(0)
     student = shrink_model(teacher, num_layers=15)
     extra = {"bf16": opts.autocast == "bf16", "fp16": opts.autocast == "fp16"}
-    for key in ("teacher_dtype", "output_layer_dtype", "linear_backward_dtype", "output_kernel"):
+    for key in ("teacher_dtype", "output_layer_dtype", "linear_backward_dtype", "output_kernel",
+                "compile_student_layers"):
         if getattr(opts, key, None):
             extra[key] = getattr(opts, key)
     args = DistillationConfig(
@@ -106,6 +107,9 @@ def main() -> None:
     parser.add_argument("--output_kernel", choices=("chunked", "compiled"), default=None,
                         help="the chunked output terms eager or through torch.compile (the command line's default: "
                              "compiled; its compile falls in the warm-up steps)")
+    parser.add_argument("--compile_student_layers", action="store_true",
+                        help="the student's decoder layers through torch.compile (the command line's default; their "
+                             "compile falls in the warm-up steps)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep_freed_memory", action="store_true", help="hf_distill.performance.keep_freed_memory()")
     parser.add_argument("--top", type=int, default=25)

@@ -124,7 +124,8 @@ def recommended_precision(device_type: str, teacher_dtype: str | None, teacher_g
 def apply_speed_defaults(args, device_type: str, task: str = "causal-lm") -> list[str]:
     """What the command line does unless ``--fast_defaults false``: `keep_freed_memory` on CPU, the
     `recommended_precision` teacher dtype, the `recommended_output_layer_dtype`, the
-    `recommended_linear_backward_dtype` and the `recommended_output_kernel` written into `args` (a
+    `recommended_linear_backward_dtype`, the `recommended_output_kernel` and `recommended_compile_student_layers`
+    written into `args` (a
     `DistillationConfig`); returns what was done, for the log. The Python API applies nothing (`TrainingArguments`
     defaults); call this yourself for the same."""
     done = []
@@ -150,7 +151,17 @@ def apply_speed_defaults(args, device_type: str, task: str = "causal-lm") -> lis
         args.output_kernel = kernel
         done.append("the chunked output terms run as one torch.compile kernel per chunk (output_kernel='compiled': "
                     "the same values, a few passes instead of some fifteen; seconds of compiling on the first step)")
+    if recommended_compile_student_layers(device_type, args, gradients, task):
+        args.compile_student_layers = True
+        done.append("the student's decoder layers run through torch.compile in training steps (compile_student_layers: "
+                    "their element-wise work fused, the same values; one layer's graph compiled on the first step)")
     return done
+
+
+def _sharded(args) -> bool:
+    """Whether the run shards the student (DeepSpeed / FSDP, in `args` or accelerate's ``ACCELERATE_USE_*``)."""
+    return bool(getattr(args, "deepspeed", None) or getattr(args, "fsdp", None) or any(
+        os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true") for engine in ("DEEPSPEED", "FSDP")))
 
 
 def _student_precision_free(device_type: str, args, teacher_gradients: bool, task: str) -> bool:
@@ -180,9 +191,7 @@ def recommended_linear_backward_dtype(device_type: str, args, teacher_gradients:
     two thirds of the decoder's matmul FLOPs; its bf16 products move one step's gradient about 1% (a bf16 forward:
     16-25%) and kept the held-out loss of a 60-step SmolLM2 run within 0.1% of float32's (docs/performance.md,
     section 8)."""
-    sharded = getattr(args, "deepspeed", None) or getattr(args, "fsdp", None) or any(
-        os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true") for engine in ("DEEPSPEED", "FSDP"))
-    if getattr(args, "linear_backward_dtype", None) is not None or sharded:
+    if getattr(args, "linear_backward_dtype", None) is not None or _sharded(args):
         return None
     return "bfloat16" if _student_precision_free(device_type, args, teacher_gradients, task) else None
 
@@ -196,3 +205,16 @@ def recommended_output_kernel(device_type: str, args, task: str = "causal-lm") -
     if task != "causal-lm" or getattr(args, "output_kernel", "chunked") != "chunked" or args.logits_chunk_size == 0:
         return None
     return "compiled" if compile_obstacle(device_type) is None else None
+
+
+def recommended_compile_student_layers(device_type: str, args, teacher_gradients: bool = False,
+                                       task: str = "causal-lm") -> bool:
+    """True for `compile_student_layers` where the run is causal-LM, `torch.compile` can build here
+    (`compile_obstacle`), nothing compiles the student already (``torch_compile``), no signal differentiates twice
+    (every teacher-gradient signal does) and the run is not DeepSpeed / FSDP. Fusing the decoder layers' element-wise
+    work ran the SmolLM2 student's recommended step 1.10x faster on a CPU for about 20 s of compiling on the first
+    step, with the same values to float tolerance (docs/performance.md, section 8.8)."""
+    if task != "causal-lm" or teacher_gradients or getattr(args, "compile_student_layers", False) or getattr(
+            args, "torch_compile", False) or _sharded(args):
+        return False
+    return compile_obstacle(device_type) is None

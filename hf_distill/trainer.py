@@ -21,7 +21,6 @@ from .batch import BatchPath
 from .checks import check_declared_sizes, check_labels_available
 from .config import DistillationConfig
 from .hub import CardInfo, write_model_card
-from .linear_backward import LinearBackwardPrecision
 from .modeling import check_no_attention_dropout, output_logits, use_eager_attention
 from .output_dir import API_WORDS, prepare_output_dir
 from .outputs import checked_kernel, output_precision, plan_output
@@ -36,6 +35,7 @@ from .safety import (
 from .signal_modules import ATTACHED_NAME, SignalModules, load_signal_state, save_signal_state
 from .signals import fields_where, label_weights
 from .signals.build import build_signals
+from .student_modes import student_mode_callbacks
 from .teachers import TeacherSource, cross_tokenizer_source, on_policy_source, prepare_batch
 from .teachers import teacher_source as pick_teacher_source
 
@@ -138,9 +138,8 @@ class DistillationTrainer(Trainer):
                 "optimizer_cls_and_kwargs=...) instead of passing optimizers=(...)."
             )
         self.add_callback(_AfterOptimizerStep(self))
-        if args.linear_backward_dtype:  # bf16 backward products of the student's linear layers, during train()
-            self.add_callback(LinearBackwardPrecision(model, args.linear_backward_dtype, self.signals,
-                                                      self.accelerator.distributed_type.value))
+        for callback in student_mode_callbacks(model, args, self.signals, self.accelerator):  # during train()
+            self.add_callback(callback)
         # transformers releases without `loss_is_scaled_for_ga` decide from this flag (our loss is already normalised).
         self.model_accepts_loss_kwargs = True
         if not self.label_names:  # plain nn.Modules: the data collators' name for targets

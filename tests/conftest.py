@@ -119,6 +119,17 @@ def kl_rows(p_t, p_s):
 
 
 @pytest.fixture
+def compiling(monkeypatch):
+    """torch.compile on (this file turns it off for the rest of the suite), a compiler or skip."""
+    from hf_distill import performance
+
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    reason = performance.compile_obstacle("cpu")
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
 def make_args(tmp_path):
     def _make(**overrides):
         values = dict(

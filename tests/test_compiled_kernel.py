@@ -19,15 +19,6 @@ SETTINGS = dict(logits_loss="jsd", jsd_beta=0.3, temperature=2.0, task_weight=0.
                 logits_chunk_size=5, teacher_dtype="bfloat16", output_layer_dtype="bfloat16")
 
 
-@pytest.fixture
-def compiling(monkeypatch):
-    """torch.compile on (conftest turns it off for the rest of the suite), a compiler or skip."""
-    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
-    reason = performance.compile_obstacle("cpu")
-    if reason:
-        pytest.skip(reason)
-
-
 def _compiled_graphs() -> int:
     """How many compiled graphs of `chunk_terms` dynamo holds (0 when torch.compile ran it eagerly)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
