@@ -17,7 +17,6 @@ refused before training; a compile that fails at run time logs a warning once an
 
 from __future__ import annotations
 
-import types
 from typing import Any, Callable
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from .modeling import patch_forward, unpatch_forward
 from .performance import compile_obstacle
 
 logger = logging.get_logger(__name__)
@@ -75,23 +75,12 @@ def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 def compile_layers(model: nn.Module, state: CompileState | None = None) -> int:
     """Route every `decoder_layers(model)` forward through `_forward`; returns how many layers. Parameters, state
     dict and what `save_pretrained` writes are unchanged."""
-    state = state or CompileState()
-    layers = decoder_layers(model)
-    for layer in layers:
-        setattr(layer, _MARK, state)
-        layer.forward = types.MethodType(_forward, layer)
-    return len(layers)
+    return patch_forward(decoder_layers(model), _MARK, state or CompileState(), _forward)
 
 
 def uncompile_layers(model: nn.Module) -> int:
     """Undo `compile_layers`: the layers' own forward again; returns how many were restored."""
-    restored = 0
-    for module in model.modules():
-        if _MARK in module.__dict__:
-            del module.__dict__[_MARK]
-            module.__dict__.pop("forward", None)
-            restored += 1
-    return restored
+    return unpatch_forward(model, _MARK)
 
 
 def check_compile_layers(model: nn.Module, args, signals, device_type: str, distributed_type: str) -> None:

@@ -18,14 +18,14 @@ them after; `low_precision_backward` / `restore_linears` do the same by hand.
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers import TrainerCallback
 from transformers.utils import logging
+
+from .modeling import patch_forward, unpatch_forward
 
 logger = logging.get_logger(__name__)
 
@@ -86,22 +86,12 @@ def low_precision_backward(model: nn.Module, dtype: str = "bfloat16") -> int:
     many layers. The forward, the parameters and what `save_pretrained` writes are unchanged."""
     if dtype not in BACKWARD_DTYPES:
         raise ValueError(f"linear_backward_dtype={dtype!r} is not supported: use one of {BACKWARD_DTYPES} or None.")
-    layers = eligible_linears(model)
-    for layer in layers:
-        setattr(layer, _MARK, getattr(torch, dtype))
-        layer.forward = types.MethodType(_forward, layer)
-    return len(layers)
+    return patch_forward(eligible_linears(model), _MARK, getattr(torch, dtype), _forward)
 
 
 def restore_linears(model: nn.Module) -> int:
     """Undo `low_precision_backward`: the layers' own `nn.Linear.forward` again; returns how many were restored."""
-    restored = 0
-    for layer in model.modules():
-        if _MARK in layer.__dict__:
-            del layer.__dict__[_MARK]
-            layer.__dict__.pop("forward", None)
-            restored += 1
-    return restored
+    return unpatch_forward(model, _MARK)
 
 
 def check_linear_backward(dtype: str | None, signals, distributed_type: str) -> None:

@@ -6,6 +6,7 @@ Teacher and student may be any `nn.Module` returning a `ModelOutput`, a dict wit
 from __future__ import annotations
 
 import inspect
+import types
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -162,3 +163,25 @@ def check_no_attention_dropout(student: nn.Module) -> None:
                 f"AutoModelFor...from_pretrained(path, {name}=0.0) or shrink_model(teacher, "
                 f"config_overrides={{'{name}': 0.0}})."
             )
+
+
+def patch_forward(modules: Iterable[nn.Module], mark: str, value: Any, forward) -> int:
+    """Give each module the instance attribute `mark` = `value` and `forward` as its bound forward (a training-only
+    mode, `linear_backward` / `layer_compile`); returns how many. `unpatch_forward` undoes it."""
+    count = 0
+    for module in modules:
+        setattr(module, mark, value)
+        module.forward = types.MethodType(forward, module)
+        count += 1
+    return count
+
+
+def unpatch_forward(model: nn.Module, mark: str) -> int:
+    """Undo `patch_forward` on every module of `model` that holds `mark`: its class's forward again; returns how many."""
+    restored = 0
+    for module in model.modules():
+        if mark in module.__dict__:
+            del module.__dict__[mark]
+            module.__dict__.pop("forward", None)
+            restored += 1
+    return restored
