@@ -83,7 +83,7 @@ def build(opts: argparse.Namespace):
             extra[key] = getattr(opts, key)
     args = DistillationConfig(
         output_dir=os.path.join("/tmp", "profile_step"), max_steps=steps, per_device_train_batch_size=opts.batch_size,
-        learning_rate=5e-5, lr_scheduler_type="constant", optim="adamw_torch", use_cpu=opts.device == "cpu",
+        learning_rate=5e-5, lr_scheduler_type="constant", optim=opts.optim, use_cpu=opts.device == "cpu",
         train_sampling_strategy="sequential", logging_strategy="no", save_strategy="no", report_to="none",
         disable_tqdm=True, logits_loss="jsd", jsd_beta=0.5, task_weight=0.0, logits_weight=1.0, **extra,
     )
@@ -111,6 +111,7 @@ def main() -> None:
                         help="the student's decoder layers through torch.compile (the command line's default; their "
                              "compile falls in the warm-up steps)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--optim", default="adamw_torch", choices=["adamw_torch", "adamw_torch_fused"])
     parser.add_argument("--keep_freed_memory", action="store_true", help="hf_distill.performance.keep_freed_memory()")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--output", default=None)
