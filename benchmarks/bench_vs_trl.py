@@ -22,8 +22,11 @@ What runs: the same logit-distillation job in up to five ways, each for --warmup
 - ``ours-compiled``: ``ours-bf16-backward`` with ``output_kernel="compiled"``, the chunk's closed-form loss and
   gradient as one `torch.compile` kernel (`hf_distill.signals.compiled`; its compile falls in the warm-up steps,
   ``setup_to_first_step_s`` in the JSON); the recommended setting before ``compile_student_layers``.
-- ``ours-layers``: ours in its recommended setting, what the command line applies by default where bf16 is fast and
-  `torch.compile` can build (`hf_distill.performance.apply_speed_defaults`): ``ours-compiled`` with
+- ``ours-recommended``: ours in its recommended setting on *this* machine: the `DistillationConfig` of ``ours`` with
+  `hf_distill.performance.apply_speed_defaults` applied, exactly what the command line does by default (where bf16 is
+  fast and `torch.compile` can build, the same as ``ours-layers``; on a CPU without bf16 units float32 throughout with
+  the compiled output kernel and decoder layers). What it applied is in the JSON (``speed_defaults``).
+- ``ours-layers``: the recommended setting where bf16 is fast, spelled out: ``ours-compiled`` with
   ``compile_student_layers=True``, each decoder layer of the student through `torch.compile` in training steps
   (`hf_distill.layer_compile`; one graph for all layers, compiled in the first warm-up step).
 - ``ours-liger``: ``ours-fast`` with the output terms through Liger's fused kernel (``output_kernel="liger"``; needs
@@ -64,9 +67,14 @@ How it is measured: every row runs in its own subprocess (``--worker NAME``), so
   and backward, the output layer in chunks), the FLOP count per token written out, and per row the achieved GFLOP/s
   (tokens/s x FLOPs per token) and its share of each limit.
 
-Targets (issue 21): ours in its recommended setting (ours-layers) >= 2.5x the tokens/s of TRL's fastest row
-(``trl`` or ``trl-bf16``) at <= 0.6x its peak RSS; the step at >= 40% of the bf16 matmul limit; the held-out loss
-within 1% of ours (fp32).
+Targets (issue 21): ours in its recommended setting (ours-recommended) >= 2.5x the tokens/s of TRL's fastest row
+(``trl`` or ``trl-bf16``) at <= 0.6x its peak RSS; the step at >= 40% of the matmul limit of the fastest precision
+this machine offers (bf16 where it has bf16 units, else float32); the held-out loss within 1% of ours (fp32).
+
+Rows that multiply in bf16 whatever the machine (``trl-bf16``, ``ours-fast``, ``ours-bf16-*``, ``ours-compiled``,
+``ours-layers``, ``ours-liger``, every row with --bf16) are skipped with a message on a CPU without fast bf16
+(`hf_distill.performance.fast_bf16`: no AVX512-BF16 / AMX), where torch's bf16 matmul runs a scalar loop about 100x
+slower than float32; TRL's fastest row is then ``trl``. --force_slow_bf16 runs them anyway.
 
 On-policy mode (``--on_policy``): every step the student completes --batch_size prompts (the TREC questions as user
 turns, ChatML template) with at most --max_new_tokens sampled tokens (temperature 1, top-k and top-p off), the teacher
@@ -108,9 +116,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_logits_loss import machine  # noqa: E402
 
 TRAINERS = ("trl", "trl-bf16", "ours", "ours-plain", "ours-fast", "ours-bf16-head", "ours-bf16-backward",
-            "ours-compiled", "ours-layers", "ours-liger", "trl-stable")
+            "ours-compiled", "ours-layers", "ours-recommended", "ours-liger", "trl-stable")
 #: Rows that run their student step under bf16 autocast whatever --bf16 says (``TrainingArguments(bf16=True)``).
 BF16_ROWS = ("trl-bf16", "ours-fast", "ours-liger")
+#: Rows that multiply bf16 matrices whatever the machine (autocast, a bf16 teacher, bf16 output layers or backward):
+#: on a CPU without bf16 units (`hf_distill.performance.fast_bf16` False) they run ~100x slower and are skipped.
+HALF_PRECISION_ROWS = BF16_ROWS + ("ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-layers")
 #: Marks the worker's result line on stdout (libraries may print there too).
 RESULT_MARK = "BENCH_VS_TRL_RESULT "
 
@@ -208,7 +219,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
                               total_steps * opts.batch_size + opts.eval_blocks)
         eval_ids = torch.tensor(every["input_ids"][total_steps * opts.batch_size:])
     if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-layers",
-                 "ours-liger"):  # (section 8)
+                 "ours-liger", "ours-recommended"):  # (section 8)
         from hf_distill.performance import keep_freed_memory
 
         keep_freed_memory()
@@ -226,6 +237,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
     )
     chunk_setting = None
+    speed_defaults = None
     generation = {"seconds": [], "tokens": []}
     if opts.on_policy:
         common.update(max_steps=total_steps)
@@ -280,6 +292,10 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
             **common, logits_loss="jsd", jsd_beta=opts.beta, task_weight=0.0, logits_weight=1.0,
             temperature=opts.temperature, **extra,
         )
+        if which == "ours-recommended":  # what the command line applies on this machine, whatever it is
+            from hf_distill.performance import apply_speed_defaults
+
+            speed_defaults = apply_speed_defaults(args, opts.device, "causal-lm")
         base = DistillationTrainer
 
     class Clock(TrainerCallback):
@@ -414,6 +430,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
             ", decoder backward bf16" if getattr(args, "linear_backward_dtype", None) else "") + (
             ", compiled decoder layers" if getattr(args, "compile_student_layers", False) else ""),
         "parameters": {"student": sum(p.numel() for p in trainer.model.parameters())},
+        "speed_defaults": speed_defaults,
         "torch_threads": torch.get_num_threads(),
     }
     if cuda:
@@ -515,8 +532,11 @@ def table(results: list[dict], cuda: bool) -> str:
         head[3:3] = ["training-part tokens/s", "vs TRL", "vs stable", "generating %"]
         head.insert(9, "vs stable")
     limits = any("achieved_gflops" in r for r in results)
+    dtypes = [k[len("share_of_"):-len("_limit")] for r in results for k in r if k.startswith("share_of_")
+              and k.endswith("_limit")]
+    dtypes = list(dict.fromkeys(dtypes))
     if limits:
-        head += ["GFLOP/s", "% of fp32 limit", "% of bf16 limit"]
+        head += ["GFLOP/s"] + [f"% of {d} limit" for d in dtypes]
     head += ["loss step 1", "loss last step", "held-out loss"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in results:
@@ -539,8 +559,8 @@ def table(results: list[dict], cuda: bool) -> str:
         if cuda:
             cells += [f"{r['cuda_peak_mb']:,.0f}", _ratio(r["cuda_peak_mb"], ref("cuda_peak_mb"))]
         if limits:
-            cells += [f"{r.get('achieved_gflops', 0):,.0f}", f"{100 * r.get('share_of_float32_limit', 0):.0f}%",
-                      f"{100 * r.get('share_of_bfloat16_limit', 0):.0f}%"]
+            cells += [f"{r.get('achieved_gflops', 0):,.0f}"] + [
+                f"{100 * r.get(f'share_of_{d}_limit', 0):.0f}%" for d in dtypes]
         held = r.get("held_out_loss")
         cells += [f"{r['loss_first']:.6f}", f"{r['loss_last']:.6f}", f"{held:.4f}" if held is not None else ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -562,6 +582,8 @@ def main() -> None:
     parser.add_argument("--eval_blocks", type=int, default=16,
                         help="held-out blocks (after the training ones) for the student's loss at the end; 0: none")
     parser.add_argument("--no_machine", action="store_true", help="skip measuring the matmul limits")
+    parser.add_argument("--force_slow_bf16", action="store_true",
+                        help="run the bf16 rows even where this machine has no fast bf16 (skipped otherwise)")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--optim", default="adamw_torch", choices=["adamw_torch", "adamw_torch_fused"],
                         help="every row's optimizer; adamw_torch_fused is the TrainingArguments default (one fused "
@@ -591,6 +613,18 @@ def main() -> None:
         print(RESULT_MARK + json.dumps(worker(opts.worker, opts)), flush=True)
         return
 
+    from hf_distill.performance import fast_bf16
+
+    if not fast_bf16(opts.device) and not opts.force_slow_bf16:
+        slow = list(opts.trainers) if opts.bf16 else [w for w in opts.trainers if w in HALF_PRECISION_ROWS]
+        if slow:
+            print(f"skipping {', '.join(slow)}: this {opts.device} has no fast bf16 (no AVX512-BF16 / AMX), where "
+                  "torch multiplies bf16 matrices about 100x slower than float32 (see the limit table); "
+                  "--force_slow_bf16 runs them anyway", file=sys.stderr, flush=True)
+            opts.trainers = [w for w in opts.trainers if w not in slow]
+            if not opts.trainers:
+                parser.error("every row asked for needs fast bf16, which this machine lacks: pass --force_slow_bf16 "
+                             "or choose fp32 rows (trl, ours, ours-recommended)")
     runs: dict[str, list[dict]] = {which: [] for which in opts.trainers}
     for round_ in range(max(opts.rounds, 1)):
         for which in opts.trainers:
@@ -657,8 +691,8 @@ def main() -> None:
         print("\nTargets: the training part >= 1.25x GKD's and >= the stable trainer's; overall >= both; peak RSS "
               "<= 0.6x GKD's.")
     else:
-        print("\nTargets: ours (ours-layers: its recommended setting) >= 2.5x TRL's fastest row, <= 0.6x its peak "
-              "RSS; the step at >= 40% of the bf16 limit.")
+        print("\nTargets: ours (ours-recommended: its recommended setting on this machine) >= 2.5x TRL's fastest row, "
+              "<= 0.6x its peak RSS; the step at >= 40% of the fastest precision's limit.")
     shown = {k: v for k, v in info.items() if k != "limits"}  # (the limits: the table above, and the JSON)
     print(f"\nMachine: {json.dumps(shown)}\nSettings: {json.dumps(settings)}")
     if opts.output:

@@ -20,6 +20,8 @@ import time
 #: Products above this many multiply-adds are timed on fewer output columns (same rows and inner size): a
 #: ``[2048, 640] @ [640, 262144]`` is timed as ``[2048, 640] @ [640, 16384]``, 20 GFLOP, where the rate no longer grows.
 MAX_TIMED_PRODUCT = 2048 * 640 * 16384
+#: Columns of the product that estimates a dtype's speed before it is timed (`_affordable_cols`).
+PROBE_COLS = 64
 DTYPES_BY_DEVICE = {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "tf32", "bfloat16", "float16")}
 
 
@@ -34,9 +36,10 @@ def matmul_rate(rows: int, inner: int, cols: int, dtype: str, device: str = "cpu
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
     try:
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        cols = _affordable_cols(rows, inner, cols, torch_dtype, device, seconds, sync)
         a = torch.randn(rows, inner, device=device, dtype=torch_dtype)
         b = torch.randn(inner, cols, device=device, dtype=torch_dtype)
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         for _ in range(2):
             a @ b
         sync()
@@ -58,6 +61,25 @@ def matmul_rate(rows: int, inner: int, cols: int, dtype: str, device: str = "cpu
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def _affordable_cols(rows: int, inner: int, cols: int, torch_dtype, device: str, seconds: float, sync) -> int:
+    """`cols`, or fewer where one product would take over `seconds`: a dtype this machine has no units for (bf16 on a
+    CPU without AVX512-BF16 / AMX runs a scalar loop at about 1 GFLOP/s, 100x below float32) is timed on as many
+    columns as one `seconds`-long product holds, estimated from a ``PROBE_COLS``-column product (such a loop's rate does
+    not grow with the columns); a fast dtype keeps its columns."""
+    import torch
+
+    probe = min(cols, PROBE_COLS)
+    a = torch.randn(rows, inner, device=device, dtype=torch_dtype)
+    b = torch.randn(inner, probe, device=device, dtype=torch_dtype)
+    a @ b
+    sync()
+    start = time.perf_counter()
+    a @ b
+    sync()
+    estimate = (time.perf_counter() - start) * cols / probe
+    return cols if estimate <= seconds else max(probe, int(cols * seconds / estimate))
+
+
 def job_limit(shapes, dtypes, device: str = "cpu", seconds: float = 0.2) -> dict:
     """For each dtype: the rate of every distinct shape and the job's limit (see the module docstring)."""
     out = {"shapes": [{"rows": s.rows, "inner": s.inner, "cols": s.cols, "count": s.count, "part": s.part,
@@ -75,6 +97,7 @@ def job_limit(shapes, dtypes, device: str = "cpu", seconds: float = 0.2) -> dict
         out["rates_gflops"][dtype] = rates
         out["limit_gflops"][dtype] = total / seconds_needed / 1e9
     out["gflop_per_step"] = total / 1e9
+    out["fastest_dtype"] = max(out["limit_gflops"], key=out["limit_gflops"].get)
     return out
 
 
@@ -120,9 +143,14 @@ def shares(tokens_per_s: float, limits: dict) -> dict:
 
 
 def gflops_shares(achieved_gflops: float, limits: dict) -> dict:
-    """``{"achieved_gflops": ..., "share_of_<dtype>_limit": achieved / limit, ...}`` for each dtype of `limits`."""
-    return {"achieved_gflops": achieved_gflops,
-            **{f"share_of_{d}_limit": achieved_gflops / v for d, v in limits["limit_gflops"].items()}}
+    """``{"achieved_gflops": ..., "share_of_<dtype>_limit": achieved / limit, ...}`` for each dtype of `limits`, and
+    ``share_of_fastest_limit`` against the fastest dtype's (the issue-21 target: bf16 where the machine has bf16 units,
+    float32 where it has none)."""
+    found = {"achieved_gflops": achieved_gflops,
+             **{f"share_of_{d}_limit": achieved_gflops / v for d, v in limits["limit_gflops"].items()}}
+    fastest = limits.get("fastest_dtype") or max(limits["limit_gflops"], key=limits["limit_gflops"].get)
+    found["share_of_fastest_limit"] = achieved_gflops / limits["limit_gflops"][fastest]
+    return found
 
 
 def share_cells(row: dict) -> str:
@@ -169,6 +197,9 @@ def limits_table(limits: dict) -> str:
                      f"{s['gflop_per_step']:,.2f} | {rates} |")
     lines.append(f"| **the job's limit** | | | {limits['gflop_per_step']:,.1f} | "
                  + " | ".join(f"**{limits['limit_gflops'][d]:,.0f}**" for d in dtypes) + " |")
+    fastest = limits.get("fastest_dtype") or max(limits["limit_gflops"], key=limits["limit_gflops"].get)
+    lines.append(f"\nThe fastest precision here: {fastest} ({limits['limit_gflops'][fastest]:,.0f} GFLOP/s at this "
+                 "job's shapes; 'fastest' in the shares below).")
     f = limits.get("flops_per_token")
     if f is None:
         return "\n".join(lines)

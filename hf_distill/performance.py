@@ -65,6 +65,32 @@ def fast_bf16(device_type: str = "cpu") -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
+def slow_half_precision(args, device_type: str = "cpu") -> list[str]:
+    """The half-precision settings of `args` (a `DistillationConfig`) that this device multiplies slowly: on a CPU
+    without AVX512-BF16 / AMX (`fast_bf16` False) torch runs bf16 and fp16 matmuls as a scalar loop, about 1 GFLOP/s
+    against 128 in float32 on a 2-core AMD EPYC (docs/performance.md, section 8.9), so ``teacher_dtype``,
+    ``output_layer_dtype``, ``linear_backward_dtype`` in bf16/fp16 and ``--bf16``/``--fp16`` autocast slow a step down
+    by that much. Empty on GPUs and on CPUs with fast bf16."""
+    if device_type != "cpu" or fast_bf16(device_type):
+        return []
+    half = ("bfloat16", "float16")
+    named = [f"{name}={getattr(args, name)!r}" for name in ("teacher_dtype", "output_layer_dtype",
+                                                             "linear_backward_dtype") if getattr(args, name, None) in half]
+    return named + [f"--{name}" for name in ("bf16", "fp16") if getattr(args, name, False)]
+
+
+def warn_slow_half_precision(args, device_type: str, logger) -> bool:
+    """Log a warning naming each `slow_half_precision` setting and the fix (leave it out: float32 is this CPU's fastest
+    precision); returns whether it warned. The run goes on: half precision still halves the memory it touches."""
+    slow = slow_half_precision(args, device_type)
+    if slow:
+        logger.warning(
+            f"{', '.join(slow)}: this CPU has no bf16 matrix units (no AVX512-BF16 or AMX in /proc/cpuinfo), so torch "
+            "multiplies bf16 / fp16 matrices about 100x slower than float32 here. Leave these settings out (float32 is "
+            "this CPU's fastest precision) unless you need the memory; the command line's speed defaults already do.")
+    return bool(slow)
+
+
 def compile_obstacle(device_type: str) -> str | None:
     """Why `torch.compile` cannot build the chunk kernel on this device (None: it can): inductor needs a C++ compiler
     on a CPU and Triton on a GPU; ``TORCHDYNAMO_DISABLE=1`` or ``TORCH_COMPILE_DISABLE=1`` turn `torch.compile` off."""

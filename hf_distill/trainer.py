@@ -24,6 +24,7 @@ from .hub import CardInfo, write_model_card
 from .modeling import check_no_attention_dropout, output_logits, use_eager_attention
 from .output_dir import API_WORDS, prepare_output_dir
 from .outputs import checked_kernel, output_precision, plan_output
+from .performance import warn_slow_half_precision
 from .safety import (
     NonFiniteGuard,
     check_finite_weights,
@@ -114,6 +115,7 @@ class DistillationTrainer(Trainer):
         if label_weights(args) and len(sizes) <= 1:  # (else: the size check says it)
             check_label_values(kwargs.get("train_dataset"), model, ("labels",))  # before the Trainer writes anything
         super().__init__(model=model, args=args, **kwargs)
+        warn_slow_half_precision(args, self.args.device.type, logger)  # (bf16 on a CPU without bf16 units: ~100x)
         self.teacher_source = source
         # Built after the Trainer has seeded the RNGs, so projections start the same way in every run with one seed.
         self.signals = build_signals(args, model, source.first_model)
