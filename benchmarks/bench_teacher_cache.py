@@ -15,8 +15,10 @@ Targets (issue 6): >= 2x throughput, <= 200 bytes/token at k = 32, perplexity wi
 The ceiling (issue 21): a cache can at best remove the teacher's forward, so the cached run's speed-up is bounded by
 ``1 + t_teacher / t_student``, with ``t_teacher`` the teacher's forward over a step's batch (timed alone, no grad, its
 logits included) and ``t_student = t_live - t_teacher`` (the live step without it). Printed: the ratio and its share of
-that ceiling. --recommended runs both students in the recommended setting (docs/performance.md, section 8): the teacher
-in bfloat16 where bf16 is fast (the cache built by that teacher too), bf16 autocast, `keep_freed_memory`. The machine
+that ceiling. --recommended runs both students in the recommended setting (docs/performance.md, section 8): what the command line
+applies on the machine at hand (`hf_distill.performance.apply_speed_defaults`: where bf16 is fast the teacher, which
+builds the cache too, and the output layers in bf16, bf16 backward products, the compiled output kernel and decoder
+layers; on a CPU without bf16 units float32 with the compiled kernels), and `keep_freed_memory`. The machine
 section: the matmul limit at the live job's shapes (`machine_limits.py`) and each run's share of it.
 
 --student takes a real student instead of the shrink (the same pretrained weights for both runs), for the pair where
@@ -104,7 +106,7 @@ def main() -> None:
     parser.add_argument("--logits_weight", type=float, default=0.5)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--recommended", action="store_true",
-                        help="bf16 teacher (where bf16 is fast), bf16 autocast, keep_freed_memory")
+                        help="what the command line applies here (apply_speed_defaults), keep_freed_memory")
     parser.add_argument("--no_machine", action="store_true", help="skip the matmul-limit measurement")
     parser.add_argument("--cache_dir", default=None, help="where the cache goes (default: a temporary folder)")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
@@ -142,6 +144,8 @@ def main() -> None:
     sizes = cache_size(cache_dir, cached)
     counted = sizes["counted_positions"]
 
+    applied: dict[str, list[str]] = {}
+
     def run(name: str, teacher_model, dataset) -> dict:
         torch.manual_seed(0)
         student = (AutoModelForCausalLM.from_pretrained(resolve_source(options.student), dtype=torch.float32)
@@ -152,8 +156,11 @@ def main() -> None:
             learning_rate=options.learning_rate, lr_scheduler_type="constant", logging_steps=options.steps,
             save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
             temperature=options.temperature, task_weight=options.task_weight, logits_weight=options.logits_weight,
-            bf16=options.recommended,
         )
+        if options.recommended:
+            from hf_distill.performance import apply_speed_defaults
+
+            applied[name] = apply_speed_defaults(args, "cpu", "causal-lm")
         clock = StepClock(options.warmup)
         trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=args, train_dataset=dataset,
                                       data_collator=collator, processing_class=tokenizer, callbacks=[clock])
@@ -188,7 +195,9 @@ def main() -> None:
     ceiling = 1 + teacher_seconds / max(live_step - teacher_seconds, 1e-9)
     results["ceiling"] = {"teacher_forward_seconds_per_step": teacher_seconds, "live_seconds_per_step": live_step,
                           "ceiling": ceiling, "share_of_ceiling": speed / ceiling}
-    results["settings_precision"] = ("bf16 autocast, teacher " + teacher_dtype) if options.recommended else "fp32"
+    results["settings_precision"] = (f"apply_speed_defaults, teacher {teacher_dtype or 'float32'}"
+                                     if options.recommended else "fp32")
+    results["speed_defaults"] = applied
     gap = from_cache["perplexity"] / live["perplexity"] - 1
     pair = f"{options.teacher} -> " + (options.student or f"its {options.student_layers}-layer cut")
     print(f"\n### Cached vs live teacher ({pair}, {options.batch_size} x {options.block_size} tokens a step)\n")
