@@ -15,8 +15,8 @@ Targets (issue 6): >= 2x throughput, <= 200 bytes/token at k = 32, perplexity wi
 The ceiling (issue 21): a cache can at best remove the teacher's forward, so the cached run's speed-up is bounded by
 ``1 + t_teacher / t_student``, with ``t_teacher`` the teacher's forward over a step's batch (timed alone, no grad, its
 logits included) and ``t_student = t_live - t_teacher`` (the live step without it). Printed: the ratio and its share of
-that ceiling. --recommended runs both students in the recommended setting (docs/performance.md, section 8): what the command line
-applies on the machine at hand (`hf_distill.performance.apply_speed_defaults`: where bf16 is fast the teacher, which
+that ceiling. --recommended runs both students in the recommended setting (docs/performance.md, section 8): what the
+command line applies on the machine at hand (`hf_distill.performance.apply_speed_defaults`: where bf16 is fast the teacher, which
 builds the cache too, and the output layers in bf16, bf16 backward products, the compiled output kernel and decoder
 layers; on a CPU without bf16 units float32 with the compiled kernels), and `keep_freed_memory`. The machine
 section: the matmul limit at the live job's shapes (`machine_limits.py`) and each run's share of it.

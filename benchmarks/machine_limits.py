@@ -97,8 +97,13 @@ def job_limit(shapes, dtypes, device: str = "cpu", seconds: float = 0.2) -> dict
         out["rates_gflops"][dtype] = rates
         out["limit_gflops"][dtype] = total / seconds_needed / 1e9
     out["gflop_per_step"] = total / 1e9
-    out["fastest_dtype"] = max(out["limit_gflops"], key=out["limit_gflops"].get)
+    out["fastest_dtype"] = fastest_dtype(out)
     return out
+
+
+def fastest_dtype(limits: dict) -> str:
+    """The dtype of `limits` (a `job_limit` result) with the highest limit: the machine's fastest precision here."""
+    return max(limits["limit_gflops"], key=limits["limit_gflops"].get)
 
 
 def distillation_job(teacher_dir: str, student_layers: int | str, batch: int, seq_len: int, chunk: int | None):
@@ -148,8 +153,7 @@ def gflops_shares(achieved_gflops: float, limits: dict) -> dict:
     float32 where it has none)."""
     found = {"achieved_gflops": achieved_gflops,
              **{f"share_of_{d}_limit": achieved_gflops / v for d, v in limits["limit_gflops"].items()}}
-    fastest = limits.get("fastest_dtype") or max(limits["limit_gflops"], key=limits["limit_gflops"].get)
-    found["share_of_fastest_limit"] = achieved_gflops / limits["limit_gflops"][fastest]
+    found["share_of_fastest_limit"] = achieved_gflops / limits["limit_gflops"][fastest_dtype(limits)]
     return found
 
 
@@ -197,7 +201,7 @@ def limits_table(limits: dict) -> str:
                      f"{s['gflop_per_step']:,.2f} | {rates} |")
     lines.append(f"| **the job's limit** | | | {limits['gflop_per_step']:,.1f} | "
                  + " | ".join(f"**{limits['limit_gflops'][d]:,.0f}**" for d in dtypes) + " |")
-    fastest = limits.get("fastest_dtype") or max(limits["limit_gflops"], key=limits["limit_gflops"].get)
+    fastest = fastest_dtype(limits)
     lines.append(f"\nThe fastest precision here: {fastest} ({limits['limit_gflops'][fastest]:,.0f} GFLOP/s at this "
                  "job's shapes; 'fastest' in the shares below).")
     f = limits.get("flops_per_token")

@@ -75,7 +75,8 @@ def slow_half_precision(args, device_type: str = "cpu") -> list[str]:
         return []
     half = ("bfloat16", "float16")
     named = [f"{name}={getattr(args, name)!r}" for name in ("teacher_dtype", "output_layer_dtype",
-                                                             "linear_backward_dtype") if getattr(args, name, None) in half]
+                                                             "linear_backward_dtype")
+             if getattr(args, name, None) in half]
     return named + [f"--{name}" for name in ("bf16", "fp16") if getattr(args, name, False)]
 
 
