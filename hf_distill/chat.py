@@ -26,6 +26,7 @@ import torch
 from transformers.utils import logging
 
 from .options import check_choice
+from .row_filters import drop_empty_answers
 from .teacher_cache import CACHE_COLUMNS, MANIFEST_MARKER
 
 logger = logging.get_logger(__name__)
@@ -224,6 +225,13 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, data_format: str, max_leng
     else:
         raise ValueError(f"tokenize_row makes training rows from messages or prompt-completion data, not {data_format}.")
     a, b = _window(len(ids), max_length, truncation_side)
+    if stored is not None and a > 0 and CACHE_COLUMNS[0] in row:
+        raise ValueError(
+            f"A generated row with the teacher's top-k has {len(ids)} tokens, over --max_length {max_length}, and "
+            "--truncation_side left would cut the start of its prompt: its cached targets were computed on context "
+            f"the student would not see. Raise --max_length to at least {len(ids)}, or use --truncation_side right "
+            "(the targets of the tokens kept stay right)."
+        )
     out = {"input_ids": ids[a:b], "attention_mask": [1] * (b - a),
            "labels": [i if c else IGNORE_INDEX for i, c in zip(ids[a:b], counted[a:b])]}
     if stored is not None:
@@ -417,11 +425,9 @@ def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = 
             "its output, or let the student answer them on-policy, lmbda=1; text data goes through the plain "
             "language-modelling path)."
         )
+    (dataset,) = drop_empty_answers([dataset], data_format, ("",))
     if data_format == "messages" or not isinstance(dataset[0]["prompt"], str):
         check_chat_tokenizer(tokenizer)
-    elif not any(str(text or "").strip() for text in dataset["completion"]):
-        raise ValueError("The completion column is empty in every row: there is nothing to learn from. Point it at "
-                         "the column of answers (or generate them with the teacher).")
     pad = _pad_id(tokenizer)
     tokenised = dataset.map(lambda row: tokenize_row(row, tokenizer, data_format, max_length, truncation_side),
                             remove_columns=dataset.column_names, desc="Tokenising")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from .linear_backward import BACKWARD_DTYPES as LINEAR_BACKWARD_DTYPES
-from .options import check_choice, parse_chunk_size
+from .options import check_choice, check_finite_settings, check_sampling_settings, parse_chunk_size
 from .signals import registered_signals, signal_weight_fields
 from .signals.hidden import HIDDEN_LOSSES, HIDDEN_PROJECTIONS
 from .signals.logits import LOGITS_LOSSES
@@ -205,6 +204,10 @@ class DistillationConfig(TrainingArguments):
             unless it resumes from it. `True` moves the earlier contents aside into a dated folder beside it
             (``<output_dir>.before-YYYYmmdd-HHMMSS``), so nothing is destroyed and no stale file sits beside the
             new student.
+        resume_with_changes (`bool`, defaults to `False`):
+            Resuming compares the checkpoint's record (loss, temperature, weights, training rows, student shape;
+            `provenance.check_resume`) with this run's and refuses any difference, naming each; `True` resumes
+            anyway and logs them.
     """
 
     temperature: float = field(
@@ -349,6 +352,11 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Move an earlier run found in output_dir aside into a dated folder beside it (otherwise "
                           "such a folder is refused unless resumed)."},
     )
+    resume_with_changes: bool = field(
+        default=False,
+        metadata={"help": "Resume a checkpoint although this run's loss, temperature, weights, data or student differ "
+                          "from the run that wrote it (otherwise refused, naming each difference)."},
+    )
 
     def __post_init__(self) -> None:
         check_finite_settings(self)
@@ -416,32 +424,4 @@ class DistillationConfig(TrainingArguments):
         if self.hybrid_matched_weight is not None and not 0 <= self.hybrid_matched_weight <= 1:
             raise ValueError(f"hybrid_matched_weight={self.hybrid_matched_weight} must lie in [0, 1] (or be None: "
                              "matched / V_teacher).")
-
-
-def check_sampling_settings(args: "DistillationConfig") -> None:
-    """The on-policy / seq_kd sampling settings, each in its range."""
-    if not 0.0 <= args.lmbda <= 1.0:
-        raise ValueError(f"lmbda must lie in [0, 1] (the share of micro-batches the student samples: 0 off-policy, 1 "
-                         f"always on-policy), got {args.lmbda}.")
-    bad = [f"{name}={getattr(args, name)} (must be {rule})" for name, ok, rule in (
-        ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"),
-        ("generation_temperature", args.generation_temperature >= 0, ">= 0; 0 is greedy"),
-        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
-        ("top_k", args.top_k >= 0, ">= 0; 0 is off"),
-        ("num_generations", args.num_generations >= 1, ">= 1"),
-    ) if not ok]
-    if bad:
-        raise ValueError(f"Sampling settings out of range: {'; '.join(bad)}.")
-
-
-def check_finite_settings(settings: object) -> None:
-    """Refuse every float setting of a dataclass that is NaN or infinite (``temperature=inf`` trains to a NaN student,
-    ``logits_weight=nan`` silently drops its term): a `ValueError` naming each such field."""
-    bad = {f.name: getattr(settings, f.name) for f in fields(settings)
-           if isinstance(getattr(settings, f.name, None), float) and not math.isfinite(getattr(settings, f.name))}
-    if bad:
-        raise ValueError(
-            f"{', '.join(f'{k}={v}' for k, v in bad.items())}: settings must be finite numbers (NaN or infinity make "
-            "every loss and weight of the student NaN, or silently drop a term). Give finite values."
-        )
 

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-import re
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import datasets
 from transformers.utils import logging
 
-from .chat import DATA_FORMATS, IGNORE_INDEX, TEACHER_PROMPTS, detect_format, prepare_chat_dataset, prompt_ids
+from .chat import (
+    DATA_FORMATS,
+    IGNORE_INDEX,
+    TEACHER_PROMPTS,
+    detect_format,
+    prepare_chat_dataset,
+    prompt_ids,
+)
 from .generate import is_generations, load_generations
+from .labels import LabelPlan, check_label_values, label_plan
 from .options import check_choice
+from .row_filters import drop_empty_answers
 
 logger = logging.get_logger(__name__)
 
@@ -94,7 +103,10 @@ def load_raw(dataset: str, dataset_config: str | None = None) -> datasets.Datase
         try:
             loaded = datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)
         except Exception as error:
-            raise ValueError(f"Cannot read {path} as {builder}: {error}") from error
+            problem = json_problem(path) if builder == "json" else None
+            cause = " ".join(str(error.__cause__ or error).split())[:300]
+            raise ValueError(f"Cannot read {path} as {builder}: {problem or cause}. Fix that row (or drop it) and run "
+                             "again.") from error
         return loaded
     if path.exists() and path.is_dir():
         try:
@@ -104,6 +116,47 @@ def load_raw(dataset: str, dataset_config: str | None = None) -> datasets.Datase
     if path.suffix.lower() in LOCAL_FORMATS or str(dataset).startswith((".", "/")):
         raise FileNotFoundError(f"Dataset file {dataset!r} does not exist.")
     return datasets.load_dataset(dataset, dataset_config)
+
+
+def json_problem(path: Path) -> str | None:
+    """Where a JSON / JSON-lines file breaks: ``line N: <what>`` for the first line that does not parse, or whose
+    object names a key twice (Arrow refuses both, naming only its own row count); None when every line parses."""
+    import json
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"the key(s) {twice} appear twice in one object")
+        return dict(pairs)
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    whole = path.suffix.lower() == ".json" and text.lstrip().startswith("[")
+    chunks = [(1, text)] if whole else [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for number, chunk in chunks:
+        try:
+            json.loads(chunk, object_pairs_hook=no_duplicates)
+        except json.JSONDecodeError as error:
+            return f"line {number + error.lineno - 1}: {error.msg} (column {error.colno})"
+        except ValueError as error:
+            return f"line {number}: {error}"
+    return None
+
+
+@contextlib.contextmanager
+def caches_outside(source: str | None) -> Iterator[None]:
+    """`datasets` writes what `map`, `filter` and splits make beside the data's own Arrow files: into the user's
+    folder for data saved on disk (a generations folder, a `save_to_disk` dataset), where a read-only folder fails
+    and a writable one fills up. For such data caching is off inside (the results go to a temporary folder that
+    `datasets` removes)."""
+    if not source or not Path(source).is_dir() or not datasets.is_caching_enabled():
+        yield
+        return
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        datasets.enable_caching()
 
 
 def split_dataset(raw: datasets.DatasetDict, data: DataArguments, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -127,14 +180,15 @@ def split_dataset(raw: datasets.DatasetDict, data: DataArguments, seed: int) -> 
     return train, held_out
 
 
-def _require_columns(dataset: datasets.Dataset, columns: list[str], flags: dict[str, str]) -> None:
+def _require_columns(dataset: datasets.Dataset, columns: list[str], flags: dict[str, str],
+                     what: str = "the dataset") -> None:
     for column in columns:
         if column not in dataset.column_names:
             flag = flags.get(column, "--text_column")
             hint = (" (unlabelled data: set --task_weight 0 to learn from the teacher alone)"
                     if flag == "--label_column" else "")
             raise ValueError(
-                f"Column {column!r} is not in the dataset (columns: {dataset.column_names}); point {flag} at the "
+                f"Column {column!r} is not in {what} (columns: {dataset.column_names}); point {flag} at the "
                 f"right one{hint}."
             )
 
@@ -218,6 +272,9 @@ def prepare_datasets(
 
     num_labels, id2label, plan = None, None, None
     has_labels = data.label_column in train.column_names
+    for name, split in (("training", train), ("held-out", held_out)):
+        if data.label_column in split.column_names:
+            check_label_values(split[data.label_column], data.label_column, task, name)
     if task == "regression":
         num_labels = 1
     elif has_labels:
@@ -250,7 +307,7 @@ def add_transfer_set(train: datasets.Dataset, transfer: datasets.Dataset, tokeni
     of the transfer set is dropped: its rows are unlabelled by definition."""
     text_columns = _text_columns(data)
     flags = {c: "--text_column" if c == data.text_column else "--text_column_2" for c in text_columns}
-    _require_columns(transfer, text_columns, flags)
+    _require_columns(transfer, text_columns, flags, "the --transfer_dataset")
     if data.max_transfer_samples is not None:
         transfer = transfer.select(range(min(data.max_transfer_samples, len(transfer))))
     transfer = transfer.filter(lambda row: all(row[c] is not None and str(row[c]).strip() for c in text_columns))
@@ -276,7 +333,15 @@ def _lm_format(train: datasets.Dataset, data: DataArguments) -> str:
         return "prompt_completion"
     if data.data_format != "auto":
         return data.data_format
-    return "text" if data.text_column in train.column_names else detect_format(train.column_names)
+    columns = train.column_names
+    richer = "messages" in columns or {"prompt", "completion"} <= set(columns)
+    if data.text_column in columns and richer:
+        found = detect_format(columns)
+        logger.warning("The data has both a %r column and %s: training on the %s rows (they say which tokens are "
+                       "the answers); pass --data_format text to train on %r instead.", data.text_column,
+                       "`messages`" if found == "messages" else "`prompt` / `completion`", found, data.text_column)
+        return found
+    return "text" if data.text_column in columns else detect_format(columns)
 
 
 def with_teacher_prompts(dataset: datasets.Dataset, teacher_tokenizer: Any) -> datasets.Dataset:
@@ -304,8 +369,9 @@ def with_teacher_prompts(dataset: datasets.Dataset, teacher_tokenizer: Any) -> d
 
 def _chat_splits(train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any, data: DataArguments,
                  data_format: str, prompts: bool = False) -> PreparedData:
-    """Both splits tokenised with completion-only labels (`chat.prepare_chat_dataset`)."""
-    splits = []
+    """Both splits tokenised with completion-only labels (`chat.prepare_chat_dataset`), rows with an empty answer
+    dropped (counted over both splits: `chat.drop_empty_answers`)."""
+    named = []
     for split in (train, held_out):
         if data.text_column_2:  # plain prompt-completion in two named columns
             _require_columns(split, [data.text_column, data.text_column_2],
@@ -318,126 +384,10 @@ def _chat_splits(train: datasets.Dataset, held_out: datasets.Dataset, tokenizer:
                 )
             split = split.select_columns([data.text_column, data.text_column_2]).rename_columns(
                 {data.text_column: "prompt", data.text_column_2: "completion"})
-        splits.append(prepare_chat_dataset(split, tokenizer, data.max_length, data_format, data.truncation_side,
-                                           packing=data.packing, prompts=prompts))
+        named.append(split)
+    if not prompts or data_format != "prompt_only":
+        named = drop_empty_answers(named, data_format)
+    splits = [prepare_chat_dataset(split, tokenizer, data.max_length, data_format, data.truncation_side,
+                                   packing=data.packing, prompts=prompts) for split in named]
     (train_rows, collator), (eval_rows, _) = splits
     return PreparedData(train_rows, eval_rows, collator=collator, data_format=data_format)
-
-
-#: The names transformers gives labels nobody named (``LABEL_0``, ``LABEL_1``, ...): nothing to match by.
-GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
-
-
-def named_labels(config: Any) -> dict[int, str] | None:
-    """A classifier config's ``id2label`` when it names its labels, None when the names are transformers' generic
-    ``LABEL_i`` (or there is no label set)."""
-    id2label = getattr(config, "id2label", None) or {}
-    if not id2label or all(GENERIC_LABEL.match(str(name)) for name in id2label.values()):
-        return None
-    return {int(k): str(v) for k, v in id2label.items()}
-
-
-@dataclass
-class LabelPlan:
-    """How a dataset's label values become the model's class ids: ``value -> id`` (`mapping`, or by value for
-    integers when None), the label set the models get (`id2label`), how it was decided (`by`: "name", "value" or
-    "sorted"), and, where the mapping was guessed, the warning that says so."""
-
-    id2label: dict[int, str]
-    by: str
-    mapping: dict[Any, int] | None = None
-    warning: str | None = None
-
-    def ids(self, values: list[Any]) -> list[int]:
-        """The class ids of `values` (a `ValueError` names the ones outside the label set)."""
-        if self.mapping is not None:
-            unknown = sorted({str(v) for v in values if v not in self.mapping})
-            if unknown:
-                raise ValueError(
-                    f"Labels {unknown} are not in the label set {sorted(map(str, self.mapping))}: they never occur in "
-                    "the training split, or the teacher does not know them."
-                )
-            return [self.mapping[v] for v in values]
-        ids = [_integral(v) for v in values]
-        unknown = sorted({v for v in ids if not 0 <= v < len(self.id2label)})
-        if unknown:
-            raise ValueError(f"Labels {unknown} lie outside the {len(self.id2label)} classes 0..{len(self.id2label) - 1}.")
-        return ids
-
-    @property
-    def described(self) -> str:
-        """The mapping in words, e.g. ``'neg' -> 0, 'pos' -> 1``."""
-        if self.mapping is None:
-            return ", ".join(f"{i} -> {i} ({name})" for i, name in self.id2label.items())
-        return ", ".join(f"{value!r} -> {i}" for value, i in sorted(self.mapping.items(), key=lambda kv: kv[1]))
-
-
-def _integral(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-        raise ValueError(
-            f"Classification labels must be class names or integer ids, got {value!r}. For numeric targets use "
-            "--task regression."
-        )
-    return int(value)
-
-
-def label_plan(train: datasets.Dataset, column: str, teacher_labels: dict[int, str] | None = None,
-               teacher_num_labels: int | None = None) -> LabelPlan:
-    """How the labels of `column` map to class ids, given the teacher's named labels (`teacher_labels`) and, for a
-    teacher with a trained head, its number of classes (`teacher_num_labels`).
-
-    Names map to the teacher's ids by name; integers are ids by value; a teacher without names (``LABEL_i``) gets the
-    sorted names (or a `ClassLabel`'s order) as ids 0..n-1, with a warning that the order is assumed. Labels the
-    teacher does not know are refused.
-    """
-    feature = train.features[column]
-    values = train[column]
-    if isinstance(feature, datasets.ClassLabel):
-        names, ordered = list(feature.names), True
-    elif getattr(feature, "dtype", None) in ("string", "large_string") or (values and isinstance(values[0], str)):
-        names, ordered = sorted(set(values)), False
-    else:
-        ids = sorted({_integral(v) for v in values})
-        size = teacher_num_labels or (len(teacher_labels) if teacher_labels else None)
-        if size is not None and (ids[0] < 0 or ids[-1] >= size):
-            raise ValueError(
-                f"Labels {[v for v in ids if not 0 <= v < size]} in column {column!r} are not among the teacher's "
-                f"{size} classes (ids 0..{size - 1}"
-                + (f": {teacher_labels}" if teacher_labels else "") + "). Use a teacher trained on this label set."
-            )
-        if ids[0] < 0:
-            raise ValueError(f"Labels {[v for v in ids if v < 0]} in column {column!r} are negative: class ids are 0, "
-                             "1, 2, ...")
-        id2label = teacher_labels or {i: str(i) for i in range(size or ids[-1] + 1)}
-        return LabelPlan(id2label, "value")
-    if teacher_labels is not None:
-        by_name = {name: i for i, name in teacher_labels.items()}
-        folded = {name.casefold(): i for name, i in by_name.items()}
-        mapping = {}
-        for name in names:
-            i = by_name.get(name, folded.get(str(name).casefold()) if len(folded) == len(by_name) else None)
-            if i is not None:
-                mapping[name] = i
-        unknown = [name for name in names if name not in mapping]
-        if unknown:
-            raise ValueError(
-                f"Labels {unknown} in column {column!r} are not in the teacher's label set "
-                f"{sorted(teacher_labels.values())} (its config.id2label): the teacher cannot teach them. Use a "
-                "teacher trained on these labels, or rename them to the teacher's names."
-            )
-        return LabelPlan(dict(teacher_labels), "name", mapping)
-    if teacher_num_labels is not None and len(names) > teacher_num_labels:
-        raise ValueError(
-            f"The data has {len(names)} labels {names} in column {column!r}, the teacher only {teacher_num_labels} "
-            "classes: it cannot teach the others. Use a teacher trained on this label set."
-        )
-    mapping = {name: i for i, name in enumerate(names)}
-    plan = LabelPlan(dict(enumerate(names)), "sorted", mapping)
-    if teacher_num_labels is not None:
-        order = "in the dataset's ClassLabel order" if ordered else "in sorted order"
-        plan.warning = (
-            f"The teacher's labels have no names (LABEL_0, LABEL_1, ...), so the data's labels are assumed to be its "
-            f"classes {order}: {plan.described}. If the teacher was trained with another order, its soft targets "
-            "teach the wrong classes: give the teacher's config an id2label with the names."
-        )
-    return plan

@@ -27,6 +27,8 @@ from transformers.utils import logging
 
 from .chat import end_completion, left_padded, prompt_ids, stop_ids
 from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
+from .modeling import context_length, weights_fingerprint
+from .provenance import template_record
 from .teacher_cache import (
     CACHE_COLUMNS,
     CACHE_FEATURES,
@@ -136,6 +138,14 @@ def _check_manifest(manifest: dict[str, Any], expected: dict[str, Any], folder: 
         )
 
 
+def check_not_a_cache(folder: str | Path) -> None:
+    """`generate` writes into a new folder or one of its own runs: a teacher cache's folder is named as such."""
+    file = Path(folder) / MANIFEST_FILE
+    if file.is_file() and json.loads(file.read_text()).get("kind") != KIND:
+        raise ValueError(f"--output_dir {folder} holds a teacher cache (written by `hf-distill cache-teacher`), not "
+                         "generations: give `generate` a new --output_dir.")
+
+
 def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.Dataset, output_dir: str,
                          settings: GenerationArguments, teacher_id: str | None = None) -> Path:
     """Answer every prompt with `model` and write a prompt-completion dataset to `output_dir` (see the module
@@ -150,12 +160,17 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
         "prompts_fingerprint": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
         "shards": [], "complete": False,
     }
+    if conversational:  # the rows are rendered with this template; a run with another one is refused
+        expected.update(template_record(tokenizer))
     if settings.cache_top_k:
         expected["vocab_size"] = _vocab_size(model)
+        expected["teacher_weights"] = weights_fingerprint(model)
         if settings.cache_top_k >= expected["vocab_size"]:
             raise ValueError(f"--cache_top_k {settings.cache_top_k} must be smaller than the teacher's "
                              f"{expected['vocab_size']} outputs (the tail is the mass outside the top k).")
+    check_fits_context(model, tokenizer, prompts, settings.max_new_tokens)
     manifest_file = folder / MANIFEST_FILE
+    check_not_a_cache(folder)
     if manifest_file.is_file():
         manifest = json.loads(manifest_file.read_text())
         _check_manifest(manifest, expected, folder)
@@ -201,6 +216,23 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
     return folder
 
 
+def check_fits_context(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int) -> None:
+    """Every prompt plus `max_new_tokens` must fit the teacher's context (`modeling.context_length`): positions past
+    it are ones the model never learnt (or has no embedding for), and the rows would train a student on them."""
+    context = context_length(model)
+    if context is None:
+        return
+    lengths = [len(prompt_ids(tokenizer, p)) for p in prompts]
+    longest = max(lengths, default=0)
+    if longest + max_new_tokens > context:
+        over = sum(n + max_new_tokens > context for n in lengths)
+        raise ValueError(
+            f"{over} of {len(prompts)} prompts plus --max_new_tokens {max_new_tokens} exceed the teacher's context of "
+            f"{context} positions (the longest prompt has {longest} tokens): lower --max_new_tokens to at most "
+            f"{max(context - longest, 0)}, or drop the longer prompts (--max_train_samples, or filter the data)."
+        )
+
+
 def _vocab_size(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
@@ -224,7 +256,8 @@ def generations_cache_manifest(manifest: dict[str, Any]) -> dict[str, Any] | Non
         return None
     return {**cache_settings(manifest.get("teacher"), manifest.get("tokenizer_hash"), manifest.get("vocab_size"),
                              settings["cache_top_k"], settings["cache_temperature"]),
-            "dataset_fingerprint": None, "complete": True, "made_by": KIND}
+            "dataset_fingerprint": None, "complete": True, "made_by": KIND,
+            **{k: manifest[k] for k in ("teacher_weights", "chat_template", "end_of_turn") if k in manifest}}
 
 
 def read_generations_manifest(path: str | Path) -> dict[str, Any]:
@@ -258,9 +291,22 @@ def load_generations(path: str | Path) -> datasets.Dataset:
 
 
 def check_generations_tokenizer(path: str | Path, tokenizer: Any) -> None:
-    """Generations store token ids: they mean the same tokens only to the tokenizer that wrote them."""
+    """Generations store token ids: they mean the same tokens only to the tokenizer that wrote them, and
+    conversational rows were rendered with its chat template, ending each answer with its end-of-turn token (which
+    the student is saved to stop at: `chat.chat_generation_config`)."""
     manifest = read_generations_manifest(path)
     if manifest.get("tokenizer_hash") not in (None, tokenizer_hash(tokenizer)):
         raise ValueError(f"The generations in {path} were written with another tokenizer (teacher "
                          f"{manifest.get('teacher')!r}): their token ids mean other tokens. Distil with the teacher's "
                          "tokenizer (same vocabulary), or generate again with this one.")
+    if manifest.get("chat_template") is None:
+        return
+    mine = template_record(tokenizer)
+    if mine["chat_template"] != manifest["chat_template"]:
+        raise ValueError(
+            f"The generations in {path} were rendered with another chat template (teacher {manifest.get('teacher')!r}: "
+            f"template {manifest['chat_template']}, end of turn {manifest.get('end_of_turn')!r}) than this run's "
+            f"tokenizer (template {mine['chat_template']}, end of turn {mine['end_of_turn']!r}): the student would "
+            "learn one end of turn and be saved to stop at the other. Distil with the tokenizer that wrote them "
+            f"(--teacher_tokenizer {manifest.get('teacher')}), or generate again with this teacher."
+        )

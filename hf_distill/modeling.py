@@ -5,6 +5,7 @@ Teacher and student may be any `nn.Module` returning a `ModelOutput`, a dict wit
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import types
 from typing import Any, Iterable, Mapping
@@ -126,6 +127,40 @@ def text_config(model: nn.Module | None) -> Any:
     base = unwrap(model) if model is not None else None
     config = getattr(base, "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+#: Values per parameter that `weights_fingerprint` reads (evenly strided).
+SAMPLED_VALUES = 4096
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """``sha256`` over every parameter's name, shape and `SAMPLED_VALUES` evenly strided values rounded to bfloat16:
+    the same for the same weights in any of float32 / bfloat16 (a cache built with a bfloat16 teacher matches the
+    float32 one it was cast from), different for other weights. A short hex string (16 characters)."""
+    digest = hashlib.sha256()
+    for name, parameter in unwrap(model).named_parameters():
+        flat = parameter.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // SAMPLED_VALUES)][:SAMPLED_VALUES]
+        digest.update(f"{name}:{tuple(parameter.shape)}".encode())
+        digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+#: Config entries that bound a model's positions, by family (Llama/BERT, GPT-2, older GPT, some others).
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(model_or_config: Any) -> int | None:
+    """The most positions a model reads (its config's first `CONTEXT_FIELDS` entry), for a model or a config; None
+    where the config states none."""
+    config = text_config(model_or_config) if isinstance(model_or_config, nn.Module) else model_or_config
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 #: Why a signal needs eager attention, by reason key (said in the warning when a model is switched).

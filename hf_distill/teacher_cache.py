@@ -33,6 +33,7 @@ from .modeling import (
     model_inputs,
     output_logits,
     unwrap,
+    weights_fingerprint,
 )
 
 #: The columns a cache adds to each row: top-k ids, their log-probabilities, the log of the remaining mass.
@@ -48,7 +49,7 @@ CACHE_FEATURES = datasets.Features({
 })
 #: Manifest entries that must be equal for a build to continue an existing cache.
 SETTINGS: tuple[str, ...] = ("format_version", "teacher_id", "tokenizer_hash", "vocab_size", "top_k", "temperature",
-                             "dataset_fingerprint", "num_examples", "shard_size")
+                             "dataset_fingerprint", "num_examples", "shard_size", "teacher_weights")
 #: Elements of one ``[rows, vocab]`` float32 block of log-probabilities (256 MB): rows = 2**26 // vocab.
 BLOCK_ELEMENTS = 2**26
 
@@ -188,6 +189,14 @@ def read_cache_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+def check_not_generations(folder: str | os.PathLike) -> None:
+    """A cache is built into a new folder or its own: a generations folder (`hf-distill generate`) is named as such."""
+    file = Path(folder) / MANIFEST_FILE
+    if file.is_file() and json.loads(file.read_text()).get("kind") is not None:
+        raise ValueError(f"--output_dir {folder} holds generations (written by `hf-distill generate`), not a teacher "
+                         "cache: give cache-teacher a new --output_dir.")
+
+
 def _check_same_settings(existing: dict[str, Any], wanted: dict[str, Any], output_dir: Path) -> None:
     differing = [f"{key}: cache {existing.get(key)!r}, this run {wanted[key]!r}"
                  for key in SETTINGS if existing.get(key) != wanted[key]]
@@ -213,6 +222,7 @@ def build_teacher_cache(
     teacher_id: str | None = None,
     label_name: str = "labels",
     progress: bool = True,
+    provenance: dict[str, Any] | None = None,
 ) -> str:
     """Run the teacher over `dataset` (in order) and store, per counted position, the top-k ``log softmax(z / T)``
     and the tail ``log sum_{j not in top k} softmax(z / T)_j``; returns `output_dir`.
@@ -220,7 +230,9 @@ def build_teacher_cache(
     Positions are counted as the trainer does (the collator's batch, `infer_position_unit`, `position_mask`), so the
     cache lines up with training on the same rows and collator. Written shard by shard (`shard_size` rows each, saved
     as ``shard-NNNNN.partial`` and renamed when whole) with the manifest rewritten after each: an interrupted build
-    resumes from the next shard when rerun with the same settings; a complete cache is returned at once.
+    resumes from the next shard when rerun with the same settings; a complete cache is returned at once. The
+    manifest records the teacher's `modeling.weights_fingerprint` and, with `provenance`, what else made the
+    targets (the command line's data flags and chat template), which the run that reads the cache compares.
     """
     from tqdm.auto import tqdm
     from transformers import DataCollatorForLanguageModeling, default_data_collator
@@ -255,6 +267,8 @@ def build_teacher_cache(
         **cache_settings(_teacher_id(teacher_model, teacher_id),
                          tokenizer_hash(tokenizer) if tokenizer is not None else None, vocab_size, top_k, temperature),
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+        "teacher_weights": weights_fingerprint(teacher_model),
+        **(provenance or {}),
         "num_examples": len(dataset),
         "shard_size": shard_size,
         "shards": [],
@@ -263,6 +277,7 @@ def build_teacher_cache(
     }
     manifest_file = output / MANIFEST_FILE
     if manifest_file.is_file():
+        check_not_generations(output)
         existing = read_cache_manifest(output)
         _check_same_settings(existing, manifest, output)
         manifest["shards"] = existing.get("shards", [])

@@ -25,6 +25,7 @@ from .modeling import check_no_attention_dropout, output_logits, use_eager_atten
 from .output_dir import API_WORDS, prepare_output_dir
 from .outputs import checked_kernel, output_precision, plan_output
 from .performance import warn_slow_half_precision
+from .provenance import RunRecordCallback, check_resume
 from .safety import (
     NonFiniteGuard,
     check_finite_weights,
@@ -73,8 +74,7 @@ class DistillationTrainer(Trainer):
     ``trainer.signal_modules``: trained by the student's optimizer, saved in checkpoints, never exported.
 
     Logged: ``loss`` (the weighted total) and ``<term>_loss`` for every active term, each averaged over the logging
-    interval; evaluation adds ``eval_<term>_loss`` and ``eval_teacher_agreement`` (top-1 agreement on counted
-    positions).
+    interval; evaluation adds ``eval_<term>_loss`` and ``eval_teacher_agreement`` (top-1, on counted positions).
     """
 
     # compute_loss divides by the positions counted over the whole accumulated batch: the Trainer must not divide again.
@@ -139,8 +139,8 @@ class DistillationTrainer(Trainer):
                 "a user-built optimizer does not hold. Let the trainer build the optimizer (args.optim, or "
                 "optimizer_cls_and_kwargs=...) instead of passing optimizers=(...)."
             )
-        self.add_callback(_AfterOptimizerStep(self))
-        for callback in student_mode_callbacks(model, args, self.signals, self.accelerator):  # during train()
+        for callback in (_AfterOptimizerStep(self), RunRecordCallback(self),  # (records what a resume compares with)
+                         *student_mode_callbacks(model, args, self.signals, self.accelerator)):  # during train()
             self.add_callback(callback)
         # transformers releases without `loss_is_scaled_for_ga` decide from this flag (our loss is already normalised).
         self.model_accepts_loss_kwargs = True
@@ -276,11 +276,11 @@ class DistillationTrainer(Trainer):
         return grad_norm
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """The Trainer's `train`. A fresh run refuses an `output_dir` holding an earlier run's ``checkpoint-*``
-        folders (`save_total_limit` would delete them, `resume_from_checkpoint=True` would pick them up), unless
-        `args.overwrite_output_dir` moves them aside."""
+        """The Trainer's `train`. A fresh run refuses an `output_dir` of earlier ``checkpoint-*`` folders (unless
+        `args.overwrite_output_dir` moves them aside), a resumed one other settings than its checkpoint's."""
         if not resume_from_checkpoint:
             prepare_output_dir(self.args, resuming=False, checkpoints_only=True, words=API_WORDS)
+        check_resume(self, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -384,13 +384,13 @@ class DistillationTrainer(Trainer):
 
 class _AfterOptimizerStep(TrainerCallback):
     """After each optimizer step: clear the signal modules' gradients (the Trainer zeroes only the student's) and let
-    stateful signals update (GREAT's discriminator). At the start of training: reset the term averages' origin."""
+    stateful signals update (GREAT's discriminator). At the start of training (a resumed one's too, which does not
+    start at step 0): reset the term averages' origin."""
 
     def __init__(self, trainer: DistillationTrainer) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # term averages start at the step training starts from (a resumed run does not start at 0)
         self.trainer.term_log.reset(state.global_step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):

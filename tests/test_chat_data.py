@@ -103,7 +103,7 @@ def test_formats_are_detected_and_bad_input_is_refused():
     with pytest.raises(ValueError, match=r"chat template refuses the conversation \['user', 'assistant', "
                                          r"'assistant'\] .*roles must alternate"):
         conversation_mask(strict, [*TWO_TURNS[:2], {"role": "assistant", "content": "ok"}])
-    with pytest.raises(ValueError, match="completion column is empty in every row"):
+    with pytest.raises(ValueError, match=r"1 of 1 rows \(100%\) have an empty answer"):
         prepare_chat_dataset(datasets.Dataset.from_dict({"prompt": ["hello"], "completion": [" "]}),
                              chat_tokenizer(CHATML, "<|im_end|>"))
     with pytest.raises(ValueError, match=r"messages data needs the column\(s\) \['messages'\]"):

@@ -85,7 +85,11 @@ def test_auto_chunk_size_bounds_one_chunk_to_64mb():
 
 
 def _trainer(make_args, student, teacher, data, chunk, **overrides):
+    kind = overrides.get("logits_loss")
+    if kind in TOKEN_LOSSES:  # an on-policy estimator (refused with lmbda=0): both paths read the batch's own tokens
+        overrides["logits_loss"] = "reverse_kl"
     args = make_args(logits_chunk_size=chunk, **overrides)
+    args.logits_loss = kind or args.logits_loss
     return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
 
 

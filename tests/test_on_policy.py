@@ -284,11 +284,14 @@ def test_an_offline_cache_cannot_score_new_samples(tmp_path):
     with pytest.raises(ValueError, match="offline teacher cache.*set lmbda=0"):
         DistillationTrainer(model=tiny_llama(vocab=VOCAB), args=args, train_dataset=cache, data_collator=collator,
                             processing_class=tokenizer)
+    # sampled_token needs student samples (lmbda > 0), which a cache cannot score: refused at the config already
+    with pytest.raises(ValueError, match="sampled_token' is an on-policy estimator"):
+        DistillationConfig(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, logits_loss="sampled_token",
+                           temperature=1.0)
+    from hf_distill.signals.logits import check_cacheable
+
     with pytest.raises(ValueError, match="sampled_token.*top-k cache"):
-        DistillationTrainer(model=tiny_llama(vocab=VOCAB), train_dataset=cache, data_collator=collator,
-                            args=DistillationConfig(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True,
-                                                    logits_loss="sampled_token", temperature=1.0),
-                            processing_class=tokenizer)
+        check_cacheable("sampled_token")
 
 
 def test_distill_command_on_policy_on_prompts_alone_saves_a_student_that_answers(tmp_path):

@@ -86,7 +86,7 @@ def test_packing_from_the_command_line_and_its_refusals(tmp_path):
     assert summary["eval"]["eval_logits_loss"] > 0
     with pytest.raises(ValueError, match="cannot count the tokens of hidden"):
         distill_main(_argv(tmp_path, teacher, data, "--student_layers", "1", "--packing", "true", "--hidden_weight",
-                           "1.0", "--output_dir", str(tmp_path / "x")))
+                           "1.0", "--max_length", "48", "--output_dir", str(tmp_path / "x")))
 
 
 def test_tokenize_row_keeps_the_cache_entries_of_the_tokens_that_still_count():
@@ -97,8 +97,11 @@ def test_tokenize_row_keeps_the_cache_entries_of_the_tokens_that_still_count():
     assert whole[CACHE_COLUMNS[0]] == [40, 50, 60]
     right = tokenize_row(row, None, "prompt_completion", max_length=5)  # tokens 4, 5 still predicted
     assert right["input_ids"] == [1, 2, 3, 4, 5] and right[CACHE_COLUMNS[0]] == [40, 50]
-    left = tokenize_row(row, None, "prompt_completion", max_length=3, truncation_side="left")  # 4 has no predecessor
-    assert left["input_ids"] == [4, 5, 6] and left[CACHE_COLUMNS[0]] == [50, 60] and left[CACHE_COLUMNS[2]] == [-5, -6]
+    # cutting the prompt's start would leave targets computed on context the student does not see: refused
+    with pytest.raises(ValueError, match="--truncation_side left would cut the start of its prompt"):
+        tokenize_row(row, None, "prompt_completion", max_length=3, truncation_side="left")
+    plain = {k: v for k, v in row.items() if k not in CACHE_COLUMNS}  # without a cache, left truncation is fine
+    assert tokenize_row(plain, None, "prompt_completion", max_length=3, truncation_side="left")["input_ids"] == [4, 5, 6]
 
 
 def test_generation_pass_caches_top_k_of_the_raw_logits_at_every_generated_token(tmp_path):
@@ -135,8 +138,10 @@ def test_distil_from_the_generation_pass_cache_without_the_live_teacher(tmp_path
     from hf_distill.cli.models import prepare_inputs
 
     teacher, _ = _chat_teacher(tmp_path)
-    generate_cli(tmp_path, teacher, {"messages": PROMPTS * 2}, "gen", "--cache_top_k", "4", "--cache_temperature", "2.0")
-    generate_cli(tmp_path, teacher, {"messages": PROMPTS * 2}, "plain")
+    # greedy: the random teacher then writes no empty answer (sampled, it may stop at once; such rows are dropped)
+    generate_cli(tmp_path, teacher, {"messages": PROMPTS * 2}, "gen", "--cache_top_k", "4", "--cache_temperature", "2.0",
+                 "--temperature", "0")
+    generate_cli(tmp_path, teacher, {"messages": PROMPTS * 2}, "plain", "--temperature", "0")
     argv = _argv(tmp_path, teacher, tmp_path / "gen", "--student_layers", "1", "--teacher_cache", str(tmp_path / "gen"),
                  "--temperature", "2.0", "--logging_steps", "1")
     _, data = prepare_inputs(*parse_distill_args(argv))

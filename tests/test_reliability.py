@@ -30,6 +30,7 @@ import torch
 from hf_distill import DistillationConfig, DistillationTrainer
 
 from .conftest import classification_dataset, tiny_bert, tiny_llama
+from .llm_workspace import llm_cache, llm_distill, llm_generate, make_llm_workspace
 from .tokenizer_kinds import byte_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,12 @@ def make_workspace(root: Path) -> Path:
     other = byte_bpe()  # a student of another tokenizer than the teachers' (cross-tokenizer cases)
     tiny_llama(vocab=len(other), layers=1).save_pretrained(root / "student-other-tokenizer")
     other.save_pretrained(root / "student-other-tokenizer")
-    return root
+    datasets.Dataset.from_dict({"sentence": texts[:6], "label": ["good", " ", "bad", "", "good", "bad"]}).to_json(
+        str(root / "blank-labels.jsonl"))
+    (root / "nan-targets.csv").write_text("sentence,label\n" + "".join(
+        f"{t},{v}\n" for t, v in zip(texts[:6], ["0.5", "nan", "1.0", "0.2", "0.1", "0.9"])))
+    datasets.Dataset.from_dict({"review": texts[:8]}).to_csv(str(root / "transfer-other-column.csv"), index=False)
+    return make_llm_workspace(root)
 
 
 def fingerprint(root: Path) -> dict[str, str]:
@@ -320,6 +326,96 @@ CASES: list[Case] = [
          lambda ws: distill(ws, "x2", student_layers=None, task="causal-lm",
                             student=str(ws / "student-other-tokenizer")),
          r"cannot use: --logits_loss forward_kl \(it compares ids token by token: use hybrid or uld\)"),
+    # LLM modes (Reliability II): rows past the context
+    Case("generate-past-the-context", "context", "`generate` with a teacher of 24 positions and `--max_new_tokens 60`",
+         lambda ws: llm_generate(ws, "g1", teacher=str(ws / "chat-teacher-24"), max_new_tokens="60"),
+         r"prompts plus --max_new_tokens 60 exceed the teacher's context of 24 positions .*lower --max_new_tokens"),
+    Case("rows-past-the-context", "context", "`distill` chat rows of up to 56 tokens with a teacher of 24 positions",
+         lambda ws: llm_distill(ws, "c1", teacher=str(ws / "chat-teacher-24")),
+         r"training rows are longer than the teacher's context of 24 positions .*Pass --max_length 24"),
+    Case("rows-past-a-gpt2-context", "context", "`distill` with a GPT-2 teacher of 32 positions (`n_positions`)",
+         lambda ws: llm_distill(ws, "c2", teacher=str(ws / "gpt2-32")),
+         r"longer than the teacher's context of 32 positions"),
+    # what made a cache or generations
+    Case("generations-of-another-template", "manifests", "generations written with a ChatML template, `distill` with a "
+         "teacher of the same vocabulary and a Llama-3 template",
+         lambda ws: llm_distill(ws, "m1", teacher=str(ws / "llama-template-teacher"), dataset=str(ws / "generations")),
+         r"rendered with another chat template .*--teacher_tokenizer"),
+    Case("cache-of-another-teacher", "manifests", "`--teacher_cache` built from one teacher, `--teacher` naming another",
+         lambda ws: llm_distill(ws, "m2", teacher=str(ws / "chat-teacher-other-weights"),
+                                teacher_cache=str(ws / "cache")),
+         r"cache was built from another teacher than --teacher \(weights \w+ there"),
+    Case("cache-of-another-max-length", "manifests", "cache built with `--max_length 128`, `distill --max_length 20`",
+         lambda ws: llm_distill(ws, "m3", teacher_cache=str(ws / "cache"), max_length="20"),
+         r"other data flags than this run's \(max_length: 128 there, 20 in this run\).*--max_length 128"),
+    Case("cache-of-another-seed", "manifests", "cache built with `--seed 42`, `distill --seed 7`",
+         lambda ws: llm_distill(ws, "m4", teacher_cache=str(ws / "cache"), seed="7"),
+         r"seed: 42 there, 7 in this run"),
+    Case("cache-without-packing", "manifests", "cache built without `--packing`, `distill --packing true`",
+         lambda ws: llm_distill(ws, "m5", teacher_cache=str(ws / "cache"), packing="true"),
+         r"packing: False there, True in this run.*--packing false"),
+    Case("cache-of-another-eval-split", "manifests", "cache built with `--eval_fraction 0.25`, `distill "
+         "--eval_fraction 0.5`", lambda ws: llm_distill(ws, "m6", teacher_cache=str(ws / "cache"), eval_fraction="0.5"),
+         r"eval_fraction: 0.25 there, 0.5 in this run"),
+    Case("generations-cache-cut-on-the-left", "manifests", "a generation-pass cache read with `--truncation_side left "
+         "--max_length 6`", lambda ws: llm_distill(ws, "m7", dataset=str(ws / "generations"),
+                                                   teacher_cache=str(ws / "generations"), truncation_side="left",
+                                                   max_length="6"),
+         r"--truncation_side left would cut the start of its prompt"),
+    # the teacher's tokenizer
+    Case("teacher-tokenizer-larger-than-the-teacher", "tokenizer", "`--teacher_tokenizer` with 30 tokens for a "
+         "teacher of 24 embedding rows", lambda ws: llm_distill(ws, "t1", teacher_tokenizer=str(ws / "tokenizer-too-big")),
+         r"has 30 tokens, more than the teacher's 24 embedding rows"),
+    Case("teacher-tokenizer-of-other-words", "tokenizer", "`--teacher_tokenizer` of the same size, its words at other "
+         "ids", lambda ws: llm_distill(ws, "t2", teacher_tokenizer=str(ws / "tokenizer-other-words")),
+         r"tokenises text differently from the tokenizer in the teacher's folder"),
+    # on-policy estimator without samples
+    Case("sampled-token-without-samples", "on-policy", "`--logits_loss sampled_token` with `--lmbda 0`, no `--seq_kd`",
+         lambda ws: llm_distill(ws, "s1", logits_loss="sampled_token", temperature="1"),
+         r"sampled_token' is an on-policy estimator .*Set --lmbda"),
+    # chat rows
+    Case("empty-assistant-answers", "chat rows", "conversations half of whose assistant turns are empty",
+         lambda ws: llm_distill(ws, "e1", dataset=str(ws / "empty-answers.jsonl")),
+         r"12 of 24 rows \(50%\) have an empty answer"),
+    Case("jsonl-broken-line", "data", "a jsonl whose 4th line is cut off",
+         lambda ws: llm_distill(ws, "e2", dataset=str(ws / "broken.jsonl")), r"broken.jsonl as json: line 4: "),
+    Case("jsonl-duplicate-keys", "data", "a jsonl line naming `messages` twice",
+         lambda ws: llm_distill(ws, "e3", dataset=str(ws / "duplicate-keys.jsonl")),
+         r"line 3: the key\(s\) \['messages'\] appear twice"),
+    Case("blank-string-labels", "labels", "classification labels `' '` and `''` in a jsonl",
+         lambda ws: distill(ws, "e4", dataset=str(ws / "blank-labels.jsonl")),
+         r"\d of \d+ training rows have a blank or missing label in column 'label'"),
+    Case("nan-regression-labels", "labels", "`--task regression` with a `nan` target",
+         lambda ws: distill(ws, "e5", task="regression", dataset=str(ws / "nan-targets.csv")),
+         r"non-finite \(NaN, inf\) label in column 'label'"),
+    Case("transfer-set-without-the-text-column", "data", "`--transfer_dataset` whose text is in another column",
+         lambda ws: distill(ws, "e6", transfer_dataset=str(ws / "transfer-other-column.csv")),
+         r"Column 'sentence' is not in the --transfer_dataset"),
+    Case("cache-teacher-into-generations", "folders", "`cache-teacher --output_dir` naming a generations folder",
+         lambda ws: llm_cache(ws, "generations"), r"holds generations \(written by `hf-distill generate`\), not a"),
+    Case("generate-into-a-cache", "folders", "`generate --output_dir` naming a teacher cache",
+         lambda ws: llm_generate(ws, "cache"), r"holds a teacher cache \(written by `hf-distill cache-teacher`\)"),
+    # resuming
+    Case("resume-with-another-temperature", "resume", "`--resume_from_checkpoint true` with `--temperature 3`",
+         lambda ws: llm_distill(ws, "resumable", resume_from_checkpoint="true", temperature="3"),
+         r"other settings than the run that wrote it: temperature: 2.0 there, 3.0 in this run.*--resume_with_changes"),
+    Case("resume-with-another-student", "resume", "`--resume_from_checkpoint true` with `--student_layers 2` (was 1)",
+         lambda ws: llm_distill(ws, "resumable", resume_from_checkpoint="true", student_layers="2",
+                                shrink_strategy="uniform"),
+         r"student num_hidden_layers: 1 there, 2 in this run.*resume with the same student"),
+    Case("resume-with-other-data", "resume", "`--resume_from_checkpoint true` with `--max_train_samples 10`",
+         lambda ws: llm_distill(ws, "resumable", resume_from_checkpoint="true", max_train_samples="10"),
+         r"training rows: other rows there"),
+    # output folders that cannot be written
+    Case("distill-into-an-unwritable-folder", "output folder", "`distill --output_dir a-file.txt/out`",
+         lambda ws: llm_distill(ws, "w1", output_dir=str(ws / "a-file.txt" / "out")),
+         r"--output_dir '.*a-file.txt/out' cannot be created: .* is a file"),
+    Case("train-teacher-into-an-unwritable-folder", "output folder", "`train-teacher --output_dir a-file.txt/out`",
+         lambda ws: train_teacher(ws, "w2", output_dir=str(ws / "a-file.txt" / "out")), r"cannot be created"),
+    Case("cache-teacher-into-an-unwritable-folder", "output folder", "`cache-teacher --output_dir a-file.txt/out`",
+         lambda ws: llm_cache(ws, "a-file.txt/out"), r"cannot be created"),
+    Case("generate-into-an-unwritable-folder", "output folder", "`generate --output_dir a-file.txt/out`",
+         lambda ws: llm_generate(ws, "a-file.txt/out"), r"cannot be created"),
     Case("unknown-task", "flags", "`--task translation`",
           lambda ws: distill(ws, "a1", task="translation"), r"argument --task: invalid choice: 'translation'"),
     Case("unknown-on-nonfinite", "flags", "`--on_nonfinite ignore`",

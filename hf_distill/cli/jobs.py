@@ -18,28 +18,37 @@ from ..data import (
     DataArguments,
     load_raw,
 )
-from ..generate import GenerationArguments, generate_completions, holds_teacher_cache
+from ..generate import GenerationArguments, check_not_a_cache, generate_completions, holds_teacher_cache
 from ..hub import CardInfo, hub_errors
 from ..modeling import unwrap
 from ..options import check_choice
 from ..output_dir import check_output_dir, move_aside_on_main
 from ..performance import apply_speed_defaults, keep_freed_memory, recommended_precision
+from ..provenance import data_record, template_record
 from ..safety import check_one_run
 from ..signals import label_weights
 from ..students import model_depth, shrink_model
 from ..teacher_cache import (
     build_teacher_cache,
     cache_size,
+    check_not_generations,
     load_teacher_cache,
 )
 from ..trainer import DistillationTrainer
 from .arguments import CacheArguments, ModelArguments, parse_distill_args
-from .models import (
+from .checks import (
+    check_cache_teacher,
     check_model_arguments,
     check_packing,
     check_packing_data,
+    check_row_lengths,
     check_same_vocabulary,
+    check_teacher_tokenizer,
     check_transfer_set,
+    check_writable,
+    teacher_cache_for,
+)
+from .models import (
     collator_for,
     cross_tokenizers,
     load_model,
@@ -48,7 +57,6 @@ from .models import (
     prepare_inputs,
     resolve_source,
     resume_checkpoint,
-    teacher_cache_for,
 )
 from .report import (
     Row,
@@ -83,6 +91,8 @@ def start_training_job(model_args: ModelArguments, data_args: DataArguments, arg
         check_transfer_set(model_args.task, args if distilling else None)
     resume = resume_checkpoint(args)
     move_earlier = check_output_dir(args.output_dir, resuming=resume is not None, overwrite=args.overwrite_output_dir)
+    check_writable(args.output_dir)
+    check_teacher_tokenizer(model_args)
     set_seed(args.seed)
     return resume, move_earlier
 
@@ -101,8 +111,12 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     task = model_args.task
     if data_args.packing:
         check_packing_data(data, task)
+    cached = teacher_cache_for(model_args.teacher_cache, tokenizer, data.train, data_record(data_args, args.seed)) \
+        if model_args.teacher_cache else None
+    check_row_lengths(data, model_args)
     teacher = load_model(model_args.teacher, task, data, model_args.teacher_gguf_file, model_args.trust_remote_code)
-    cached = teacher_cache_for(model_args.teacher_cache, tokenizer, data.train) if model_args.teacher_cache else None
+    if cached is not None:
+        check_cache_teacher(cached, teacher, model_args.teacher)
     peft_config = lora_config(model_args) if model_args.use_peft else None
     if model_args.student:
         student = load_model(model_args.student, task, data, trust_remote_code=model_args.trust_remote_code,
@@ -244,6 +258,9 @@ def cache_teacher_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                            prog="hf-distill cache-teacher")
     if cache_args.output_dir is None:
         raise ValueError("--output_dir is required: the folder the cache goes to.")
+    check_not_generations(cache_args.output_dir)
+    check_writable(cache_args.output_dir)
+    check_teacher_tokenizer(model_args)
     if model_args.task == "masked-lm":
         raise ValueError("--task masked-lm cannot be cached: its collator masks other tokens every time, so the "
                          "counted positions change between caching and training. Use a live teacher.")
@@ -269,6 +286,7 @@ def cache_teacher_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         temperature=cache_args.temperature, batch_size=cache_args.batch_size, shard_size=cache_args.shard_size,
         data_collator=collator_for(model_args.task, tokenizer, cache_args.seed, data),
         teacher_id=model_args.teacher,
+        provenance={"data": data_record(data_args, cache_args.seed), **template_record(tokenizer)},
     )
     cache = load_teacher_cache(path, tokenizer)
     sizes = cache_size(path, cache)
@@ -295,6 +313,9 @@ def generate_main(argv: Sequence[str] | None = None) -> str:
         raise ValueError("--teacher is required: the model that answers the prompts.")
     if data_args.dataset is None:
         raise ValueError("--dataset is required: the prompts (a `prompt` column, or `messages` ending in a user turn).")
+    check_not_a_cache(settings.output_dir)
+    check_writable(settings.output_dir)
+    check_teacher_tokenizer(model_args)
     raw = load_raw(data_args.dataset, data_args.dataset_config)
     prompts = raw[data_args.train_split]
     if data_args.max_train_samples is not None:

@@ -20,25 +20,18 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from ..chat import check_packing_supported, check_same_rendering
-from ..config import DistillationConfig
 from ..data import (
     DataArguments,
     PreparedData,
     add_transfer_set,
+    caches_outside,
     load_raw,
-    named_labels,
     prepare_datasets,
     split_dataset,
 )
 from ..generate import check_generations_tokenizer, is_generations
-from ..modeling import unwrap
-from ..signals import fields_where
+from ..labels import named_labels
 from ..signals.cross_vocab import CROSS_LOSSES
-from ..teacher_cache import (
-    cache_manifest,
-    load_teacher_cache,
-)
 from .arguments import CacheArguments, ModelArguments
 
 logger = logging.get_logger(__name__)
@@ -183,7 +176,6 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
     raw = load_raw(_dataset_path(data_args.dataset), data_args.dataset_config)
     if is_generations(data_args.dataset):
         check_generations_tokenizer(data_args.dataset, tokenizer)
-    train, held_out = split_dataset(raw, data_args, args.seed)
     first = args.main_process_first(desc="tokenising") if hasattr(args, "main_process_first") else nullcontext()
     transfer = None
     if data_args.transfer_dataset:
@@ -191,7 +183,10 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
         if data_args.transfer_split not in transfer:
             raise ValueError(f"--transfer_dataset has no split {data_args.transfer_split!r} (splits: {list(transfer)}); "
                              "set --transfer_split.")
-    with first:
+    # nothing is written into the user's data folders (`caches_outside`)
+    with first, caches_outside(data_args.dataset), caches_outside(data_args.transfer_dataset):
+        train, held_out = split_dataset(raw, data_args, args.seed)
+        read = len(train), len(held_out)
         # on-policy runs that sample every micro-batch (lmbda=1, seq_kd) can train on prompts alone
         prompts = getattr(args, "lmbda", 0) >= 1 or getattr(args, "seq_kd", False)
         prepared = prepare_datasets(model_args.task, train, held_out, tokenizer, data_args, teacher_labels,
@@ -199,76 +194,13 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
                                     teacher_tokenizer=teacher_tokenizer)
         if transfer is not None:
             prepared.train = add_transfer_set(prepared.train, transfer[data_args.transfer_split], tokenizer, data_args)
+    unit = "blocks of --block_size tokens" if prepared.data_format == "text" else "rows"
+    logger.warning("Data %s: %s data; %d training and %d held-out %s kept (of %d and %d rows read).",
+                   data_args.dataset, prepared.data_format or model_args.task, len(prepared.train),
+                   len(prepared.eval), unit, *read)
     if prepared.labels is not None and prepared.labels.warning and teacher_head_trained:
         logger.warning(prepared.labels.warning)
     return tokenizer, prepared
-
-
-def check_packing_data(data: PreparedData, task: str) -> None:
-    """`--packing` joins chat / prompt-completion rows only (refused before any model loads)."""
-    if data.data_format not in ("messages", "prompt_completion"):
-        raise ValueError(f"--packing joins chat or prompt-completion rows; this is {data.data_format or task} data "
-                         "(plain text is cut into --block_size blocks already): drop --packing.")
-
-
-def check_packing(signals: list, models: list[Any]) -> None:
-    """Token-level signals (hidden states, attention maps) count every token of a batch without an attention mask,
-    padding included, so they are refused with `--packing`; every model must keep packed conversations apart
-    (`chat.check_packing_supported`)."""
-    token_terms = sorted(signal.name for signal, _ in signals if signal.unit == "tokens")
-    if token_terms:
-        raise ValueError(f"--packing cannot count the tokens of {', '.join(token_terms)} (a packed batch has no "
-                         "attention mask to tell padding apart): drop --packing or those terms.")
-    for name, model in models:
-        if model is not None:
-            check_packing_supported(unwrap(model), name)
-
-
-def check_transfer_set(task: str, args: DistillationConfig | None) -> None:
-    """A transfer set (unlabelled rows, `--transfer_dataset`) teaches a classifier through the teacher's terms only;
-    refused where nothing would learn from it (`args` None: a job without a teacher, `train-teacher`)."""
-    if task != "sequence-classification":
-        raise ValueError(f"--transfer_dataset is for classifiers (--task sequence-classification), not {task}: for "
-                         "language models, have the teacher answer the unlabelled prompts (`hf-distill generate`) and "
-                         "distil on its answers.")
-    if args is None:
-        raise ValueError("--transfer_dataset holds unlabelled rows, which only a teacher can label: it belongs to "
-                         "`hf-distill distill`, not to training the teacher.")
-    if not fields_where(args, needs_teacher=True):
-        raise ValueError("--transfer_dataset rows have no labels, so only the teacher's terms learn from them, and none "
-                         "is on: set --logits_weight (e.g. 0.5) or drop --transfer_dataset.")
-    needing = sorted(fields_where(args, needs_labels=True))
-    if needing:
-        raise ValueError(f"{', '.join(needing)} differentiate the task loss, which the transfer set's unlabelled rows "
-                         "lack: set them to 0 or drop --transfer_dataset.")
-
-
-def check_model_arguments(model_args: ModelArguments, args: DistillationConfig) -> None:
-    """The model flags that cannot work, refused before anything loads."""
-    if model_args.student_layers is not None and model_args.student_layers < 1:
-        raise ValueError(
-            f"--student_layers must be at least 1 (the number of teacher layers the student keeps), got "
-            f"{model_args.student_layers}. For LoRA self-distillation without a smaller student, drop --student_layers "
-            "and pass --use_peft true."
-        )
-    if model_args.student and model_args.student_layers:
-        raise ValueError("Give either --student (a model to start from) or --student_layers (cut from the teacher), "
-                         "not both.")
-    if model_args.teacher and not model_args.teacher.startswith("asset:"):
-        resolve_source(model_args.teacher)
-    if model_args.student and not model_args.student.startswith("asset:"):
-        resolve_source(model_args.student, "--student")
-    for anchor in args.teacher_route or []:
-        resolve_source(anchor, "--teacher_route")
-    sampling = getattr(args, "lmbda", 0) > 0 or getattr(args, "seq_kd", False)
-    if sampling and model_args.teacher_cache:
-        raise ValueError("--lmbda > 0 / --seq_kd sample new completions, which an offline --teacher_cache cannot score "
-                         "(it holds only the sequences it was built on): drop --teacher_cache, or set --lmbda 0.")
-    if sampling and model_args.task != "causal-lm":
-        raise ValueError(f"--lmbda > 0 / --seq_kd sample completions, which only causal LMs write: use --task "
-                         f"causal-lm (not {model_args.task}), or set --lmbda 0.")
-    if args.teacher_route and model_args.teacher_cache:
-        raise ValueError("--teacher_route and --teacher_cache are two different teachers: give one of them.")
 
 
 def resume_checkpoint(args: TrainingArguments) -> str | None:
@@ -290,29 +222,6 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value!r}: no such checkpoint folder.")
     return str(value)
-
-
-def teacher_cache_for(path: str, tokenizer: Any, train: Any) -> Any:
-    """The offline teacher cache at `path` as the training set (refused when made with another tokenizer); a warning
-    when it was built from other training data than these data flags give (its own examples are what trains). A
-    generations folder made with ``--cache_top_k`` is its own cache: its training rows (`train`) carry the columns."""
-    if is_generations(path):
-        if cache_manifest(train) is None:
-            raise ValueError(
-                f"--teacher_cache {path} is a generations folder, and these training rows carry no teacher top-k: "
-                "pass the folder as --dataset too, and generate with --cache_top_k K (or drop --teacher_cache to "
-                "run the teacher live)."
-            )
-        return train
-    cached = load_teacher_cache(path, tokenizer)
-    made_from = (cache_manifest(cached) or {}).get("dataset_fingerprint")
-    if made_from and made_from != getattr(train, "_fingerprint", None):
-        logger.warning(
-            "The teacher cache %s was built from other training data than these data flags give: training reads the "
-            "cache's %d examples, evaluation the held-out split of these flags. Rebuild the cache with the same data "
-            "flags and --seed to be sure they do not overlap.", path, len(cached),
-        )
-    return cached
 
 
 def lora_config(model_args: ModelArguments):
@@ -359,19 +268,3 @@ def cross_tokenizers(model_args: ModelArguments, args: Any) -> tuple[Any, Any] |
     logger.info("The student %r has its own tokenizer: the data is tokenised for it and aligned to the teacher's "
                 "tokens.", model_args.student)
     return with_pad_token(student), teacher
-
-
-def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code: bool,
-                          chat: bool = False) -> None:
-    """A student with its own tokenizer must share the teacher's vocabulary (token -> id) and, for chat data
-    (`chat`), render conversations to the same ids (`chat.check_same_rendering`)."""
-    student_tokenizer = student_tokenizer_of(student_source, trust_remote_code)
-    if student_tokenizer is None:
-        return  # the student ships no tokenizer: it is used with the teacher's
-    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
-            f"The student {student_source!r} has a different vocabulary from the teacher's tokenizer: their logits "
-            "would compare different tokens. Use a student that shares the teacher's tokenizer (or --student_layers)."
-        )
-    if chat:
-        check_same_rendering(tokenizer, student_tokenizer)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..chat import TEACHER_PROMPTS, end_completion, left_padded, stop_ids
-from ..modeling import unwrap
+from ..modeling import context_length, unwrap
 from .base import TeacherSource
 
 IGNORE_INDEX = -100
@@ -273,14 +273,6 @@ class SampledCompletions(TeacherSource):
         return values
 
 
-def _context_length(model: nn.Module) -> int | None:
-    config = getattr(unwrap(model), "config", None)
-    if config is None:
-        return None
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(config, "max_position_embeddings", None)
-
-
 def check_sampling_data(dataset: Any, args: Any, context: int | None, label_name: str = "labels") -> None:
     """The training rows must hold prompts (labels -100 before the first counted token); prompt-only rows need every
     micro-batch sampled (lmbda = 1 or seq_kd); packed rows cannot be completed; the longest prompt plus
@@ -357,7 +349,7 @@ def on_policy_source(args: Any, source: TeacherSource, student: nn.Module, proce
     if not stops:
         raise ValueError(f"{what}: the tokenizer has no end-of-sequence token (nor a chat template's end of turn) to "
                          "end completions with: set tokenizer.eos_token.")
-    check_sampling_data(train_dataset, args, _context_length(student), label_name)
+    check_sampling_data(train_dataset, args, context_length(student), label_name)
     if isinstance(source, SampledCompletions):
         return source
     return SampledCompletions(source, SamplingSettings.from_args(args, processing_class.pad_token_id, stops),
