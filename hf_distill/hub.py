@@ -29,6 +29,7 @@ class CardInfo:
     license: str | None = None
     labels: str | None = None  #: how the data's labels map to class ids, e.g. "'neg' -> 0, 'pos' -> 1"
     labels_note: str | None = None  #: why that mapping is an assumption (a teacher without label names)
+    resumed_with: str | None = None  #: a resume with other settings: the checkpoint and each change
 
 
 def _yaml_list(values: list[str]) -> str:
@@ -79,6 +80,9 @@ def model_card(info: CardInfo) -> str:
         lines.append(f"- loss: `{terms}`")
     if info.temperature is not None and info.loss_weights.get("logits_weight"):
         lines.append(f"- soft targets: `{info.logits_loss}` at temperature {info.temperature:g}")
+    if info.resumed_with:
+        lines.append(f"- resumed from {info.resumed_with} (the steps before it trained with the checkpoint's "
+                     "settings)")
     if info.parameters:
         lines.append("- parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in info.parameters.items()))
     if info.metrics:

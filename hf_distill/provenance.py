@@ -173,6 +173,8 @@ def check_resume(trainer: Any, checkpoint: str | bool | None) -> None:
         return
     if getattr(trainer.args, "resume_with_changes", False):
         logger.warning("Resuming %s with changes (resume_with_changes): %s.", checkpoint, "; ".join(found))
+        if getattr(trainer, "card_info", None) is not None:  # the card says so, not only the new settings
+            trainer.card_info.resumed_with = f"`{Path(checkpoint).name}` with changes: {'; '.join(found)}"
         return
     shape = any(item.startswith("student ") for item in found)
     raise ValueError(

@@ -114,6 +114,8 @@ def test_resume_with_changes_needs_the_flag_and_then_logs_them(ws, warnings):
     llm_distill(ws, "r", resume_from_checkpoint="true", temperature="3", max_steps="3", resume_with_changes="true",
                 save_strategy="steps", save_steps="1")
     assert "Resuming" in warnings.text and "with changes (resume_with_changes): temperature: 2.0 there" in warnings.text
+    card = (ws / "out-r" / "README.md").read_text()
+    assert "- resumed from `checkpoint-2` with changes: temperature: 2.0 there, 3.0 in this run" in card
     # its checkpoint records the new settings: the same settings resume from it without a word
     assert json.loads((ws / "out-r" / "checkpoint-3" / "hf_distill_run.json").read_text())["settings"][
         "temperature"] == 3.0
