@@ -58,6 +58,16 @@ def detect_format(columns: Sequence[str], forced: str | None = None) -> str:
     )
 
 
+def detect_rows_format(dataset: Any, forced: str | None = None) -> str:
+    """`detect_format` from the columns, then from the rows: `messages` whose every conversation ends with a user
+    turn is prompt-only data (the input of generation or of on-policy sampling)."""
+    found = detect_format(dataset.column_names, forced)
+    if forced is None and found == "messages" and len(dataset) and all(
+            turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "user" for turns in dataset["messages"]):
+        return "prompt_only"
+    return found
+
+
 def check_chat_tokenizer(tokenizer: Any) -> None:
     """Chat data needs a fast tokenizer (character offsets) with a chat template."""
     if not getattr(tokenizer, "chat_template", None):
@@ -283,21 +293,6 @@ def chat_generation_config(model: Any, tokenizer: Any) -> None:
     config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
 
 
-def check_same_rendering(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
-    """Teacher and student must turn a conversation into the same ids (same tokenizer, same template), else their
-    per-token distributions compare different tokens: refuse, showing both renderings' first difference."""
-    ids = [conversation_mask(t, PROBE)[0] for t in (teacher_tokenizer, student_tokenizer)]
-    if ids[0] == ids[1]:
-        return
-    at = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
-    shown = [repr(t.decode(i[at: at + 8])) for t, i in zip((teacher_tokenizer, student_tokenizer), ids)]
-    raise ValueError(
-        f"The teacher's and the student's chat templates render the same conversation to different tokens (first "
-        f"difference at token {at}: teacher {shown[0]}, student {shown[1]}): their outputs would compare different "
-        "positions. Use one tokenizer and template for both (cross-tokenizer distillation is not supported yet)."
-    )
-
-
 class CompletionCollator:
     """Pads a batch of tokenised rows on the right: ``input_ids`` with the pad id, ``attention_mask`` with 0,
     ``labels`` with -100 (padding never counts)."""
@@ -409,7 +404,7 @@ def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = 
     the log. With `packing` the rows are packed into rows of at most `max_length` tokens (`pack_rows`, with
     `PackedCollator`); otherwise each batch is padded (`CompletionCollator`). `prompts`: prompt-only data is accepted
     (rows that count nothing, for on-policy distillation to complete; `prompt_row`)."""
-    data_format = detect_format(dataset.column_names, data_format)
+    data_format = detect_rows_format(dataset, data_format)
     needed = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"]}.get(data_format, [])
     missing = [c for c in needed if c not in dataset.column_names]
     if missing:

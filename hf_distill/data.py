@@ -15,12 +15,14 @@ from .chat import (
     IGNORE_INDEX,
     TEACHER_PROMPTS,
     detect_format,
+    detect_rows_format,
     prepare_chat_dataset,
     prompt_ids,
 )
 from .generate import is_generations, load_generations
 from .labels import LabelPlan, check_label_values, label_plan
 from .options import check_choice
+from .provenance import folder_kind
 from .row_filters import drop_empty_answers
 
 logger = logging.get_logger(__name__)
@@ -109,6 +111,10 @@ def load_raw(dataset: str, dataset_config: str | None = None) -> datasets.Datase
                              "again.") from error
         return loaded
     if path.exists() and path.is_dir():
+        kind = folder_kind(path)
+        if kind is not None and kind != "a saved dataset":
+            hint = " (pass it as --teacher_cache, with the --dataset it was built from)" if "cache" in kind else ""
+            raise ValueError(f"Dataset folder {dataset!r} holds {kind}, not a dataset{hint}.")
         try:
             return datasets.load_from_disk(str(path))
         except Exception:
@@ -336,12 +342,12 @@ def _lm_format(train: datasets.Dataset, data: DataArguments) -> str:
     columns = train.column_names
     richer = "messages" in columns or {"prompt", "completion"} <= set(columns)
     if data.text_column in columns and richer:
-        found = detect_format(columns)
+        found = detect_rows_format(train)
         logger.warning("The data has both a %r column and %s: training on the %s rows (they say which tokens are "
                        "the answers); pass --data_format text to train on %r instead.", data.text_column,
                        "`messages`" if found == "messages" else "`prompt` / `completion`", found, data.text_column)
         return found
-    return "text" if data.text_column in columns else detect_format(columns)
+    return "text" if data.text_column in columns else detect_rows_format(train)
 
 
 def with_teacher_prompts(dataset: datasets.Dataset, teacher_tokenizer: Any) -> datasets.Dataset:
@@ -385,8 +391,7 @@ def _chat_splits(train: datasets.Dataset, held_out: datasets.Dataset, tokenizer:
             split = split.select_columns([data.text_column, data.text_column_2]).rename_columns(
                 {data.text_column: "prompt", data.text_column_2: "completion"})
         named.append(split)
-    if not prompts or data_format != "prompt_only":
-        named = drop_empty_answers(named, data_format)
+    named = drop_empty_answers(named, data_format)
     splits = [prepare_chat_dataset(split, tokenizer, data.max_length, data_format, data.truncation_side,
                                    packing=data.packing, prompts=prompts) for split in named]
     (train_rows, collator), (eval_rows, _) = splits

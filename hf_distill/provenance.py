@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -63,20 +63,54 @@ def data_record(data_args: Any, seed: int) -> dict[str, Any]:
     return record
 
 
+#: Rows read at a time by `id_batches` (so a large dataset is never materialised whole).
+BATCH_ROWS = 8192
+
+
+def id_batches(dataset: Any, column: str = "input_ids") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The rows of a list column in order, `BATCH_ROWS` at a time, as (row lengths, all their values as int64):
+    read through Arrow, following any indices mapping (`select`, `shuffle`)."""
+    import pyarrow as pa
+
+    arrow = dataset.with_format("arrow")
+    for start in range(0, len(dataset), BATCH_ROWS):
+        values = arrow[start: start + BATCH_ROWS][column]
+        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        yield np.diff(np.asarray(values.offsets, dtype=np.int64)), np.asarray(values.flatten(), dtype=np.int64)
+
+
 def content_fingerprint(dataset: Any, column: str = "input_ids") -> str | None:
     """``sha256`` of the rows' token ids in order (each row's ids as int64 and the row lengths): equal for the same
     rows whatever their integer type or storage; None for data without `column` or that is not a `datasets.Dataset`."""
     if not hasattr(dataset, "with_format") or column not in getattr(dataset, "column_names", ()):
         return None
-    import pyarrow as pa
+    lengths_digest, values_digest = hashlib.sha256(str(len(dataset)).encode()), hashlib.sha256()
+    for lengths, values in id_batches(dataset, column):  # two streams: the same digest however the rows are read
+        lengths_digest.update(lengths.tobytes())
+        values_digest.update(values.tobytes())
+    return hashlib.sha256(lengths_digest.digest() + values_digest.digest()).hexdigest()[:16]
 
-    values = dataset.with_format("arrow")[:][column]
-    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-    offsets = np.asarray(values.offsets, dtype=np.int64)
-    digest = hashlib.sha256(str(len(dataset)).encode())
-    digest.update(np.diff(offsets).tobytes())
-    digest.update(np.asarray(values.flatten(), dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
+
+def folder_kind(path: str | os.PathLike) -> str | None:
+    """What a local folder holds, in words, from its marker files: generations, a teacher cache, a model, a training
+    run, a saved dataset; None for anything else (or no folder)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        kind = json.loads(manifest.read_text()).get("kind")
+        if kind == "hf_distill.generations":
+            return "generations (written by `hf-distill generate`)"
+        if kind is None:
+            return "a teacher cache (written by `hf-distill cache-teacher`)"
+    if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+        return "a model"
+    if any(folder.glob("checkpoint-*")):
+        return "a training run's checkpoints"
+    if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
+        return "a saved dataset"
+    return None
 
 
 def differences(recorded: Mapping[str, Any], current: Mapping[str, Any], fields: Any = None) -> list[str]:

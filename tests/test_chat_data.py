@@ -128,7 +128,9 @@ def test_truncation_keeps_the_start_and_rows_with_nothing_counted_are_dropped(ca
     assert short[0]["input_ids"] == ids[:cut]
     kept = prepare_chat_dataset(datasets.Dataset.from_dict(rows), tokenizer, max_length=cut, truncation_side="left")[0]
     assert kept[0]["input_ids"] == ids[-cut:]
-    with pytest.raises(ValueError, match="No row has a token to learn from"):
+    with pytest.raises(ValueError, match="No row has a token to learn from"):  # every answer truncated away
+        prepare_chat_dataset(datasets.Dataset.from_dict({"messages": [TWO_TURNS]}), tokenizer, max_length=4)
+    with pytest.raises(ValueError, match="this is prompt_only data"):  # conversations that all end with a user turn
         prepare_chat_dataset(datasets.Dataset.from_dict({"messages": [TWO_TURNS[:1]]}), tokenizer)
     batch = collator([short[0], short[1]])
     assert batch["labels"].shape == batch["input_ids"].shape and (batch["labels"][batch["attention_mask"] == 0] == -100).all()

@@ -395,6 +395,17 @@ CASES: list[Case] = [
          lambda ws: llm_cache(ws, "generations"), r"holds generations \(written by `hf-distill generate`\), not a"),
     Case("generate-into-a-cache", "folders", "`generate --output_dir` naming a teacher cache",
          lambda ws: llm_generate(ws, "cache"), r"holds a teacher cache \(written by `hf-distill cache-teacher`\)"),
+    Case("asset-name-unknown", "data", "`--dataset asset:nope`",
+         lambda ws: llm_distill(ws, "k1", dataset="asset:nope"), r"--dataset 'asset:nope': Unknown asset 'nope'"),
+    Case("dataset-is-a-teacher-cache", "folders", "`--dataset` naming a teacher cache folder",
+         lambda ws: llm_distill(ws, "k2", dataset=str(ws / "cache")),
+         r"holds a teacher cache .*not a dataset \(pass it as --teacher_cache"),
+    Case("teacher-is-a-generations-folder", "folders", "`--teacher` naming a generations folder",
+         lambda ws: llm_distill(ws, "k3", teacher=str(ws / "generations")),
+         r"--teacher '.*generations' holds generations .*not a model"),
+    Case("prompt-only-conversations-off-policy", "chat rows", "conversations that all end with a user turn, "
+         "`--lmbda 0`", lambda ws: llm_distill(ws, "k4", dataset=str(ws / "prompts.jsonl")),
+         r"this is prompt_only data .*hf-distill generate.*lmbda=1"),
     # resuming
     Case("resume-with-another-temperature", "resume", "`--resume_from_checkpoint true` with `--temperature 3`",
          lambda ws: llm_distill(ws, "resumable", resume_from_checkpoint="true", temperature="3"),

@@ -105,6 +105,19 @@ def test_messages_win_over_a_text_column_and_the_choice_is_logged(ws, warnings):
     assert text.data_format == "text"
 
 
+def test_conversations_ending_with_a_user_turn_are_prompts_on_policy(ws):
+    """`messages` whose every conversation ends with a user turn are prompt-only data: the student answers them
+    (lmbda=1); before, they were read as conversations without answers and every row was dropped."""
+    from hf_distill.cli.arguments import parse_distill_args
+    from hf_distill.cli.models import prepare_inputs
+
+    _, data = prepare_inputs(*parse_distill_args(llm_argv(ws, "x", dataset=str(ws / "prompts.jsonl"), lmbda="1")))
+    assert data.data_format == "prompt_only" and len(data.train) + len(data.eval) == 14
+    assert all(all(label == -100 for label in row["labels"]) for row in data.train)  # prompts count nothing
+    llm_distill(ws, "o", dataset=str(ws / "prompts.jsonl"), lmbda="1", max_new_tokens="4")
+    assert (ws / "out-o" / "model.safetensors").is_file()
+
+
 def test_resume_with_changes_needs_the_flag_and_then_logs_them(ws, warnings):
     llm_distill(ws, "r", save_strategy="steps", save_steps="2")
     record = json.loads((ws / "out-r" / "checkpoint-2" / "hf_distill_run.json").read_text())
@@ -153,7 +166,7 @@ def test_weights_fingerprint_is_the_same_in_bfloat16_and_differs_for_other_weigh
     assert weights_fingerprint(model) != weights_fingerprint(tiny_llama(seed=1))
 
 
-def test_content_fingerprint_sees_the_ids_not_their_storage():
+def test_content_fingerprint_sees_the_ids_not_their_storage(monkeypatch):
     a = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]]})
     b = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]]},
                                    features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}))
@@ -162,5 +175,10 @@ def test_content_fingerprint_sees_the_ids_not_their_storage():
     assert content_fingerprint(a) == content_fingerprint(b)
     assert len({content_fingerprint(x) for x in (a, moved, shuffled)}) == 3
     assert content_fingerprint(shuffled.select([1, 0])) == content_fingerprint(a)  # an indices mapping is followed
+    import hf_distill.provenance as provenance
+
+    whole = content_fingerprint(a)
+    monkeypatch.setattr(provenance, "BATCH_ROWS", 1)  # read a row at a time: the same fingerprint
+    assert content_fingerprint(a) == whole and content_fingerprint(moved) != whole
     assert differences({"a": 1, "b": [1, 2]}, {"a": 1.0, "b": (1, 2), "c": 3}) == []
     assert differences({"a": 1}, {"a": 2}) == ["a: 1 there, 2 in this run"]

@@ -9,11 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from transformers import AutoConfig, AutoTokenizer
 
-from ..chat import check_packing_supported, check_same_rendering
+from ..chat import PROBE, check_packing_supported, conversation_mask
 from ..config import DistillationConfig
 from ..data import PreparedData
 from ..generate import is_generations
@@ -23,6 +21,8 @@ from ..provenance import (
     content_fingerprint,
     differences,
     flags_for,
+    folder_kind,
+    id_batches,
     template_record,
 )
 from ..signals import fields_where
@@ -70,6 +70,17 @@ def check_transfer_set(task: str, args: DistillationConfig | None) -> None:
                          "lack: set them to 0 or drop --transfer_dataset.")
 
 
+def check_model_folder(folder: str, flag: str, gguf: bool = False) -> None:
+    """A local folder given as a model must hold one (``config.json``, a PEFT adapter, or a GGUF file with
+    `--teacher_gguf_file`): another kind of folder is named, not left to a tokenizer's error (a Hub id passes)."""
+    path = Path(folder)
+    if gguf or not path.is_dir() or (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return
+    kind = folder_kind(path)
+    raise ValueError(f"{flag} {folder!r} holds {kind or 'no config.json'}, not a model: give the model's folder (with "
+                     "config.json), a Hub id or asset:NAME.")
+
+
 def check_model_arguments(model_args: ModelArguments, args: DistillationConfig) -> None:
     """The model flags that cannot work, refused before anything loads."""
     if model_args.student_layers is not None and model_args.student_layers < 1:
@@ -81,10 +92,10 @@ def check_model_arguments(model_args: ModelArguments, args: DistillationConfig) 
     if model_args.student and model_args.student_layers:
         raise ValueError("Give either --student (a model to start from) or --student_layers (cut from the teacher), "
                          "not both.")
-    if model_args.teacher and not model_args.teacher.startswith("asset:"):
-        resolve_source(model_args.teacher)
-    if model_args.student and not model_args.student.startswith("asset:"):
-        resolve_source(model_args.student, "--student")
+    for flag, source in (("--teacher", model_args.teacher), ("--student", model_args.student)):
+        if source and not source.startswith("asset:"):
+            check_model_folder(resolve_source(source, flag), flag, gguf=flag == "--teacher" and
+                               bool(model_args.teacher_gguf_file))
     for anchor in args.teacher_route or []:
         resolve_source(anchor, "--teacher_route")
     sampling = getattr(args, "lmbda", 0) > 0 or getattr(args, "seq_kd", False)
@@ -247,9 +258,7 @@ def row_lengths(rows: Any) -> Any:
     """The number of tokens of every row (``input_ids``) as a numpy array; None for data without them."""
     if not hasattr(rows, "with_format") or "input_ids" not in getattr(rows, "column_names", ()):
         return None
-    values = rows.with_format("arrow")[:]["input_ids"]
-    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-    return np.asarray(pc.list_value_length(values), dtype=np.int64)
+    return np.concatenate([lengths for lengths, _ in id_batches(rows)] or [np.zeros(0, dtype=np.int64)])
 
 
 def check_writable(folder: str | None, flag: str = "--output_dir") -> None:
@@ -276,7 +285,7 @@ def check_writable(folder: str | None, flag: str = "--output_dir") -> None:
 def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code: bool,
                           chat: bool = False) -> None:
     """A student with its own tokenizer must share the teacher's vocabulary (token -> id) and, for chat data
-    (`chat`), render conversations to the same ids (`chat.check_same_rendering`)."""
+    (`chat`), render conversations to the same ids (`check_same_rendering`)."""
     student_tokenizer = student_tokenizer_of(student_source, trust_remote_code)
     if student_tokenizer is None:
         return  # the student ships no tokenizer: it is used with the teacher's
@@ -287,3 +296,18 @@ def check_same_vocabulary(tokenizer: Any, student_source: str, trust_remote_code
         )
     if chat:
         check_same_rendering(tokenizer, student_tokenizer)
+
+
+def check_same_rendering(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    """Teacher and student must turn a conversation into the same ids (same tokenizer, same template), else their
+    per-token distributions compare different tokens: refuse, showing both renderings' first difference."""
+    ids = [conversation_mask(t, PROBE)[0] for t in (teacher_tokenizer, student_tokenizer)]
+    if ids[0] == ids[1]:
+        return
+    at = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
+    shown = [repr(t.decode(i[at: at + 8])) for t, i in zip((teacher_tokenizer, student_tokenizer), ids)]
+    raise ValueError(
+        f"The teacher's and the student's chat templates render the same conversation to different tokens (first "
+        f"difference at token {at}: teacher {shown[0]}, student {shown[1]}): their outputs would compare different "
+        "positions. Use one tokenizer and template for both (cross-tokenizer distillation is not supported yet)."
+    )

@@ -52,7 +52,10 @@ def resolve_source(source: str, flag: str = "--teacher") -> str:
     if source.startswith("asset:"):
         from ..assets import fetch
 
-        return str(fetch(source.split(":", 1)[1]))
+        try:
+            return str(fetch(source.split(":", 1)[1]))
+        except KeyError as error:  # an unknown name
+            raise ValueError(f"{flag} {source!r}: {error.args[0]} (`hf-distill assets list` describes them)") from error
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -148,9 +151,9 @@ def with_pad_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _dataset_path(name: str) -> str:
+def _dataset_path(name: str, flag: str = "--dataset") -> str:
     """A dataset flag as `load_raw` reads it: ``asset:NAME`` becomes the packaged file, anything else stays."""
-    return resolve_source(name) if name.startswith("asset:") else name
+    return resolve_source(name, flag) if name.startswith("asset:") else name
 
 
 def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments | CacheArguments,
@@ -179,7 +182,7 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
     first = args.main_process_first(desc="tokenising") if hasattr(args, "main_process_first") else nullcontext()
     transfer = None
     if data_args.transfer_dataset:
-        transfer = load_raw(_dataset_path(data_args.transfer_dataset))
+        transfer = load_raw(_dataset_path(data_args.transfer_dataset, "--transfer_dataset"))
         if data_args.transfer_split not in transfer:
             raise ValueError(f"--transfer_dataset has no split {data_args.transfer_split!r} (splits: {list(transfer)}); "
                              "set --transfer_split.")
