@@ -168,8 +168,8 @@ def test_weights_fingerprint_is_the_same_in_bfloat16_and_differs_for_other_weigh
 
 def test_content_fingerprint_sees_the_ids_not_their_storage(monkeypatch):
     a = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]]})
-    b = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]]},
-                                   features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}))
+    int32 = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+    b = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]]}, features=int32)
     moved = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3, 4, 5]]})  # the same ids, other rows
     shuffled = datasets.Dataset.from_dict({"input_ids": [[4, 5], [1, 2, 3]]})
     assert content_fingerprint(a) == content_fingerprint(b)
