@@ -82,8 +82,8 @@ def id_batches(dataset: Any, column: str = "input_ids") -> Iterator[tuple[np.nda
 def content_fingerprint(dataset: Any, column: str = "input_ids") -> str | None:
     """``sha256`` of the rows' token ids in order (each row's ids as int64 and the row lengths): equal for the same
     rows whatever their integer type or storage; None for data without `column` or that is not a `datasets.Dataset`."""
-    if not hasattr(dataset, "with_format") or column not in getattr(dataset, "column_names", ()):
-        return None
+    if not hasattr(dataset, "__len__") or column not in (getattr(dataset, "column_names", None) or ()):
+        return None  # (a streamed or torch dataset: not fingerprinted)
     lengths_digest, values_digest = hashlib.sha256(str(len(dataset)).encode()), hashlib.sha256()
     for lengths, values in id_batches(dataset, column):  # two streams: the same digest however the rows are read
         lengths_digest.update(lengths.tobytes())

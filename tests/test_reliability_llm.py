@@ -175,6 +175,7 @@ def test_content_fingerprint_sees_the_ids_not_their_storage(monkeypatch):
     assert content_fingerprint(a) == content_fingerprint(b)
     assert len({content_fingerprint(x) for x in (a, moved, shuffled)}) == 3
     assert content_fingerprint(shuffled.select([1, 0])) == content_fingerprint(a)  # an indices mapping is followed
+    assert content_fingerprint(a.to_iterable_dataset()) is None  # streamed data is not fingerprinted
     import hf_distill.provenance as provenance
 
     whole = content_fingerprint(a)

@@ -256,7 +256,7 @@ def check_row_lengths(data: PreparedData, model_args: ModelArguments) -> None:
 
 def row_lengths(rows: Any) -> Any:
     """The number of tokens of every row (``input_ids``) as a numpy array; None for data without them."""
-    if not hasattr(rows, "with_format") or "input_ids" not in getattr(rows, "column_names", ()):
+    if not hasattr(rows, "__len__") or "input_ids" not in (getattr(rows, "column_names", None) or ()):
         return None
     return np.concatenate([lengths for lengths, _ in id_batches(rows)] or [np.zeros(0, dtype=np.int64)])
 
