@@ -32,6 +32,9 @@ DATA_FIELDS: tuple[str, ...] = (
     "eval_split", "eval_fraction", "max_train_samples", "max_length", "block_size", "truncation_side", "packing",
     "transfer_dataset", "max_transfer_samples", "seed",
 )
+#: Of those, where the rows come from: compared through the rows themselves (`content_fingerprint`), so a data file
+#: that moved, or a relative path given absolute, is the same data.
+SOURCE_FIELDS: tuple[str, ...] = ("dataset", "dataset_config", "transfer_dataset")
 #: Config entries that give a student's shape.
 SHAPE_FIELDS: tuple[str, ...] = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
                                  "num_attention_heads", "num_key_value_heads", "vocab_size", "num_labels")
@@ -129,12 +132,14 @@ def _plain(value: Any) -> Any:
 
 
 def flags_for(fields_and_values: list[tuple[str, Any]]) -> str:
-    """The command-line flags that set these data fields to the recorded values, e.g. ``--max_length 20``."""
+    """The command-line flags that set these data fields to the recorded values, e.g. ``--max_length 20`` (``without
+    --max_train_samples`` for a value that was not set)."""
     shown = []
     for name, value in fields_and_values:
         if value is None:
-            continue
-        shown.append(f"--{name} {str(value).lower() if isinstance(value, bool) else value}")
+            shown.append(f"without --{name}")
+        else:
+            shown.append(f"--{name} {str(value).lower() if isinstance(value, bool) else value}")
     return " ".join(shown)
 
 

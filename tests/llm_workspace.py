@@ -96,6 +96,8 @@ def make_llm_workspace(root: Path) -> Path:
     long = TWO_TURNS * 2  # 4 exchanges: about 56 tokens
     datasets.Dataset.from_dict({"messages": [TWO_TURNS, TWO_TURNS[:2], long, TWO_TURNS[2:]] * 6}).to_json(
         str(root / "chat.jsonl"))
+    other = [TWO_TURNS[2:], TWO_TURNS[:2]] * 12  # the same format, other conversations
+    datasets.Dataset.from_dict({"messages": other}).to_json(str(root / "chat-other.jsonl"))
     empty = [TWO_TURNS[:1] + [{"role": "assistant", "content": ""}], TWO_TURNS[:2]]
     datasets.Dataset.from_dict({"messages": empty * 12}).to_json(str(root / "empty-answers.jsonl"))
     lines = [json.dumps({"messages": TWO_TURNS})] * 5

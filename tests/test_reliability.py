@@ -359,6 +359,10 @@ CASES: list[Case] = [
          "--eval_fraction 0.5`", lambda ws: llm_distill(ws, "m6", temperature="1", teacher_cache=str(ws / "cache"),
                                                        eval_fraction="0.5"),
          r"eval_fraction: 0.25 there, 0.5 in this run"),
+    Case("cache-of-another-data-file", "manifests", "cache built from `chat.jsonl`, `distill --dataset "
+         "chat-other.jsonl`", lambda ws: llm_distill(ws, "m8", temperature="1", teacher_cache=str(ws / "cache"),
+                                                    dataset=str(ws / "chat-other.jsonl")),
+         r"holds other training rows than these data flags give .*dataset: '.*chat.jsonl' there"),
     Case("generations-cache-cut-on-the-left", "manifests", "a generation-pass cache read with `--truncation_side left "
          "--max_length 6`", lambda ws: llm_distill(ws, "m7", temperature="1", dataset=str(ws / "generations"),
                                                    teacher_cache=str(ws / "generations"), truncation_side="left",

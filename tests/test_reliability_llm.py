@@ -135,12 +135,13 @@ def test_resume_with_changes_needs_the_flag_and_then_logs_them(ws, warnings):
     llm_distill(ws, "r", resume_from_checkpoint="true", temperature="3", max_steps="4")
 
 
-def test_distilling_from_generations_and_a_cache_writes_nothing_into_their_folders(ws):
+def test_distilling_from_generations_and_a_cache_writes_nothing_into_their_folders(ws, monkeypatch):
     llm_generate(ws, "gen")
     llm_cache(ws, "cache")
     before = {name: fingerprint(ws / name) for name in ("gen", "cache")}
     llm_distill(ws, "a", dataset=str(ws / "gen"), teacher_cache=str(ws / "gen"), temperature="1")
-    llm_distill(ws, "b", teacher_cache=str(ws / "cache"), temperature="1")  # the same flags as the cache: accepted
+    monkeypatch.chdir(ws)  # the same rows and flags as the cache, the data named by a relative path: accepted
+    llm_distill(ws, "b", teacher_cache=str(ws / "cache"), temperature="1", dataset="chat.jsonl")
     assert {name: fingerprint(ws / name) for name in ("gen", "cache")} == before
     assert (ws / "out-a" / "model.safetensors").is_file() and (ws / "out-b" / "model.safetensors").is_file()
 

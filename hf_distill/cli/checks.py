@@ -18,6 +18,7 @@ from ..generate import is_generations
 from ..modeling import context_length, unwrap, weights_fingerprint
 from ..provenance import (
     DATA_FIELDS,
+    SOURCE_FIELDS,
     content_fingerprint,
     differences,
     flags_for,
@@ -129,23 +130,25 @@ def teacher_cache_for(path: str, tokenizer: Any, train: Any, data: dict[str, Any
         raise ValueError(f"--teacher_cache {path} was rendered with another chat template than this run's tokenizer "
                          f"({'; '.join(found)}): rebuild the cache with this tokenizer, or distil with the cache's "
                          "teacher tokenizer.")
-    if data is not None and manifest.get("data"):
-        changed = [name for name in DATA_FIELDS if name in manifest["data"] and
-                   differences(manifest["data"], data, (name,))]
+    recorded = manifest.get("data") or {}
+    if data is not None and recorded:
+        changed = [name for name in DATA_FIELDS if name not in SOURCE_FIELDS and differences(recorded, data, (name,))]
         if changed:
             raise ValueError(
                 f"--teacher_cache {path} was built with other data flags than this run's "
-                f"({'; '.join(differences(manifest['data'], data, changed))}): its targets belong to its own rows "
-                f"(other lengths, packing or split). Run with the cache's flags "
-                f"({flags_for([(n, manifest['data'][n]) for n in changed]) or 'as recorded'}), or rebuild the cache "
-                "with this run's flags into a new --output_dir."
+                f"({'; '.join(differences(recorded, data, changed))}): its targets belong to its own rows (other "
+                f"lengths, packing or split). Run with the cache's flags "
+                f"({flags_for([(n, recorded[n]) for n in changed])}), or rebuild the cache with this run's flags into "
+                "a new --output_dir."
             )
     there, here = content_fingerprint(cached), content_fingerprint(train)
     if there and here and there != here:
+        sources = differences(recorded, data or {}, SOURCE_FIELDS)
         raise ValueError(
             f"--teacher_cache {path} holds other training rows than these data flags give ({len(cached)} cached rows, "
-            f"{len(train)} here; token fingerprints {there} and {here}: the data file changed, or other flags were "
-            "used): rebuild the cache from this data with the same flags and --seed into a new --output_dir."
+            f"{len(train)} here; token fingerprints {there} and {here}"
+            + (f"; {'; '.join(sources)}" if sources else ": the data file changed")
+            + "): rebuild the cache from this data with the same flags and --seed into a new --output_dir."
         )
     return cached
 
