@@ -192,7 +192,10 @@ def check_teacher_tokenizer(model_args: ModelArguments) -> None:
         return
     kwargs = {"gguf_file": model_args.teacher_gguf_file} if model_args.teacher_gguf_file else {}
     source = resolve_source(model_args.teacher)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code, **kwargs)
+    except OSError:
+        return  # (loading the teacher says what is wrong: a Hub id without network, a folder without config.json)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     tokenizer = load_tokenizer(model_args)
     rows = getattr(config, "vocab_size", None)
