@@ -429,10 +429,11 @@ def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = 
     kept = tokenised.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]), desc="Dropping")
     dropped = len(tokenised) - len(kept)
     if dropped:
-        logger.warning("%d of %d rows have no counted token (no assistant turn, or truncated to max_length=%s): "
-                       "dropped.", dropped, len(tokenised), max_length)
+        logger.warning("%d of %d rows have no counted token (no assistant turn, or cut to --max_length %s: raise it, "
+                       "or --truncation_side left keeps the ends): dropped.", dropped, len(tokenised), max_length)
     if not len(kept):
-        raise ValueError("No row has a token to learn from (every completion is empty or truncated away).")
+        raise ValueError(f"No row has a token to learn from (every answer is empty or cut away by --max_length "
+                         f"{max_length}: raise it, or --truncation_side left keeps the ends of the rows).")
     description = getattr(dataset.info, "description", None) or ""
     if CACHE_COLUMNS[0] in kept.column_names and description.startswith(MANIFEST_MARKER):
         kept.info.description = description  # a generations folder with top-k: the rows are a teacher cache

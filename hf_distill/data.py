@@ -47,6 +47,14 @@ class DataArguments:
     text_column_2: str | None = field(
         default=None, metadata={"help": "Second text column: sentence pairs; for --task causal-lm, the completion of a "
                                         "plain prompt-completion dataset (prompt in --text_column)."})
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "Causal LMs: a plain text column that is the user turn of a conversation "
+                                        "(rendered with the chat template): prompts for `generate` and on-policy runs, "
+                                        "or with --completion_column the prompt of prompt-completion rows."})
+    completion_column: str | None = field(
+        default=None, metadata={"help": "With --prompt_column: the plain text column of the assistant's answers."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "With --prompt_column: a system turn put before every user turn."})
     data_format: str = field(
         default="auto", metadata={"help": "Causal LMs: text (packed blocks), messages (chat turns), prompt_completion, "
                                           "or auto (from the columns).", "choices": ["auto", *DATA_FORMATS]})
@@ -87,6 +95,12 @@ class DataArguments:
         check_choice("truncation_side", self.truncation_side, ("right", "left"))
         if self.eval_split is None and not 0 < self.eval_fraction < 1:
             raise ValueError(f"--eval_fraction must lie in (0, 1), got {self.eval_fraction} (or give --eval_split).")
+        if (self.completion_column or self.system_prompt is not None) and not self.prompt_column:
+            raise ValueError("--completion_column and --system_prompt go with --prompt_column (the column of user "
+                             "turns): give it too.")
+        if self.prompt_column and self.text_column_2:
+            raise ValueError("--prompt_column makes chat turns of plain columns, --text_column_2 plain "
+                             "prompt-completion text: give one of them (for chat rows, --completion_column).")
 
 
 def load_raw(dataset: str, dataset_config: str | None = None) -> datasets.DatasetDict:
@@ -244,6 +258,7 @@ def prepare_datasets(
             "would train on --text_column alone and silently drop it. For masked LMs put all the text in --text_column."
         )
     if task == "causal-lm":
+        train, held_out = (as_turns(split, data) for split in (train, held_out))
         data_format = _lm_format(train, data)
         if data_format != "text":
             if teacher_tokenizer is not None:
@@ -330,6 +345,26 @@ def add_transfer_set(train: datasets.Dataset, transfer: datasets.Dataset, tokeni
     logger.warning("Transfer set: %d unlabelled rows beside %d labelled ones (soft targets only on them).", len(rows),
                    len(train))
     return datasets.concatenate_datasets([train, rows])
+
+
+def as_turns(dataset: datasets.Dataset, data: DataArguments) -> datasets.Dataset:
+    """With `--prompt_column`: plain text columns as chat turns, ``prompt`` = the system turn (`--system_prompt`)
+    and a user turn with the column's text, and with `--completion_column` ``completion`` = the assistant's turn;
+    the rows then read as prompt-only or prompt-completion data. Unchanged without the flag."""
+    if not data.prompt_column:
+        return dataset
+    columns = [data.prompt_column] + ([data.completion_column] if data.completion_column else [])
+    _require_columns(dataset, columns, {data.prompt_column: "--prompt_column",
+                                        data.completion_column: "--completion_column"})
+    system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt is not None else []
+
+    def turns(row: dict[str, Any]) -> dict[str, Any]:
+        out = {"prompt": [*system, {"role": "user", "content": row[data.prompt_column]}]}
+        if data.completion_column:
+            out["completion"] = [{"role": "assistant", "content": row[data.completion_column]}]
+        return out
+
+    return dataset.map(turns, remove_columns=dataset.column_names, desc="Making chat turns")
 
 
 def _lm_format(train: datasets.Dataset, data: DataArguments) -> str:

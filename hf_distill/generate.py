@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 from transformers.utils import logging
 
-from .chat import end_completion, left_padded, prompt_ids, stop_ids
+from .chat import detect_rows_format, end_completion, left_padded, prompt_ids, stop_ids
 from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .modeling import context_length, weights_fingerprint
 from .provenance import template_record
@@ -82,16 +82,24 @@ class GenerationArguments:
 
 
 def prompts_of(dataset: datasets.Dataset) -> list[Any]:
-    """The prompts of a prompt-only dataset: `prompt` (strings or turns), or `messages` ending in a user turn."""
-    if "prompt" in dataset.column_names:
-        return list(dataset["prompt"])
-    if "messages" in dataset.column_names:
-        prompts = list(dataset["messages"])
-        if any(not turns or turns[-1]["role"] != "user" for turns in prompts):
-            raise ValueError("Prompt-only `messages` must end with a user turn (the teacher writes the answer).")
-        return prompts
+    """The prompts of a dataset, its format detected as `distill` detects it (`chat.detect_rows_format`): prompt-only
+    data (`prompt`, strings or turns, or `messages` whose every conversation ends with a user turn), or the prompts of
+    prompt-completion rows (their completions are not used: the teacher writes new ones)."""
+    try:
+        found = detect_rows_format(dataset)
+    except ValueError:
+        found = None
+    if found == "prompt_completion":
+        logger.warning("The data has prompts and completions: the teacher answers the prompts; the %d completions "
+                       "there are not used.", len(dataset))
+    if found in ("prompt_only", "prompt_completion"):
+        return list(dataset["prompt" if "prompt" in dataset.column_names else "messages"])
+    if found == "messages":
+        raise ValueError("Prompt-only `messages` must end with a user turn (the teacher writes the answer); these "
+                         "conversations hold answers already: distil on them directly, or drop their last answers.")
     raise ValueError(f"Generation needs prompts: a `prompt` column or `messages` ending in a user turn; the dataset "
-                     f"has {dataset.column_names}.")
+                     f"has {dataset.column_names} (for a plain text column of questions: --prompt_column NAME, "
+                     "optionally with --system_prompt).")
 
 
 @torch.no_grad()

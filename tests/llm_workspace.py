@@ -16,10 +16,10 @@ from .test_chat_data import CHATML, LLAMA, PROMPTS, SPECIAL, TWO_TURNS, WORDS, c
 
 
 def save_chat_teacher(folder: Path, template: str = CHATML, eos: str = "<|im_end|>", positions: int = 64,
-                      seed: int = 0) -> Path:
+                      seed: int = 0, layers: int = 2) -> Path:
     """A tiny Llama with the chat tokenizer (`template`), `positions` positions."""
     tokenizer = chat_tokenizer(template, eos)
-    model = tiny_llama(vocab=len(tokenizer), layers=2, seed=seed)
+    model = tiny_llama(vocab=len(tokenizer), layers=layers, seed=seed)
     model.config.max_position_embeddings = positions
     model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     model.save_pretrained(folder)

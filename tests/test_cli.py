@@ -51,7 +51,7 @@ def test_flags_override_the_yaml_recipe(tmp_path):
     model, data, args = parse_distill_args(["--config", str(recipe), "--temperature", "2.5", "--dataset", "x.csv",
                                             "--use_cpu", "true"])
     assert isinstance(args, DistillationConfig) and isinstance(model, ModelArguments) and isinstance(data, DataArguments)
-    assert model.teacher == "some/teacher" and model.student_layers == 3 and data.dataset == "x.csv"
+    assert model.teacher == "some/teacher" and model.student_cut()[0] == 3 and data.dataset == "x.csv"
     assert args.temperature == 2.5  # the flag wins
     assert args.hidden_weight == 1.0 and args.output_dir == "from-yaml"
     assert json.loads(args.layer_map) == [[1, 2], [2, 4]]

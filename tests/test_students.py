@@ -169,3 +169,51 @@ def test_unsupported_models_are_named_with_what_was_looked_for():
         shrink_model(t5)
     with pytest.raises(TypeError, match="needs a transformers PreTrainedModel"):
         shrink_model(nn.Linear(2, 2))
+
+
+# ---- the command line's cut: an explicit list, and the causal-LM default ----------------------------------------
+
+
+def test_student_layers_takes_a_number_or_the_teacher_layers_to_keep():
+    from hf_distill.cli.arguments import ModelArguments
+    from hf_distill.students import pick_layers
+
+    assert ModelArguments(student_layers="3", task="causal-lm").student_cut() == (3, None, "auto")
+    assert ModelArguments(student_layers="3").student_cut() == (3, None, "every_other")  # classifiers: as before
+    assert ModelArguments(student_layers="3", shrink_strategy="distilbert").student_cut() == (3, None, "distilbert")
+    assert ModelArguments(student_layers="0, 3,7").student_cut() == (3, [0, 3, 7], "explicit")
+    assert ModelArguments().student_cut()[:2] == (None, None)
+    for bad in ("3,1", "a,b", "0,0", "ten"):
+        with pytest.raises(ValueError, match="--student_layers"):
+            ModelArguments(student_layers=bad).student_cut()
+    # auto (causal LMs): distilbert's bottom and top layers where they fit (the measured best), else uniform
+    assert pick_layers(30, 10, "auto") == ([0, 2, 4, 6, 8, 21, 23, 25, 27, 29], "distilbert")
+    assert pick_layers(30, 20, "auto") == (select_layers(30, 20, "uniform"), "uniform")
+    assert pick_layers(30, 10, "every_other") == (list(range(0, 20, 2)), "every_other")
+
+
+def test_the_command_line_cuts_the_listed_layers_and_logs_them(tmp_path, caplog):
+    import logging
+
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from .llm_workspace import llm_distill, save_chat_teacher
+    from .test_chat_data import TWO_TURNS
+
+    save_chat_teacher(tmp_path / "chat-teacher", layers=4)
+    datasets.Dataset.from_dict({"messages": [TWO_TURNS] * 12}).to_json(str(tmp_path / "chat.jsonl"))
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            llm_distill(tmp_path, "auto", student_layers="2")  # a causal LM: the bottom and the top, not 0, 2
+            llm_distill(tmp_path, "listed", student_layers="1,2")
+    finally:
+        hf_logging.disable_propagation()
+    kept = {name: AutoModelForCausalLM.from_pretrained(tmp_path / f"out-{name}").config.distilled_from_layers
+            for name in ("auto", "listed")}
+    assert kept == {"auto": [0, 3], "listed": [1, 2]}
+    assert "Student: 2 of the teacher's 4 layers, keeping teacher layers [0, 3] (--shrink_strategy distilbert)" in \
+        caplog.text
+    assert "keeping teacher layers [1, 2] (--student_layers)" in caplog.text

@@ -36,8 +36,9 @@ class ModelArguments:
     student: str | None = field(
         default=None, metadata={"help": "Student: a Hub id or local folder (else --student_layers shrinks the teacher)."}
     )
-    student_layers: int | None = field(
-        default=None, metadata={"help": "Cut a student of this many layers out of the teacher (shrink_model)."}
+    student_layers: str | None = field(
+        default=None, metadata={"help": "Cut a student out of the teacher (shrink_model): a number of layers (e.g. 10, "
+                                        "chosen by --shrink_strategy) or the teacher layers to keep (e.g. 0,3,7,29)."}
     )
     teacher_cache: str | None = field(
         default=None,
@@ -46,8 +47,10 @@ class ModelArguments:
                           "student and for the closing comparison, but never runs during training."},
     )
     shrink_strategy: str = field(
-        default="every_other", metadata={"help": "Which teacher layers the student keeps.",
-                                         "choices": list(SHRINK_STRATEGIES)}
+        default="auto", metadata={"help": "Which teacher layers a --student_layers N cut keeps: auto (causal LMs: "
+                                          "distilbert's bottom and top layers where they fit, else uniform, as "
+                                          "measured in docs/results.md section 8; other tasks: every_other), or one "
+                                          "of the strategies.", "choices": ["auto", *SHRINK_STRATEGIES]}
     )
     task: str = field(
         default="sequence-classification", metadata={"help": "What the models do.", "choices": list(TASKS)}
@@ -77,6 +80,28 @@ class ModelArguments:
         default=False, metadata={"help": "Also save the student with its adapters merged, as a plain model, in "
                                          "<output_dir>/merged."}
     )
+
+    def student_cut(self) -> tuple[int | None, list[int] | None, str]:
+        """`--student_layers` read: (number of layers, the explicit teacher layers or None, the strategy that picks
+        them: `students.pick_layers`), e.g. ``(3, None, "every_other")``, ``(3, None, "auto")`` for a causal LM, or
+        ``(3, [0, 3, 7], "explicit")``; (None, None, ...) without it."""
+        strategy = self.shrink_strategy
+        if strategy == "auto" and self.task != "causal-lm":
+            strategy = "every_other"
+        value = None if self.student_layers is None else str(self.student_layers).strip()
+        if value is None:
+            return None, None, strategy
+        parts = [p.strip() for p in value.split(",")]
+        if not all(p.lstrip("-").isdigit() for p in parts):
+            raise ValueError(f"--student_layers takes a number of layers (e.g. 10) or the teacher layers to keep "
+                             f"(e.g. 0,3,7,29), got {value!r}.")
+        if len(parts) == 1:
+            return int(parts[0]), None, strategy
+        layers = [int(p) for p in parts]
+        if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 0:
+            raise ValueError(f"--student_layers {value}: the teacher layers to keep must be distinct, increasing and "
+                             ">= 0 (e.g. 0,3,7,29).")
+        return len(layers), layers, "explicit"
 
 
 @dataclass

@@ -84,7 +84,8 @@ def check_model_folder(folder: str, flag: str, gguf: bool = False) -> None:
 
 def check_model_arguments(model_args: ModelArguments, args: DistillationConfig) -> None:
     """The model flags that cannot work, refused before anything loads."""
-    if model_args.student_layers is not None and model_args.student_layers < 1:
+    num_layers, _, _ = model_args.student_cut()
+    if num_layers is not None and num_layers < 1:
         raise ValueError(
             f"--student_layers must be at least 1 (the number of teacher layers the student keeps), got "
             f"{model_args.student_layers}. For LoRA self-distillation without a smaller student, drop --student_layers "

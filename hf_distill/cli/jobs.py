@@ -16,6 +16,8 @@ from ..chat import chat_generation_config
 from ..config import TEACHER_DTYPES, DistillationConfig
 from ..data import (
     DataArguments,
+    as_turns,
+    caches_outside,
     load_raw,
 )
 from ..generate import GenerationArguments, check_not_a_cache, generate_completions, holds_teacher_cache
@@ -27,7 +29,7 @@ from ..performance import apply_speed_defaults, keep_freed_memory, recommended_p
 from ..provenance import data_record, template_record
 from ..safety import check_one_run
 from ..signals import label_weights
-from ..students import model_depth, shrink_model
+from ..students import model_depth, pick_layers, shrink_model
 from ..teacher_cache import (
     build_teacher_cache,
     cache_size,
@@ -51,6 +53,7 @@ from .checks import (
 from .models import (
     collator_for,
     cross_tokenizers,
+    dataset_path,
     load_model,
     load_tokenizer,
     lora_config,
@@ -125,7 +128,13 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
             check_same_vocabulary(tokenizer, model_args.student, model_args.trust_remote_code,
                                   chat=data.data_format == "messages")
     elif model_args.student_layers:
-        student = shrink_model(teacher, num_layers=model_args.student_layers, strategy=model_args.shrink_strategy)
+        num_layers, layers, strategy = model_args.student_cut()
+        if layers is None:
+            layers, strategy = pick_layers(model_depth(teacher.config), num_layers, strategy)
+        student = shrink_model(teacher, layers=layers)
+        logger.warning("Student: %d of the teacher's %d layers, keeping teacher layers %s (%s).", num_layers,
+                       model_depth(teacher.config), layers,
+                       "--student_layers" if strategy == "explicit" else f"--shrink_strategy {strategy}")
     elif model_args.use_peft:  # self-distillation: LoRA on the teacher, whose adapter-free base teaches
         student, teacher = teacher, None
     else:
@@ -316,10 +325,14 @@ def generate_main(argv: Sequence[str] | None = None) -> str:
     check_not_a_cache(settings.output_dir)
     check_writable(settings.output_dir)
     check_teacher_tokenizer(model_args)
-    raw = load_raw(data_args.dataset, data_args.dataset_config)
+    raw = load_raw(dataset_path(data_args.dataset), data_args.dataset_config)
+    if data_args.train_split not in raw:
+        raise ValueError(f"The dataset has no split {data_args.train_split!r} (splits: {list(raw)}); set --train_split.")
     prompts = raw[data_args.train_split]
     if data_args.max_train_samples is not None:
         prompts = prompts.select(range(min(data_args.max_train_samples, len(prompts))))
+    with caches_outside(data_args.dataset):
+        prompts = as_turns(prompts, data_args)
     tokenizer = load_tokenizer(model_args)
     teacher = load_model(model_args.teacher, "causal-lm", None, model_args.teacher_gguf_file,
                          model_args.trust_remote_code)

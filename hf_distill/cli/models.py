@@ -151,7 +151,7 @@ def with_pad_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _dataset_path(name: str, flag: str = "--dataset") -> str:
+def dataset_path(name: str, flag: str = "--dataset") -> str:
     """A dataset flag as `load_raw` reads it: ``asset:NAME`` becomes the packaged file, anything else stays."""
     return resolve_source(name, flag) if name.startswith("asset:") else name
 
@@ -176,13 +176,13 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
                                             **tokenizer_kwargs)
         teacher_labels = named_labels(config)
         teacher_classes = int(config.num_labels) if teacher_head_trained else None
-    raw = load_raw(_dataset_path(data_args.dataset), data_args.dataset_config)
+    raw = load_raw(dataset_path(data_args.dataset), data_args.dataset_config)
     if is_generations(data_args.dataset):
         check_generations_tokenizer(data_args.dataset, tokenizer)
     first = args.main_process_first(desc="tokenising") if hasattr(args, "main_process_first") else nullcontext()
     transfer = None
     if data_args.transfer_dataset:
-        transfer = load_raw(_dataset_path(data_args.transfer_dataset, "--transfer_dataset"))
+        transfer = load_raw(dataset_path(data_args.transfer_dataset, "--transfer_dataset"))
         if data_args.transfer_split not in transfer:
             raise ValueError(f"--transfer_dataset has no split {data_args.transfer_split!r} (splits: {list(transfer)}); "
                              "set --transfer_split.")
