@@ -20,7 +20,6 @@ is beside. Target (issue 8): distilled perplexity <= 0.9x the CE-only student's 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -31,17 +30,12 @@ import torch
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, merge_quality, write_json  # noqa: E402
+from common import machine, merge_quality, perplexity, teacher_perplexity, write_json  # noqa: E402
 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
 from hf_distill.cli import ModelArguments  # noqa: E402
 from hf_distill.cli.models import prepare_inputs, resolve_source  # noqa: E402
 from hf_distill.data import DataArguments  # noqa: E402
-
-
-def perplexity(trainer: DistillationTrainer, dataset) -> float:
-    """exp(mean next-token CE over `dataset`), from the trainer's per-term evaluation (the task term is the CE)."""
-    return math.exp(trainer.evaluate(eval_dataset=dataset)["eval_task_loss"])
 
 
 def plot(result: dict, path: str) -> None:
@@ -142,12 +136,8 @@ def main() -> None:
               f"{seconds:.0f} s", file=sys.stderr, flush=True)
         del trainer, student
 
-    teacher_trainer = DistillationTrainer(
-        model=teacher, args=DistillationConfig(output_dir=os.path.join(workdir, "teacher"), report_to=[],
-                                               use_cpu=True, task_weight=1.0, logits_weight=0.0,
-                                               per_device_eval_batch_size=options.batch_size),
-        data_collator=collator, processing_class=tokenizer)
-    teacher_ppl = {"dev": perplexity(teacher_trainer, dev), "test": perplexity(teacher_trainer, test)}
+    teacher_ppl = teacher_perplexity(teacher, tokenizer, collator, os.path.join(workdir, "teacher"),
+                                     options.batch_size, {"dev": dev, "test": test})
     best = min(("kl", "kl_hidden"), key=lambda n: results[n]["dev_perplexity"])
     ratio = results[best]["test_perplexity"] / results["ce_only"]["test_perplexity"]
     total = time.perf_counter() - started

@@ -14,7 +14,6 @@ the same batches in the same order, seed 0). The held-out blocks are split into 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -25,18 +24,13 @@ import torch
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_json  # noqa: E402
+from common import machine, perplexity, teacher_perplexity, write_json  # noqa: E402
 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
 from hf_distill.cli import ModelArguments  # noqa: E402
 from hf_distill.cli.models import prepare_inputs, resolve_source  # noqa: E402
 from hf_distill.data import DataArguments  # noqa: E402
 from hf_distill.students import SHRINK_STRATEGIES, select_layers  # noqa: E402
-
-
-def perplexity(trainer: DistillationTrainer, dataset) -> float:
-    """exp(mean next-token CE over `dataset`), from the trainer's exact per-term evaluation (the task term)."""
-    return math.exp(trainer.evaluate(eval_dataset=dataset)["eval_task_loss"])
 
 
 def main() -> None:
@@ -92,12 +86,8 @@ def main() -> None:
         print(f"  {strategy} {layers}: cut dev {at_cut['dev']:.1f}, after {options.steps} steps dev "
               f"{trained['dev']:.2f} test {trained['test']:.2f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
         del trainer, student
-    teacher_trainer = DistillationTrainer(
-        model=teacher, args=DistillationConfig(output_dir=os.path.join(workdir, "teacher"), report_to=[],
-                                               use_cpu=True, task_weight=1.0, logits_weight=0.0,
-                                               per_device_eval_batch_size=options.batch_size),
-        data_collator=collator, processing_class=tokenizer)
-    teacher_ppl = {"dev": perplexity(teacher_trainer, dev), "test": perplexity(teacher_trainer, test)}
+    teacher_ppl = teacher_perplexity(teacher, tokenizer, collator, os.path.join(workdir, "teacher"),
+                                     options.batch_size, {"dev": dev, "test": test})
     best = min(results, key=lambda s: results[s]["trained"]["dev"])
     total = time.perf_counter() - started
     print(f"\n### Shrink strategy: SmolLM2-135M ({depth} layers) -> {options.student_layers} layers, {options.steps} "

@@ -50,3 +50,23 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
+
+
+def perplexity(trainer: Any, dataset: Any) -> float:
+    """exp(mean next-token CE over `dataset`), from a `DistillationTrainer`'s exact per-term evaluation (the task
+    term is the CE)."""
+    import math
+
+    return math.exp(trainer.evaluate(eval_dataset=dataset)["eval_task_loss"])
+
+
+def teacher_perplexity(teacher: Any, tokenizer: Any, collator: Any, folder: str, batch_size: int,
+                       splits: dict[str, Any]) -> dict[str, float]:
+    """The teacher's `perplexity` on each split (`splits`: name -> dataset), through a CE-only trainer."""
+    from hf_distill import DistillationConfig, DistillationTrainer
+
+    trainer = DistillationTrainer(
+        model=teacher, args=DistillationConfig(output_dir=folder, report_to=[], use_cpu=True, task_weight=1.0,
+                                               logits_weight=0.0, per_device_eval_batch_size=batch_size),
+        data_collator=collator, processing_class=tokenizer)
+    return {name: perplexity(trainer, dataset) for name, dataset in splits.items()}
