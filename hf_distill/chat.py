@@ -397,13 +397,14 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = None, data_format: str | None = None,
-                         truncation_side: str = "right", packing: bool = False,
-                         prompts: bool = False) -> tuple[Any, Any]:
+                         truncation_side: str = "right", packing: bool = False, prompts: bool = False,
+                         drop_empty: bool = True) -> tuple[Any, Any]:
     """A `datasets.Dataset` of conversations or prompt-completion rows, tokenised with completion-only labels, and
     the collator to train on it with; rows left with nothing counted (after truncation) are dropped and counted in
     the log. With `packing` the rows are packed into rows of at most `max_length` tokens (`pack_rows`, with
     `PackedCollator`); otherwise each batch is padded (`CompletionCollator`). `prompts`: prompt-only data is accepted
-    (rows that count nothing, for on-policy distillation to complete; `prompt_row`)."""
+    (rows that count nothing, for on-policy distillation to complete; `prompt_row`). Rows with an empty answer are
+    dropped or refused (`row_filters.drop_empty_answers`; `drop_empty=False`: the caller did it already)."""
     data_format = detect_rows_format(dataset, data_format)
     needed = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"]}.get(data_format, [])
     missing = [c for c in needed if c not in dataset.column_names]
@@ -420,7 +421,8 @@ def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = 
             "its output, or let the student answer them on-policy, lmbda=1; text data goes through the plain "
             "language-modelling path)."
         )
-    (dataset,) = drop_empty_answers([dataset], data_format, ("",))
+    if drop_empty:
+        (dataset,) = drop_empty_answers([dataset], data_format, ("",))
     if data_format == "messages" or not isinstance(dataset[0]["prompt"], str):
         check_chat_tokenizer(tokenizer)
     pad = _pad_id(tokenizer)

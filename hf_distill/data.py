@@ -22,7 +22,7 @@ from .chat import (
 from .generate import is_generations, load_generations
 from .labels import LabelPlan, check_label_values, label_plan
 from .options import check_choice
-from .provenance import folder_kind
+from .provenance import FOLDER_KINDS, folder_kind
 from .row_filters import drop_empty_answers
 
 logger = logging.get_logger(__name__)
@@ -126,9 +126,10 @@ def load_raw(dataset: str, dataset_config: str | None = None) -> datasets.Datase
         return loaded
     if path.exists() and path.is_dir():
         kind = folder_kind(path)
-        if kind is not None and kind != "a saved dataset":
-            hint = " (pass it as --teacher_cache, with the --dataset it was built from)" if "cache" in kind else ""
-            raise ValueError(f"Dataset folder {dataset!r} holds {kind}, not a dataset{hint}.")
+        if kind not in (None, "dataset"):
+            hint = " (pass it as --teacher_cache, with the --dataset it was built from)" if kind == "teacher_cache" \
+                else ""
+            raise ValueError(f"Dataset folder {dataset!r} holds {FOLDER_KINDS[kind]}, not a dataset{hint}.")
         try:
             return datasets.load_from_disk(str(path))
         except Exception:
@@ -411,7 +412,7 @@ def with_teacher_prompts(dataset: datasets.Dataset, teacher_tokenizer: Any) -> d
 def _chat_splits(train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any, data: DataArguments,
                  data_format: str, prompts: bool = False) -> PreparedData:
     """Both splits tokenised with completion-only labels (`chat.prepare_chat_dataset`), rows with an empty answer
-    dropped (counted over both splits: `chat.drop_empty_answers`)."""
+    dropped (counted over both splits: `row_filters.drop_empty_answers`)."""
     named = []
     for split in (train, held_out):
         if data.text_column_2:  # plain prompt-completion in two named columns
@@ -428,6 +429,6 @@ def _chat_splits(train: datasets.Dataset, held_out: datasets.Dataset, tokenizer:
         named.append(split)
     named = drop_empty_answers(named, data_format)
     splits = [prepare_chat_dataset(split, tokenizer, data.max_length, data_format, data.truncation_side,
-                                   packing=data.packing, prompts=prompts) for split in named]
+                                   packing=data.packing, prompts=prompts, drop_empty=False) for split in named]
     (train_rows, collator), (eval_rows, _) = splits
     return PreparedData(train_rows, eval_rows, collator=collator, data_format=data_format)

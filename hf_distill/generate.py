@@ -28,7 +28,7 @@ from transformers.utils import logging
 from .chat import detect_rows_format, end_completion, left_padded, prompt_ids, stop_ids
 from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .modeling import context_length, weights_fingerprint
-from .provenance import template_record
+from .provenance import folder_kind, template_record
 from .teacher_cache import (
     CACHE_COLUMNS,
     CACHE_FEATURES,
@@ -148,8 +148,7 @@ def _check_manifest(manifest: dict[str, Any], expected: dict[str, Any], folder: 
 
 def check_not_a_cache(folder: str | Path) -> None:
     """`generate` writes into a new folder or one of its own runs: a teacher cache's folder is named as such."""
-    file = Path(folder) / MANIFEST_FILE
-    if file.is_file() and json.loads(file.read_text()).get("kind") != KIND:
+    if folder_kind(folder) == "teacher_cache":
         raise ValueError(f"--output_dir {folder} holds a teacher cache (written by `hf-distill cache-teacher`), not "
                          "generations: give `generate` a new --output_dir.")
 

@@ -94,9 +94,19 @@ def content_fingerprint(dataset: Any, column: str = "input_ids") -> str | None:
     return hashlib.sha256(lengths_digest.digest() + values_digest.digest()).hexdigest()[:16]
 
 
+#: The kinds of folder `folder_kind` tells apart, in words for messages.
+FOLDER_KINDS: dict[str, str] = {
+    "generations": "generations (written by `hf-distill generate`)",
+    "teacher_cache": "a teacher cache (written by `hf-distill cache-teacher`)",
+    "model": "a model",
+    "checkpoints": "a training run's checkpoints",
+    "dataset": "a saved dataset",
+}
+
+
 def folder_kind(path: str | os.PathLike) -> str | None:
-    """What a local folder holds, in words, from its marker files: generations, a teacher cache, a model, a training
-    run, a saved dataset; None for anything else (or no folder)."""
+    """What a local folder holds, from its marker files: a key of `FOLDER_KINDS` (generations, a teacher cache, a
+    model, a training run's checkpoints, a saved dataset), or None for anything else (or no folder)."""
     folder = Path(path)
     if not folder.is_dir():
         return None
@@ -104,15 +114,15 @@ def folder_kind(path: str | os.PathLike) -> str | None:
     if manifest.is_file():
         kind = json.loads(manifest.read_text()).get("kind")
         if kind == "hf_distill.generations":
-            return "generations (written by `hf-distill generate`)"
+            return "generations"
         if kind is None:
-            return "a teacher cache (written by `hf-distill cache-teacher`)"
+            return "teacher_cache"
     if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
-        return "a model"
+        return "model"
     if any(folder.glob("checkpoint-*")):
-        return "a training run's checkpoints"
+        return "checkpoints"
     if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
-        return "a saved dataset"
+        return "dataset"
     return None
 
 
@@ -181,8 +191,17 @@ class RunRecordCallback(TrainerCallback):
 
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if folder.is_dir():
-            self.record = self.record or run_record(self.trainer)
-            (folder / RUN_RECORD_FILE).write_text(json.dumps(self.record, indent=2, default=str))
+            (folder / RUN_RECORD_FILE).write_text(json.dumps(_current_record(self.trainer), indent=2, default=str))
+
+
+def _current_record(trainer: Any) -> dict[str, Any]:
+    """`run_record` of `trainer`, kept by its `RunRecordCallback` so the training rows are read once (at a resume
+    and for every checkpoint)."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, RunRecordCallback):
+            callback.record = callback.record or run_record(trainer)
+            return callback.record
+    return run_record(trainer)
 
 
 def check_resume(trainer: Any, checkpoint: str | bool | None) -> None:
@@ -202,7 +221,7 @@ def check_resume(trainer: Any, checkpoint: str | bool | None) -> None:
         logger.warning("Checkpoint %s has no %s (written by an older hf_distill or another trainer): its settings "
                        "cannot be compared with this run's.", checkpoint, RUN_RECORD_FILE)
         return
-    recorded, current = json.loads(file.read_text()), run_record(trainer)
+    recorded, current = json.loads(file.read_text()), _current_record(trainer)
     found = differences(recorded.get("settings", {}), current["settings"])
     if recorded.get("data") and current["data"] and recorded["data"] != current["data"]:
         found.append(f"training rows: other rows there (fingerprint {recorded['data']}) than in this run "

@@ -18,6 +18,7 @@ from ..generate import is_generations
 from ..modeling import context_length, unwrap, weights_fingerprint
 from ..provenance import (
     DATA_FIELDS,
+    FOLDER_KINDS,
     SOURCE_FIELDS,
     content_fingerprint,
     differences,
@@ -74,12 +75,11 @@ def check_transfer_set(task: str, args: DistillationConfig | None) -> None:
 def check_model_folder(folder: str, flag: str, gguf: bool = False) -> None:
     """A local folder given as a model must hold one (``config.json``, a PEFT adapter, or a GGUF file with
     `--teacher_gguf_file`): another kind of folder is named, not left to a tokenizer's error (a Hub id passes)."""
-    path = Path(folder)
-    if gguf or not path.is_dir() or (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+    kind = folder_kind(folder)
+    if gguf or not Path(folder).is_dir() or kind == "model":
         return
-    kind = folder_kind(path)
-    raise ValueError(f"{flag} {folder!r} holds {kind or 'no config.json'}, not a model: give the model's folder (with "
-                     "config.json), a Hub id or asset:NAME.")
+    raise ValueError(f"{flag} {folder!r} holds {FOLDER_KINDS.get(kind, 'no config.json')}, not a model: give the "
+                     "model's folder (with config.json), a Hub id or asset:NAME.")
 
 
 def check_model_arguments(model_args: ModelArguments, args: DistillationConfig) -> None:
@@ -185,19 +185,33 @@ def _same_source(a: str, b: str) -> bool:
     return a == b
 
 
+def model_config(model_args: ModelArguments, flag: str) -> Any:
+    """The (text) config of `--teacher` or `--student` (`flag`), read without the weights; None without that flag or
+    where it cannot be read (the model's own loading then says why: a Hub id offline, a folder without config.json)."""
+    source = model_args.teacher if flag == "--teacher" else model_args.student
+    if source is None:
+        return None
+    kwargs = {"gguf_file": model_args.teacher_gguf_file} if flag == "--teacher" and model_args.teacher_gguf_file \
+        else {}
+    try:
+        config = AutoConfig.from_pretrained(resolve_source(source, flag), trust_remote_code=model_args.trust_remote_code,
+                                            **kwargs)
+    except (OSError, ValueError):
+        return None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def check_teacher_tokenizer(model_args: ModelArguments) -> None:
     """`--teacher_tokenizer` must belong to the teacher: no more tokens than the teacher's embedding has rows (fewer
     is normal: padded vocabularies), and, where the teacher's folder has a tokenizer of its own, the same ids for a
     probe text. Checked before any model loads."""
     if not model_args.teacher_tokenizer or not model_args.teacher:
         return
+    config = model_config(model_args, "--teacher")
+    if config is None:
+        return
     kwargs = {"gguf_file": model_args.teacher_gguf_file} if model_args.teacher_gguf_file else {}
     source = resolve_source(model_args.teacher)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code, **kwargs)
-    except OSError:
-        return  # (loading the teacher says what is wrong: a Hub id without network, a folder without config.json)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     tokenizer = load_tokenizer(model_args)
     rows = getattr(config, "vocab_size", None)
     if rows is not None and len(tokenizer) > rows:
@@ -230,19 +244,10 @@ def check_row_lengths(data: PreparedData, model_args: ModelArguments) -> None:
     (`modeling.context_length`, read from their configs before they load): positions past it are ones the model
     never learnt or has no embedding for (a GPT-2's position table raises `IndexError` mid-run)."""
     contexts = {}
-    for flag, source in (("teacher", model_args.teacher), ("student", model_args.student)):
-        if source is None:
-            continue
-        kwargs = {"gguf_file": model_args.teacher_gguf_file} if flag == "teacher" and model_args.teacher_gguf_file \
-            else {}
-        try:
-            config = AutoConfig.from_pretrained(resolve_source(source, f"--{flag}"),
-                                                trust_remote_code=model_args.trust_remote_code, **kwargs)
-        except (OSError, ValueError):
-            continue  # (the model's own loading says what is wrong)
-        length = context_length(config)
+    for name in ("teacher", "student"):
+        length = context_length(model_config(model_args, f"--{name}"))
         if length is not None:
-            contexts[flag] = length
+            contexts[name] = length
     if not contexts:
         return
     name, context = min(contexts.items(), key=lambda kv: kv[1])
