@@ -33,6 +33,18 @@ from hf_distill.data import DataArguments  # noqa: E402
 from hf_distill.students import SHRINK_STRATEGIES, select_layers  # noqa: E402
 
 
+@torch.no_grad()
+def continuations(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> list[str]:
+    """Greedy continuations of `prompts` (token ids), decoded: what a person reads to judge a student."""
+    model.eval()
+    out = []
+    for ids in prompts:
+        generated = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.eos_token_id)
+        out.append(tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="asset:smollm2-135m")
@@ -45,6 +57,10 @@ def main() -> None:
     parser.add_argument("--dev_blocks", type=int, default=32)
     parser.add_argument("--test_blocks", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--samples", type=int, default=3, help="dev blocks whose first --prompt_tokens tokens every "
+                        "model continues greedily (--new_tokens), printed beside the teacher's")
+    parser.add_argument("--prompt_tokens", type=int, default=24)
+    parser.add_argument("--new_tokens", type=int, default=24)
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
     options = parser.parse_args()
     started = time.perf_counter()
@@ -60,6 +76,7 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(resolve_source(options.teacher), dtype=torch.float32).eval()
     depth = teacher.config.num_hidden_layers
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    prompts = [list(dev[i]["input_ids"][: options.prompt_tokens]) for i in range(min(options.samples, len(dev)))]
     results = {}
     for strategy in options.strategies:
         try:
@@ -82,12 +99,14 @@ def main() -> None:
         trainer.train()
         seconds = time.perf_counter() - start
         trained = {"dev": perplexity(trainer, dev), "test": perplexity(trainer, test)}
-        results[strategy] = {"layers": layers, "at_cut": at_cut, "trained": trained, "train_seconds": seconds}
+        results[strategy] = {"layers": layers, "at_cut": at_cut, "trained": trained, "train_seconds": seconds,
+                             "samples": continuations(student, tokenizer, prompts, options.new_tokens)}
         print(f"  {strategy} {layers}: cut dev {at_cut['dev']:.1f}, after {options.steps} steps dev "
               f"{trained['dev']:.2f} test {trained['test']:.2f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
         del trainer, student
     teacher_ppl = teacher_perplexity(teacher, tokenizer, collator, os.path.join(workdir, "teacher"),
                                      options.batch_size, {"dev": dev, "test": test})
+    teacher_samples = continuations(teacher, tokenizer, prompts, options.new_tokens)
     best = min(results, key=lambda s: results[s]["trained"]["dev"])
     total = time.perf_counter() - started
     print(f"\n### Shrink strategy: SmolLM2-135M ({depth} layers) -> {options.student_layers} layers, {options.steps} "
@@ -99,10 +118,19 @@ def main() -> None:
         print(f"| {name}{mark} | {r['layers']} | {r['at_cut']['dev']:.1f} / {r['at_cut']['test']:.1f} | "
               f"{r['trained']['dev']:.2f} / {r['trained']['test']:.2f} | {r['train_seconds']:.0f} |")
     print(f"| (the teacher) | all {depth} | {teacher_ppl['dev']:.2f} / {teacher_ppl['test']:.2f} | | |")
+    print(f"\n#### Greedy continuations of {len(prompts)} dev blocks' first {options.prompt_tokens} tokens "
+          f"({options.new_tokens} new tokens)\n")
+    for i, ids in enumerate(prompts):
+        print(f"- prompt {i + 1}: {tokenizer.decode(ids)!r}")
+        print(f"  - teacher: {teacher_samples[i]!r}")
+        for name, r in results.items():
+            print(f"  - {name}: {r['samples'][i]!r}")
     info = machine("cpu")
     print(f"\nBest on dev: {best}. Total {total / 60:.1f} min.\nMachine: {info}\nSettings: {vars(options)}")
     write_json(options.output, {"machine": info, "settings": vars(options), "results": results,
-                                "teacher_perplexity": teacher_ppl, "best_on_dev": best, "total_seconds": total})
+                                "teacher_perplexity": teacher_ppl, "teacher_samples": teacher_samples,
+                                "prompts": [tokenizer.decode(ids) for ids in prompts], "best_on_dev": best,
+                                "total_seconds": total})
     shutil.rmtree(workdir, ignore_errors=True)
 
 
