@@ -10,6 +10,7 @@ step (all accumulated micro-batches, all processes with global counts): ``L = su
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -231,6 +232,14 @@ class TermLog:
         self.sums: dict[str, torch.Tensor] = {}
         self.step_values: dict[str, list[float]] = {}
         self.since = step
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def add_tokens(self, batches: Sequence[Mapping[str, Any]]) -> None:
+        """Count the input tokens (attention mask 1) of a step's micro-batches, for ``tokens_per_second``."""
+        for batch in batches:
+            mask = batch.get("attention_mask", batch.get("input_ids"))
+            if torch.is_tensor(mask):
+                self.tokens += int(mask.sum()) if "attention_mask" in batch else mask.numel()
 
     def add(self, sums: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], units: dict[str, str]) -> None:
         for name, value in sums.items():
@@ -242,13 +251,21 @@ class TermLog:
             self.step_values.setdefault(key, []).append(value)
 
     def flush(self, logs: dict[str, float], step: int) -> None:
-        """Write the averages into `logs` and start a new interval at `step`."""
+        """Write the averages into `logs` (and ``tokens_per_second``: input tokens of all processes over the
+        interval's wall-clock time) and start a new interval at `step`."""
         steps = max(step - self.since, 1)
+        tokens = self.gather(torch.tensor([float(self.tokens)], device=self._device())).sum().item()  # (every process)
+        if tokens:
+            logs["tokens_per_second"] = tokens / max(time.perf_counter() - self.started, 1e-9)
         for name, total in self.sums.items():
             logs[f"{name}_loss"] = self.gather(total.detach().reshape(1)).mean().item() / steps
         for key, values in self.step_values.items():
             logs[key] = sum(values) / len(values)
         self.reset(step)
+
+
+    def _device(self) -> torch.device:
+        return next((t.device for t in self.sums.values() if torch.is_tensor(t)), torch.device("cpu"))
 
 
 class EvalTotals:

@@ -199,6 +199,13 @@ class DistillationConfig(TrainingArguments):
         num_generations (`int`, defaults to 1):
             Completions sampled per prompt on a sampled micro-batch (it then holds ``rows * num_generations``
             sequences; all count). As TRL's `DistillationConfig.num_generations`.
+        sample_prompts (`int`, defaults to 4), sample_max_new_tokens (`int`, defaults to 48):
+            Causal LMs: at each evaluation and at the end of training, the teacher's and the student's greedy answers
+            to this many held-out prompts, side by side in the log, the reporting integrations and the report
+            (`samples.SamplesCallback`; 0: off).
+        on_collapse (`str`, defaults to `"warn"`):
+            When the student's samples (on-policy, per logging interval; the held-out samples, against the
+            teacher's) degenerate by the thresholds of `samples.collapse_reasons`: `"warn"`, or `"error"` to stop.
         overwrite_output_dir (`bool`, defaults to `False`):
             A run refuses an `output_dir` that holds an earlier run's checkpoints (the command line: anything at all)
             unless it resumes from it. `True` moves the earlier contents aside into a dated folder beside it
@@ -342,6 +349,11 @@ class DistillationConfig(TrainingArguments):
     top_k: int = field(default=0, metadata={"help": "Top-k sampling of the completions (0: off)."})
     num_generations: int = field(default=1, metadata={"help": "Completions sampled per prompt on a sampled batch."})
 
+    sample_prompts: int = field(default=4, metadata={"help": "Held-out prompts answered greedily by teacher and student "
+                                                             "at each evaluation and at the end (0: off)."})
+    sample_max_new_tokens: int = field(default=48, metadata={"help": "Most new tokens of those held-out samples."})
+    on_collapse: str = field(default="warn", metadata={"help": "Degenerate student samples: 'warn' or 'error' (stop).",
+                                                       "choices": ["warn", "error"]})
     on_nonfinite: str = field(
         default="error",
         metadata={"help": "A step with a NaN/inf loss or gradient norm: 'error' stops the run there, 'skip_step' "
@@ -418,6 +430,10 @@ class DistillationConfig(TrainingArguments):
         check_sampling_settings(self)
         self.logits_chunk_size = parse_chunk_size(self.logits_chunk_size)
         check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_MODES)
+        check_choice("on_collapse", self.on_collapse, ("warn", "error"))
+        if self.sample_prompts < 0 or self.sample_max_new_tokens < 1:
+            raise ValueError(f"sample_prompts must be >= 0 (0: off) and sample_max_new_tokens >= 1, got "
+                             f"{self.sample_prompts} and {self.sample_max_new_tokens}.")
         check_choice("vocab_mismatch", self.vocab_mismatch, VOCAB_MISMATCH_MODES)
         check_choice("align_tokenizers", self.align_tokenizers, ("auto", "always"))
         check_choice("hidden_span_pooling", self.hidden_span_pooling, ("mean",), allow_none=True)

@@ -22,13 +22,14 @@ from typing import Any
 import datasets
 import torch
 from tqdm.auto import tqdm
-from transformers import set_seed
+from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 from transformers.utils import logging
 
 from .chat import detect_rows_format, end_completion, left_padded, prompt_ids, stop_ids
 from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .modeling import context_length, weights_fingerprint
 from .provenance import folder_kind, template_record
+from .samples import CAPPED_WARN, check_collapse, completion_stats
 from .teacher_cache import (
     CACHE_COLUMNS,
     CACHE_FEATURES,
@@ -102,9 +103,23 @@ def prompts_of(dataset: datasets.Dataset) -> list[Any]:
                      "optionally with --system_prompt).")
 
 
+class _Ticker(StoppingCriteria):
+    """Shows the batch's generated tokens in the progress bar at every decoding step (a bar that moved once per batch
+    sat at 0 for minutes); it stops nothing."""
+
+    def __init__(self, bar: Any, max_new_tokens: int) -> None:
+        self.bar, self.max_new_tokens, self.step = bar, max_new_tokens, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        self.step += 1
+        if self.step == 1 or self.step % 4 == 0:
+            self.bar.set_postfix_str(f"batch: token {self.step}/{self.max_new_tokens}")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: GenerationArguments, stops: list[int],
-            pad: int) -> tuple[list[dict[str, Any]], int]:
+            pad: int, bar: Any = None) -> tuple[list[dict[str, Any]], int]:
     """The teacher's answers to `prompts` (num_return_sequences each, in order) and the tokens it generated. Each
     answer: its text, the prompt's and the completion's token ids (the completion ends with the stop token when one was
     generated) and, with `cache_top_k`, the teacher-cache columns of its completion tokens: the top-k
@@ -119,6 +134,7 @@ def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: Generation
         temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
         num_return_sequences=settings.num_return_sequences, eos_token_id=stops, pad_token_id=pad,
         return_dict_in_generate=True, output_logits=settings.cache_top_k > 0,
+        stopping_criteria=StoppingCriteriaList([_Ticker(bar, settings.max_new_tokens)]) if bar is not None else None,
     )
     answers, generated = [], 0
     for index, row in enumerate(out.sequences[:, width:].tolist()):
@@ -192,7 +208,7 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
     pad = pad if pad is not None else stops[0]
     model.eval()
     done = sum(s["num_prompts"] for s in manifest["shards"])
-    start_time, tokens = time.perf_counter(), 0
+    start_time, tokens, written = time.perf_counter(), 0, []
     with tqdm(total=len(prompts), initial=done, desc="Generating", unit="prompt") as bar:
         while done < len(prompts):
             index, end = len(manifest["shards"]), min(done + settings.shard_size, len(prompts))
@@ -200,8 +216,9 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
             rows: dict[str, list[Any]] = {}
             for batch_start in range(done, end, settings.batch_size):
                 batch = prompts[batch_start: min(batch_start + settings.batch_size, end)]
-                answers, generated = _answer(model, tokenizer, batch, settings, stops, pad)
+                answers, generated = _answer(model, tokenizer, batch, settings, stops, pad, bar)
                 tokens += generated
+                written += [a["completion_ids"] for a in answers]
                 for i, answer in enumerate(answers):
                     text = answer.pop("text")
                     answer["prompt"] = batch[i // settings.num_return_sequences]
@@ -220,7 +237,27 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
     seconds = time.perf_counter() - start_time
     logger.warning("Generated answers to %d prompts: %d new tokens in %.1f s (%.1f tokens/s); written to %s.",
                    len(prompts), tokens, seconds, tokens / max(seconds, 1e-9), folder)
+    if written:
+        check_answers(written, stops, settings.max_new_tokens)
     return folder
+
+
+def check_answers(answers: list[list[int]], stops: list[int], max_new_tokens: int) -> dict[str, float]:
+    """Logs what the teacher wrote (`samples.completion_stats` of this run's answers) and warns when more than
+    `samples.CAPPED_WARN` of them hit `max_new_tokens` without a stop token (cut mid-answer: the student learns to stop
+    nowhere) or when they degenerate (`samples.collapse_reasons`, absolute thresholds)."""
+    stats = completion_stats(answers, stops, max_new_tokens)
+    logger.warning("The answers: %.1f tokens on average, %.0f%% stopped by --max_new_tokens %d without a stop token, "
+                   "distinct-2 %.2f, repeated 4-grams %.0f%%.", stats["mean_length"], 100 * stats["capped_share"],
+                   max_new_tokens, stats["distinct_2"], 100 * stats["repeated_4gram_share"])
+    if stats["capped_share"] > CAPPED_WARN:
+        logger.warning("%d of %d answers (%.0f%%) hit --max_new_tokens %d without a stop token: they end mid-answer, "
+                       "and a student distilled on them learns answers that do not end. Raise --max_new_tokens (or "
+                       "ask for shorter answers in the prompt or --system_prompt).", round(stats["capped_share"] *
+                       len(answers)), len(answers), 100 * stats["capped_share"], max_new_tokens)
+    check_collapse(stats, None, "warn", "the teacher's answers", "A student distilled on them learns them: check the "
+                   "prompts, the chat template and --temperature, or use a stronger teacher.")
+    return stats
 
 
 def check_fits_context(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int) -> None:

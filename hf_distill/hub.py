@@ -30,6 +30,69 @@ class CardInfo:
     labels: str | None = None  #: how the data's labels map to class ids, e.g. "'neg' -> 0, 'pos' -> 1"
     labels_note: str | None = None  #: why that mapping is an assumption (a teacher without label names)
     resumed_with: str | None = None  #: a resume with other settings: the checkpoint and each change
+    method: str | None = None  #: how the targets were made (`describe_method`)
+    training: dict[str, Any] = field(default_factory=dict)  #: steps, learning rate, batch, precision...
+    versions: dict[str, str] = field(default_factory=dict)  #: library versions (`library_versions`)
+    model_id: str | None = None  #: where users load the student from: its Hub id or folder
+    chat: bool = False  #: a chat model: the usage example passes messages
+
+
+def describe_method(args: Any, cache_top_k: int | None = None, teacher_tokenizer: str | None = None) -> str:
+    """How the soft targets were made, in words: off-policy (the dataset's completions, a top-k teacher cache),
+    on-policy (`lmbda`, sampled tokens, temperature), sequence-level KD (`seq_kd`), across tokenizers; and the loss."""
+    if args.lmbda > 0:
+        share = "every" if args.lmbda >= 1 else f"a share {args.lmbda:g} of the"
+        parts = [f"on-policy (lmbda={args.lmbda:g}: the student samples {share} completion, at most "
+                 f"{args.max_new_tokens} new tokens at temperature {args.generation_temperature:g}; the teacher scores "
+                 "them)"]
+        if args.seq_kd and args.lmbda < 1:
+            parts.append("the other completions sampled by the teacher (seq_kd)")
+    elif args.seq_kd:
+        parts = [f"sequence-level KD on the fly (seq_kd: the teacher samples every completion, at most "
+                 f"{args.max_new_tokens} new tokens)"]
+    else:
+        parts = ["off-policy (the dataset's completions)"]
+    if cache_top_k:
+        parts.append(f"the teacher's top-{cache_top_k} log-probabilities from an offline cache (the tail's mass kept)")
+    if teacher_tokenizer:
+        parts.append(f"across tokenizers (the teacher's `{teacher_tokenizer}`; `{args.logits_loss}` on aligned spans)")
+    elif getattr(args, "logits_weight", 0):
+        parts.append(f"`{args.logits_loss}` at temperature {args.temperature:g}")
+    return "; ".join(parts)
+
+
+def training_record(args: Any, steps: int, processes: int = 1) -> dict[str, Any]:
+    """What a reader needs to reproduce the training: optimizer steps, learning rate and schedule, the batch (per
+    device x accumulation x processes), precision, seed."""
+    per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    precision = "bf16 mixed" if args.bf16 else "fp16 mixed" if args.fp16 else "fp32"
+    if getattr(args, "teacher_dtype", None):
+        precision += f", teacher in {args.teacher_dtype}"
+    scheduler, optimizer = (getattr(v, "value", v) for v in (args.lr_scheduler_type, args.optim))
+    return {"optimizer steps": steps, "learning rate": f"{args.learning_rate:g} ({scheduler} schedule, {optimizer})",
+            "batch": f"{per_device * accumulation * processes} sequences per step ({per_device} per device x "
+                     f"{accumulation} accumulated x {processes} process{'es' if processes > 1 else ''})",
+            "precision": precision, "seed": args.seed}
+
+
+def library_versions(peft: bool = False) -> dict[str, str]:
+    """The versions of the libraries that trained the student."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["hf-distill", "transformers", "torch", "datasets", "accelerate"] + (["peft"] if peft else [])
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def on_hub(name: str | None) -> bool:
+    """Whether `name` reads as a Hub id (owner/name or name), not a local path or a packaged asset."""
+    return bool(name) and not (name.startswith(("asset:", "/", ".", "~")) or Path(name).exists()
+                               or Path(name).suffix in (".json", ".jsonl", ".csv", ".parquet", ".txt"))
 
 
 def _yaml_list(values: list[str]) -> str:
@@ -43,11 +106,10 @@ def model_card(info: CardInfo) -> str:
         "sequence-classification": "text-classification", "regression": "text-classification",
         "causal-lm": "text-generation", "masked-lm": "fill-mask",
     }.get(info.task or "")
-    # base_model links the Hub page of the teacher: only for Hub ids (not local folders or packaged assets)
-    on_hub = not (info.teacher.startswith(("asset:", "/", ".", "~")) or Path(info.teacher).exists())
-    metadata = ([f"base_model: {info.teacher}"] if on_hub else []) + [
+    # base_model and datasets link Hub pages: only for Hub ids (not local folders, files or packaged assets)
+    metadata = ([f"base_model: {info.teacher}"] if on_hub(info.teacher) else []) + [
         "library_name: transformers", f"tags:{_yaml_list(list(CARD_TAGS))}"]
-    if info.dataset:
+    if on_hub(info.dataset):
         metadata.append(f"datasets:{_yaml_list([info.dataset])}")
     if pipeline_tag:
         metadata.append(f"pipeline_tag: {pipeline_tag}")
@@ -63,7 +125,8 @@ def model_card(info: CardInfo) -> str:
     lines += ["", "## Distillation", "", f"- teacher: `{info.teacher}`" + (
         f" ({info.teacher_layers} layers)" if info.teacher_layers else "")]
     if info.kept_layers is not None:
-        lines.append(f"- student: {len(info.kept_layers)} layers cut from the teacher, keeping teacher layers "
+        plural = "s" if len(info.kept_layers) != 1 else ""
+        lines.append(f"- student: {len(info.kept_layers)} layer{plural} cut from the teacher, keeping teacher layers "
                      f"{info.kept_layers} (`config.distilled_from_layers`)")
     elif info.student_source:
         lines.append(f"- student: initialised from `{info.student_source}`"
@@ -78,19 +141,32 @@ def model_card(info: CardInfo) -> str:
     if active:
         terms = " + ".join(f"{v:g} * {k.removesuffix('_weight')}" for k, v in active.items())
         lines.append(f"- loss: `{terms}`")
-    if info.temperature is not None and info.loss_weights.get("logits_weight"):
+    if info.method:
+        lines.append(f"- method: {info.method}")
+    elif info.temperature is not None and info.loss_weights.get("logits_weight"):
         lines.append(f"- soft targets: `{info.logits_loss}` at temperature {info.temperature:g}")
     if info.resumed_with:
         lines.append(f"- resumed from {info.resumed_with} (the steps before it trained with the checkpoint's "
                      "settings)")
     if info.parameters:
         lines.append("- parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in info.parameters.items()))
+    if info.training:
+        lines += ["", "## Training", ""] + [f"- {k}: {v}" for k, v in info.training.items()]
+    if info.versions:
+        lines.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()))
     if info.metrics:
         lines += ["", "## Evaluation", "", "| metric | teacher | student |", "|---|---|---|"]
         for name, values in info.metrics.items():
             lines.append(f"| {name} | {_fmt(values.get('teacher'))} | {_fmt(values.get('student'))} |")
+    where = info.model_id or "path/or/hub-id"
     lines += ["", "## Use", "", "```python", "from transformers import pipeline", "",
-              f"pipe = pipeline({pipeline_tag or 'text-classification'!r}, model=\"path/or/hub-id\")", "```", ""]
+              f'pipe = pipeline("{pipeline_tag or "text-classification"}", model="{where}")']
+    if info.chat:
+        lines += ['messages = [{"role": "user", "content": "What is distillation?"}]',
+                  'print(pipe(messages, max_new_tokens=64)[0]["generated_text"][-1]["content"])']
+    elif pipeline_tag == "text-generation":
+        lines.append('print(pipe("Distillation is", max_new_tokens=32)[0]["generated_text"])')
+    lines += ["```", ""]
     return header + "\n" + "\n".join(lines)
 
 

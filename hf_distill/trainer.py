@@ -34,6 +34,7 @@ from .safety import (
     classification_labels,
     drop_gradients,
 )
+from .samples import samples_callbacks
 from .signal_modules import ATTACHED_NAME, SignalModules, load_signal_state, save_signal_state
 from .signals import fields_where, label_weights
 from .signals.build import build_signals
@@ -74,7 +75,8 @@ class DistillationTrainer(Trainer):
     ``trainer.signal_modules``: trained by the student's optimizer, saved in checkpoints, never exported.
 
     Logged: ``loss`` (the weighted total) and ``<term>_loss`` for every active term, each averaged over the logging
-    interval; evaluation adds ``eval_<term>_loss`` and ``eval_teacher_agreement`` (top-1, on counted positions).
+    interval, and ``tokens_per_second``; evaluation adds ``eval_<term>_loss`` and ``eval_teacher_agreement`` (top-1,
+    on counted positions). Causal LMs: held-out samples, teacher beside student (`samples.SamplesCallback`).
     """
 
     # compute_loss divides by the positions counted over the whole accumulated batch: the Trainer must not divide again.
@@ -139,11 +141,10 @@ class DistillationTrainer(Trainer):
                 "a user-built optimizer does not hold. Let the trainer build the optimizer (args.optim, or "
                 "optimizer_cls_and_kwargs=...) instead of passing optimizers=(...)."
             )
-        for callback in (_AfterOptimizerStep(self), RunRecordCallback(self),  # (records what a resume compares with)
-                         *student_mode_callbacks(model, args, self.signals, self.accelerator)):  # during train()
+        modes = student_mode_callbacks(model, args, self.signals, self.accelerator)  # (RunRecord: what a resume checks)
+        for callback in (_AfterOptimizerStep(self), RunRecordCallback(self), *modes, *samples_callbacks(self)):
             self.add_callback(callback)
-        # transformers releases without `loss_is_scaled_for_ga` decide from this flag (our loss is already normalised).
-        self.model_accepts_loss_kwargs = True
+        self.model_accepts_loss_kwargs = True  # (transformers without `loss_is_scaled_for_ga` reads this flag)
         if not self.label_names:  # plain nn.Modules: the data collators' name for targets
             self.label_names = ["labels"]
         model_unit = infer_position_unit(model)
@@ -153,13 +154,11 @@ class DistillationTrainer(Trainer):
                                  source.declared_vocab_size(), args.vocab_mismatch)
 
         source.prepare(self.accelerator, args, self.signals, check_sizes)
-        #: what the student's model card says (set by the command line, or by you); None: the Trainer's own card
-        self.card_info: CardInfo | None = None
+        self.card_info: CardInfo | None = None  #: the student's model card (set by the command line or you; None: HF's)
         self.term_log = TermLog(self.accelerator.gather)
         self._eval_totals = EvalTotals()
         self.data_collator = source.wrap_collator(self.data_collator)
-        #: how the output terms are computed (`outputs.plan_output`): full logits, or chunks of the output layer
-        self.output_strategy = plan_output(
+        self.output_strategy = plan_output(  # the output terms: from full logits, or chunks of the output layer
             args.logits_chunk_size, model_unit, self.model, source.models, self.signals,
             self.accelerator.distributed_type.value, tuple(self.label_names), kernel=checked_kernel(args, source),
             precision=output_precision(self.accelerator, args.output_layer_dtype), aligned=source.aligns_tokens)
@@ -167,8 +166,8 @@ class DistillationTrainer(Trainer):
         check_labels_available(self.train_dataset, self.data_collator,
                                lambda d: self._remove_unused_columns(d, description="label check"),
                                self.label_names, label_weights(args))
-        #: stops (or skips) a step whose loss, terms or gradient norm are not finite (`on_nonfinite`)
-        self.nonfinite_guard = NonFiniteGuard(self._term_weights, args.on_nonfinite, self.accelerator.gather)
+        self.nonfinite_guard = NonFiniteGuard(  # stops (or skips) a step whose loss, terms or grad norm are not finite
+            self._term_weights, args.on_nonfinite, self.accelerator.gather)
         units = set(self._term_units.values())
         self.accounting = Accounting(units, model_unit, self.label_name, self.accelerator.gather,
                                      args.world_size > 1 and args.average_tokens_across_devices,
@@ -220,6 +219,7 @@ class DistillationTrainer(Trainer):
         if not batch_samples:
             self.accounting.step_counts = None
             return batch_samples, None
+        self.term_log.add_tokens(batch_samples)
         return batch_samples, self.accounting.count_step(batch_samples, device)["positions"]
 
     def compute_loss(

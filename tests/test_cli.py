@@ -244,6 +244,9 @@ def test_distill_script_runs_as_two_processes(tiny_run, tmp_path):
     out = tmp_path / "student"
     assert (out / "model.safetensors").is_file() and (out / "_report" / "report.md").is_file()
     assert result.stdout.count("| held-out accuracy") == 1  # only the main process prints and writes
+    log = result.stdout + result.stderr
+    assert log.count("Method: off-policy") == 1 and log.count("Student: 2 of the teacher's 4 layers") == 1  # once
+    assert "find_unused_parameters" not in log  # (a cut of the teacher uses every parameter: DDP is told so)
     eval_accuracy = float(result.stdout.split("'eval_accuracy': '")[1].split("'")[0])
     student_row = next(line for line in result.stdout.splitlines() if line.startswith("| held-out accuracy"))
     assert float(student_row.split("|")[3]) == pytest.approx(eval_accuracy, abs=1e-3)  # gathered over both processes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging as logging_module
 import os
 from typing import Any, Sequence
 
@@ -21,17 +22,19 @@ from ..data import (
     load_raw,
 )
 from ..generate import GenerationArguments, check_not_a_cache, generate_completions, holds_teacher_cache
-from ..hub import CardInfo, hub_errors
+from ..hub import CardInfo, describe_method, hub_errors, library_versions, training_record
 from ..modeling import unwrap
 from ..options import check_choice
 from ..output_dir import check_output_dir, move_aside_on_main
 from ..performance import apply_speed_defaults, keep_freed_memory, recommended_precision
 from ..provenance import data_record, template_record
 from ..safety import check_one_run
+from ..samples import samples_history
 from ..signals import label_weights
 from ..students import model_depth, pick_layers, shrink_model
 from ..teacher_cache import (
     build_teacher_cache,
+    cache_manifest,
     cache_size,
     check_not_generations,
     load_teacher_cache,
@@ -62,6 +65,7 @@ from .models import (
     resume_checkpoint,
 )
 from .report import (
+    SIGNIFICANT,
     Row,
     accuracy_metrics,
     displayed,
@@ -89,6 +93,8 @@ def start_training_job(model_args: ModelArguments, data_args: DataArguments, arg
     set's use, the output folder), then the seed; returns the checkpoint to resume from and whether an earlier run's
     folder is to be moved aside."""
     check_one_run(args)
+    if args.process_index > 0:  # each message once, from the main process (errors still from every one)
+        logging_module.getLogger("hf_distill").setLevel(logging_module.ERROR)
     check_model_arguments(model_args, args)
     if data_args.transfer_dataset:
         check_transfer_set(model_args.task, args if distilling else None)
@@ -140,6 +146,11 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     else:
         raise ValueError("Give the student: --student (Hub id / folder), --student_layers N (cut from the teacher), "
                          "or --use_peft alone (LoRA self-distillation).")
+    if args.ddp_find_unused_parameters is None and (task == "causal-lm" or not model_args.student):
+        args.ddp_find_unused_parameters = False  # (a causal LM or a cut of the teacher uses every parameter)
+    cache_top_k = (cache_manifest(cached) or {}).get("top_k") if cached is not None else None
+    method = describe_method(args, cache_top_k, (model_args.teacher_tokenizer or model_args.teacher) if pair else None)
+    logger.warning("Method: %s.", method)
     # prompt-only data (on-policy) has no answers to evaluate on: the report then shows sizes and speed only
     prompts_only = data.data_format == "prompt_only"
     eval_labelled = ("labels" in data.eval.column_names or task in ("causal-lm", "masked-lm")) and not prompts_only
@@ -168,16 +179,21 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         dataset=data_args.dataset, loss_weights=args.loss_weights, temperature=args.temperature,
         logits_loss=args.logits_loss, parameters={"teacher": parameters(teacher), "student": parameters(student)},
         labels=data.labels.described if data.labels is not None else None,
-        labels_note=data.labels.warning if data.labels is not None else None,
+        labels_note=data.labels.warning if data.labels is not None else None, method=method,
+        versions=library_versions(peft_config is not None),
     )
     trainer.train(resume_from_checkpoint=resume)
+    trainer.card_info.training = training_record(args, trainer.state.global_step, trainer.accelerator.num_processes)
+    if not prompts_only:
+        logger.warning("Evaluating the student's distillation terms and teacher agreement on %d held-out rows.",
+                       len(data.eval))
     student_eval = trainer.evaluate() if not prompts_only else {}
     if cached is not None or args.teacher_route:  # the teacher only now runs: for the comparison
         teacher = teacher.to(args.device).eval()
-    student_scores = evaluate_model(trainer.model, trainer, task) if eval_labelled else {}
+    student_scores = evaluate_model(trainer.model, trainer, task, "student") if eval_labelled else {}
     # across tokenizers the held-out tokens are the student's: the teacher is not scored on them
-    teacher_scores = (evaluate_model(teacher, trainer, task) if pair is None else dict.fromkeys(student_scores)) \
-        if eval_labelled else {}
+    teacher_scores = (evaluate_model(teacher, trainer, task, "teacher") if pair is None
+                      else dict.fromkeys(student_scores)) if eval_labelled else {}
     trainer.card_info.metrics = {k: {"teacher": teacher_scores[k], "student": student_scores[k]} for k in teacher_scores}
     if "eval_teacher_agreement" in student_eval:
         trainer.card_info.metrics["teacher agreement"] = {"teacher": 1.0,
@@ -186,6 +202,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
                                               and getattr(tokenizer, "chat_template", None))
     if chat:  # the student answers a conversation and stops at the end of its turn
         chat_generation_config(unwrap(trainer.model), tokenizer)
+    trainer.card_info.chat = bool(chat)
+    trainer.card_info.model_id = ((trainer.hub_model_id or args.hub_model_id) if args.push_to_hub else None) \
+        or os.path.abspath(args.output_dir)
     trainer.save_model(args.output_dir, _internal_call=True)  # the push comes last, once
 
     batch = next(iter(trainer.get_eval_dataloader()))
@@ -206,7 +225,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         rows.append(("teacher agreement", 1.0, student_eval["eval_teacher_agreement"], "{:.4f}"))
     rows.append(("weights dtype", weights_dtype(teacher), weights_dtype(student), "{}"))
     rows.append((f"{device.upper()} examples/s (batch {len(next(iter(batch.values())))})",
-                 speed["teacher"], speed["student"], "{:.0f}"))
+                 speed["teacher"], speed["student"], SIGNIFICANT))
     shown = displayed(rows)
     summary = {"rows": shown, "teacher": teacher_scores, "student": student_scores, "eval": student_eval}
     if trainer.is_world_process_zero():
@@ -214,7 +233,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         table += [f"| {n:<30} | {t:>10} | {s:>10} |" for n, t, s in shown]
         print("\n".join(table))
         # the report sits in `_report`, which the Hub upload skips (only student files are pushed)
-        summary["report"] = write_report(os.path.join(args.output_dir, "_report"), rows, trainer.state.log_history)
+        summary["report"] = write_report(os.path.join(args.output_dir, "_report"), rows, trainer.state.log_history,
+                                         samples_history(trainer))
         print(f"\nstudent, tokenizer and model card in {args.output_dir}; report in {summary['report'][0]}")
     if model_args.merge_adapters and hasattr(trainer.model, "merge_and_unload") and trainer.is_world_process_zero():
         merged_dir = os.path.join(args.output_dir, "merged")

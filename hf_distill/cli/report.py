@@ -10,11 +10,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import (
     Trainer,
 )
 from transformers.utils import logging
 
+from ..samples import samples_markdown
 from ..signal_modules import ATTACHED_NAME
 from ..teachers import AdapterDisabledTeacher
 
@@ -31,14 +33,17 @@ def regression_metrics(prediction) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, trainer: Trainer, task: str) -> dict[str, float]:
-    """The task metric of `model` on the trainer's evaluation set, computed the same way for teacher and student:
-    accuracy, MSE, or perplexity = exp(mean token cross-entropy). Per-example sums are gathered across processes
-    (without the padding duplicates of distributed sampling)."""
+def evaluate_model(model: torch.nn.Module, trainer: Trainer, task: str, name: str = "model") -> dict[str, float]:
+    """The task metric of `model` (called `name` in the progress bar) on the trainer's evaluation set, computed the
+    same way for teacher and student: accuracy, MSE, or perplexity = exp(mean token cross-entropy). Per-example sums
+    are gathered across processes (without the padding duplicates of distributed sampling)."""
     model.eval()
     device = trainer.args.device
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of the per-example values, count)
-    for batch in trainer.get_eval_dataloader():
+    metric = {"sequence-classification": "accuracy", "regression": "MSE"}.get(task, "perplexity")
+    bar = tqdm(trainer.get_eval_dataloader(), desc=f"Held-out {metric} of the {name}", unit="batch", leave=False,
+               disable=trainer.args.disable_tqdm or not trainer.is_world_process_zero())
+    for batch in bar:
         batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}  # (not a teacher's prompt lists)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
@@ -97,8 +102,24 @@ def weights_dtype(model) -> str | None:
     return " + ".join(dtypes) if dtypes else None
 
 
-#: One line of the summary: label, teacher value, student value (None: unknown), display format.
-Row = tuple[str, Any, Any, str]
+class Significant:
+    """A row format (``.format(value)``) with `digits` significant figures and no exponent: 0.52, 13, 1,200."""
+
+    def __init__(self, digits: int = 2) -> None:
+        self.digits = digits
+
+    def format(self, value: float) -> str:
+        if value == 0 or not math.isfinite(value):
+            return f"{value:g}"
+        decimals = self.digits - 1 - math.floor(math.log10(abs(value)))
+        return f"{round(value, decimals):,.{max(decimals, 0)}f}"
+
+
+SIGNIFICANT = Significant(2)
+
+#: One line of the summary: label, teacher value, student value (None: unknown), display format (a format string, or
+#: anything with ``.format(value)``).
+Row = tuple[str, Any, Any, Any]
 
 
 def displayed(rows: list[Row]) -> list[tuple[str, str, str]]:
@@ -106,26 +127,45 @@ def displayed(rows: list[Row]) -> list[tuple[str, str, str]]:
     return [(n, *("-" if v is None else fmt.format(v) for v in (t, s))) for n, t, s, fmt in rows]
 
 
-#: What an on-policy run (`teachers.SampledCompletions.log_values`) and a cross-tokenizer run
-#: (`teachers.CrossTokenizerTeacher.log_values`) log besides their terms, shown in the report.
-SAMPLING_LOGS = ("generated_tokens", "completion_length", "sampled_share", "generation_seconds_per_step",
-                 "aligned_spans", "span_share")
+#: What runs log besides their terms (an on-policy run: `teachers.SampledCompletions.log_values`, a cross-tokenizer
+#: one: `teachers.CrossTokenizerTeacher.log_values`), shown in the report: counters (on their own axes, log scale) and
+#: shares in [0, 1] (their own axes too), so the loss curves keep a readable scale.
+COUNTER_LOGS = ("tokens_per_second", "generated_tokens", "completion_length", "generation_seconds_per_step",
+                "aligned_spans")
+SHARE_LOGS = ("sampled_share", "span_share", "completion_distinct_2", "completion_repeated_4gram_share",
+              "completion_capped_share", "completion_collapse")
+SAMPLING_LOGS = COUNTER_LOGS + SHARE_LOGS
 
 
-def write_report(folder: str, rows: list[Row], log_history: list[dict[str, Any]]) -> list[str]:
-    """``folder/report.md`` (the summary table and the loss components over steps) and, when matplotlib is
-    installed, ``folder/report.png`` (loss components over steps; teacher vs student bars). Returns written files."""
+def write_report(folder: str, rows: list[Row], log_history: list[dict[str, Any]],
+                 samples: list[dict[str, Any]] = ()) -> list[str]:
+    """``folder/report.md`` (the summary table, the loss components and other logged values over steps, the
+    evaluation curve, the held-out samples with their collapse checks) and, when matplotlib is installed,
+    ``folder/report.png`` (loss components and the evaluation loss; counters and shares on their own axes; one
+    teacher-vs-student bar pair per metric on its own scale). Returns the files written."""
     os.makedirs(folder, exist_ok=True)
     table = ["| | teacher | student |", "|---|---|---|"] + [f"| {n} | {t} | {s} |" for n, t, s in displayed(rows)]
     terms = sorted({k for row in log_history for k in row
                     if k.endswith("_loss") and not k.startswith(("eval_", "train_"))})
-    terms += [k for k in SAMPLING_LOGS if any(k in row for row in log_history)]  # on-policy / cross-tokenizer
+    logged = [k for k in SAMPLING_LOGS if any(k in row for row in log_history)]
     steps = [row for row in log_history if "loss" in row and "step" in row]
-    history = ["| step | loss | " + " | ".join(terms) + " |", "|---" * (len(terms) + 2) + "|"]
+    evals = [(row["step"], row["eval_loss"]) for row in log_history if "eval_loss" in row and "step" in row]
+    history = ["| step | loss | " + " | ".join(terms + logged) + " |", "|---" * (len(terms) + len(logged) + 2) + "|"]
     for row in steps:
         history.append(f"| {row['step']} | {row['loss']:.4f} | "
-                       + " | ".join(f"{row[t]:.4f}" if t in row else "-" for t in terms) + " |")
+                       + " | ".join(f"{row[t]:.4g}" if t in row else "-" for t in terms + logged) + " |")
     text = "# Distillation report\n\n" + "\n".join(table) + "\n\n## Loss components\n\n" + "\n".join(history) + "\n"
+    if evals:
+        text += "\n## Evaluation\n\n| step | eval_loss |\n|---|---|\n" + "".join(f"| {a} | {b:.4f} |\n"
+                                                                            for a, b in evals)
+    collapsed = [row["step"] for row in log_history if row.get("completion_collapse")]
+    flagged = [entry["step"] for entry in samples if entry.get("student_flags")]
+    if collapsed or flagged:
+        text += ("\n## Collapse\n\n" + (f"- the student's on-policy samples were flagged at the logs of steps "
+                                          f"{collapsed}\n" if collapsed else "")
+                 + (f"- its held-out samples were flagged at steps {flagged}\n" if flagged else ""))
+    for entry in samples:
+        text += f"\n## Held-out samples at step {entry['step']} (greedy)\n\n{samples_markdown(entry)}\n"
     written = [os.path.join(folder, "report.md")]
     Path(written[0]).write_text(text)
     try:
@@ -135,25 +175,36 @@ def write_report(folder: str, rows: list[Row], log_history: list[dict[str, Any]]
         import matplotlib.pyplot as plt
     except ImportError:
         return written
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for term in ["loss", *terms]:
-        points = [(row["step"], row[term]) for row in steps if term in row]
-        if points:
-            left.plot(*zip(*points), label=term, marker="." if len(points) < 3 else None)
-    left.set_xlabel("step"), left.set_title("training loss components")
-    if steps:
-        left.legend()
-    numeric = [(n, t, s) for n, t, s, _ in rows
+    panels = [("training loss components", ["loss", *terms], "linear")]
+    panels += [(title, keys, scale) for title, keys, scale in (
+        ("counters", [k for k in COUNTER_LOGS if k in logged], "log"),
+        ("shares and sample statistics", [k for k in SHARE_LOGS if k in logged], "linear")) if keys]
+    numeric = [(n, float(t), float(s)) for n, t, s, _ in rows
                if isinstance(t, (int, float)) and isinstance(s, (int, float))]  # (not "weights dtype")
+    columns = max(len(panels), len(numeric), 1)
+    figure = plt.figure(figsize=(max(11, 2.6 * columns), 8 if numeric else 4))
+    grid = figure.add_gridspec(2 if numeric else 1, 1)
+    top = grid[0].subgridspec(1, len(panels))
+    for i, (title, keys, scale) in enumerate(panels):
+        axis = figure.add_subplot(top[0, i])
+        for key in keys:
+            points = [(row["step"], row[key]) for row in log_history if key in row and "step" in row]
+            if points:
+                axis.plot(*zip(*points), label=key, marker="." if len(points) < 3 else None)
+        if i == 0 and evals:
+            axis.plot(*zip(*evals), label="eval_loss", linestyle="--", marker="o")
+        axis.set_xlabel("step"), axis.set_title(title), axis.set_yscale(scale)
+        if axis.lines:
+            axis.legend(fontsize=7)
     if numeric:
-        positions = np.arange(len(numeric))
-        teacher_values = [float(t) for _, t, _ in numeric]
-        student_values = [float(s) for _, _, s in numeric]
-        scale = [max(abs(a), abs(b), 1e-12) for a, b in zip(teacher_values, student_values)]
-        right.bar(positions - 0.2, [a / m for a, m in zip(teacher_values, scale)], 0.4, label="teacher")
-        right.bar(positions + 0.2, [b / m for b, m in zip(student_values, scale)], 0.4, label="student")
-        right.set_xticks(positions, [n for n, _, _ in numeric], rotation=30, ha="right")
-        right.set_title("teacher vs student (relative to the larger)"), right.legend()
+        bottom = grid[1].subgridspec(1, len(numeric))
+        for i, (name, teacher_value, student_value) in enumerate(numeric):
+            axis = figure.add_subplot(bottom[0, i])
+            axis.bar([0, 1], [teacher_value, student_value], color=["tab:blue", "tab:orange"])
+            axis.set_xticks([0, 1], ["teacher", "student"]), axis.set_title(name, fontsize=8)
+            low, high = sorted(abs(v) for v in (teacher_value, student_value))
+            if low > 0 and high / low > 20:  # (perplexity 2.3 vs 2,900: a linear axis would hide the teacher)
+                axis.set_yscale("log")
     figure.tight_layout()
     written.append(os.path.join(folder, "report.png"))
     figure.savefig(written[-1], dpi=100)

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from ..chat import TEACHER_PROMPTS, end_completion, left_padded, stop_ids
+from ..chat import TEACHER_PROMPTS, stop_ids
 from ..modeling import context_length, unwrap
+from ..samples import CompletionLog, SamplingSettings, gathered_for_generation, sample_completions, writer
 from .base import TeacherSource
+
+__all__ = ["SampledCompletions", "SamplingSettings", "sample_completions", "on_policy_source", "prompt_rows"]
 
 IGNORE_INDEX = -100
 #: How many training rows `check_sampling_data` reads before training.
@@ -36,28 +37,6 @@ CHECKED_ROWS = 10_000
 
 #: generate_fn(model, prompts, settings, seed) -> completions (token ids); the default is `sample_completions`.
 GenerateFn = Callable[[nn.Module, list[list[int]], "SamplingSettings", int], list[list[int]]]
-
-
-@dataclass
-class SamplingSettings:
-    """How completions are sampled (from `DistillationConfig`: lmbda, seq_kd, max_new_tokens,
-    generation_temperature, top_p, top_k, num_generations, seed); `pad_id` / `stop_ids` from the tokenizer."""
-
-    lmbda: float
-    seq_kd: bool
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    num_generations: int
-    seed: int
-    pad_id: int
-    stop_ids: tuple[int, ...]
-
-    @classmethod
-    def from_args(cls, args: Any, pad_id: int, stop_ids: tuple[int, ...]) -> "SamplingSettings":
-        return cls(args.lmbda, args.seq_kd, args.max_new_tokens, args.generation_temperature, args.top_p, args.top_k,
-                   args.num_generations, args.seed, pad_id, stop_ids)
 
 
 def draw(seed: int, *where: int) -> random.Random:
@@ -86,36 +65,6 @@ def prompt_rows(batch: Mapping[str, Any], label_name: str = "labels") -> list[li
     return prompts
 
 
-@torch.no_grad()
-def sample_completions(model: nn.Module, prompts: list[list[int]], settings: SamplingSettings,
-                       seed: int) -> list[list[int]]:
-    """`num_generations` completions per prompt (in order) from `model`: left-padded batched `generate` in eval
-    mode, drawn inside a forked RNG seeded with `seed`; each cut after its stop token (`end_completion`)."""
-    from transformers import GenerationConfig
-
-    device = getattr(model, "device", None) or next(model.parameters()).device
-    pad = settings.pad_id
-    ids, mask = left_padded(prompts, pad, device)
-    width = ids.shape[1]
-    sampling = settings.temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=sampling,
-        temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
-        top_k=settings.top_k if sampling else None, num_return_sequences=settings.num_generations,
-        eos_token_id=list(settings.stop_ids), pad_token_id=pad, use_cache=True,
-    )
-    was_training = model.training
-    model.eval()
-    try:
-        cuda = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    finally:
-        model.train(was_training)
-    return [end_completion(row, settings.stop_ids) for row in out[:, width:].tolist()]
-
-
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], num_generations: int, pad_id: int,
                      device: torch.device, label_name: str = "labels") -> dict[str, torch.Tensor]:
     """The batch trained on: row r is ``prompts[r // num_generations] + completions[r]``, padded on the right; its
@@ -132,31 +81,21 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], num
             label_name: torch.tensor(labels, device=device)}
 
 
-def gathered_for_generation(model: nn.Module, accelerator: Any):
-    """DeepSpeed ZeRO-3: the model's partitioned parameters gathered whole for generation (released on exit);
-    elsewhere nothing to do."""
-    if accelerator is None or accelerator.distributed_type.value != "DEEPSPEED":
-        return nullcontext()
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()))
-
-
 class SampledCompletions(TeacherSource):
     """A teacher source whose picked micro-batches are completed by the student (`lmbda`) or the teacher (`seq_kd`)
     before counting; everything else is the wrapped source's (`inner`). `generate_fn` replaces the sampler (tests:
     fixed generations)."""
 
     def __init__(self, inner: TeacherSource, settings: SamplingSettings, generate_fn: GenerateFn | None = None,
-                 label_name: str = "labels") -> None:
+                 label_name: str = "labels", on_collapse: str = "warn") -> None:
         self.inner = inner
         self.settings = settings
         self.generate_fn = generate_fn or sample_completions
         self.label_name = label_name
         self.accelerator: Any = None
+        #: the student's samples since the last log: their collapse statistics (`samples.completion_stats`)
+        self.completion_log = CompletionLog(settings.stop_ids, settings.max_new_tokens, on_collapse)
+        self._step = 0
         self._stats = torch.zeros(5, dtype=torch.float64)  # tokens, completions, sampled batches, batches, seconds
         self._steps: set[int] = set()
 
@@ -219,7 +158,7 @@ class SampledCompletions(TeacherSource):
         teacher = self.inner.first_model
         if teacher is None:
             raise ValueError("seq_kd samples completions from the teacher, but this run's teacher source has no model.")
-        return teacher if hasattr(teacher, "student") else unwrap(getattr(teacher, "module", teacher))
+        return writer(teacher)
 
     def prepare_batch(self, batch: Mapping[str, Any], student: nn.Module,
                       step: tuple[int, int] = (0, 0)) -> Mapping[str, Any]:
@@ -236,10 +175,15 @@ class SampledCompletions(TeacherSource):
         prompts = prompt_rows(batch, self.label_name)
         process = self.accelerator.process_index if self.accelerator is not None else 0
         seed = draw(self.settings.seed, step[0], step[1], process).getrandbits(63)
-        start = time.perf_counter()
+        start, entropies = time.perf_counter(), []
+        measured = model is student and self.generate_fn is sample_completions  # (the student's own distribution)
         with gathered_for_generation(model, self.accelerator):
-            completions = self.generate_fn(model, prompts, self.settings, seed)
+            completions = (sample_completions(model, prompts, self.settings, seed, entropies) if measured
+                           else self.generate_fn(model, prompts, self.settings, seed))
         self._stats[4] += time.perf_counter() - start
+        if model is student:
+            self.completion_log.add(completions, entropies)
+        self._step = step[0]
         self._stats[0] += sum(map(len, completions))
         self._stats[1] += len(completions)
         device = batch["input_ids"].device
@@ -252,8 +196,10 @@ class SampledCompletions(TeacherSource):
 
     def log_values(self) -> dict[str, float]:
         """Since the last log, over all processes: ``generated_tokens``, ``completion_length`` (mean tokens per
-        sampled completion), ``sampled_share`` (of micro-batches the student completed) and
-        ``generation_seconds_per_step`` (the slowest process's)."""
+        sampled completion), ``sampled_share`` (of micro-batches the student completed),
+        ``generation_seconds_per_step`` (the slowest process's) and the collapse statistics of the student's samples
+        (`samples.CompletionLog`: ``completion_distinct_2``, ``completion_repeated_4gram_share``, ...; a warning, or
+        with ``on_collapse="error"`` a stop, when they degenerate)."""
         values = dict(self.inner.log_values())
         stats = self._stats.clone()
         seconds = stats[4].clone()
@@ -270,6 +216,7 @@ class SampledCompletions(TeacherSource):
         })
         self._stats.zero_()
         self._steps.clear()
+        values.update(self.completion_log.flush(self.accelerator, self._step + 1))
         return values
 
 
@@ -353,4 +300,4 @@ def on_policy_source(args: Any, source: TeacherSource, student: nn.Module, proce
     if isinstance(source, SampledCompletions):
         return source
     return SampledCompletions(source, SamplingSettings.from_args(args, processing_class.pad_token_id, stops),
-                              label_name=label_name)
+                              label_name=label_name, on_collapse=args.on_collapse)

@@ -1,0 +1,400 @@
+"""What the models write: sampled completions, their collapse statistics, and held-out samples beside the teacher's.
+
+A student can reach a low loss by writing one string to every prompt (an on-policy student that samples its own
+targets is prone to it): the logged losses then look healthy. The statistics here look at the text itself, on token
+ids, for any set of completions (on-policy samples per logging interval, `hf-distill generate`'s answers, the held-out
+samples):
+
+- distinct-n (Li et al. 2016), n = 1..4: distinct n-grams / all n-grams, pooled over groups of `GROUP` consecutive
+  completions and averaged over the groups (one answer written to every prompt scores low; pooling a bounded group
+  keeps the value of healthy text from falling as the number of completions grows);
+- repeated 4-gram share (rep-n, Welleck et al. 2020): ``sum_c (|g(c)| - |set g(c)|) / sum_c |g(c)|`` with g(c) the
+  4-grams of completion c (a completion looping on a phrase scores near 1);
+- mean length (tokens, the stop token included), capped share (completions that reached the length cap without a stop
+  token), and the writer's mean token entropy ``-sum_v p_v log p_v`` of its raw next-token distribution, averaged over
+  the generated tokens (logged; not a trigger on its own: a confident model is low too).
+
+Collapse is flagged (`collapse_reasons`) by the thresholds below: absolute ones when there is nothing to compare with,
+relative to the teacher's samples on the same prompts where those exist.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TrainerCallback
+from transformers.utils import logging
+
+from .chat import end_completion, left_padded, stop_ids
+from .modeling import unwrap
+
+logger = logging.get_logger(__name__)
+
+IGNORE_INDEX = -100
+#: Completions pooled per distinct-n group.
+GROUP = 8
+#: Absolute thresholds (no reference): a flag when the repeated 4-gram share is at least `REPEATED_MAX`, distinct-2 at
+#: most `DISTINCT_MIN`, or the mean length below `EMPTY_LENGTH` tokens.
+REPEATED_MAX, DISTINCT_MIN, EMPTY_LENGTH = 0.5, 0.25, 2.0
+#: Relative to a reference (the teacher on the same prompts): repeated 4-gram share above the reference's by
+#: `REPEATED_MARGIN`, distinct-2 below `DISTINCT_RATIO` x the reference's, mean length below `SHORT_RATIO` x the
+#: reference's, capped share above the reference's by `CAPPED_MARGIN`.
+REPEATED_MARGIN, DISTINCT_RATIO, SHORT_RATIO, CAPPED_MARGIN = 0.25, 0.5, 0.25, 0.5
+#: `hf-distill generate` warns when more than this share of its answers hit --max_new_tokens without a stop.
+CAPPED_WARN = 0.25
+#: What a flagged collapse does (`DistillationConfig.on_collapse`).
+COLLAPSE_MODES = ("warn", "error")
+
+
+class CollapseError(RuntimeError):
+    """Raised with ``on_collapse="error"`` when sampled completions degenerate."""
+
+
+@dataclass
+class SamplingSettings:
+    """How completions are sampled (from `DistillationConfig`: lmbda, seq_kd, max_new_tokens,
+    generation_temperature, top_p, top_k, num_generations, seed); `pad_id` / `stop_ids` from the tokenizer."""
+
+    lmbda: float
+    seq_kd: bool
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    num_generations: int
+    seed: int
+    pad_id: int
+    stop_ids: tuple[int, ...]
+
+    @classmethod
+    def from_args(cls, args: Any, pad_id: int, stop_ids: tuple[int, ...]) -> "SamplingSettings":
+        return cls(args.lmbda, args.seq_kd, args.max_new_tokens, args.generation_temperature, args.top_p, args.top_k,
+                   args.num_generations, args.seed, pad_id, stop_ids)
+
+
+class EntropyMeter(LogitsProcessor):
+    """Records ``-sum_v p_v log p_v`` of the raw next-token distribution at every generation step (it runs before
+    temperature / top-k / top-p warping) and leaves the scores unchanged."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.steps.append(torch.special.entr(torch.softmax(scores.float(), dim=-1)).sum(-1).cpu())
+        return scores
+
+    def per_completion(self, lengths: Sequence[int]) -> list[float]:
+        """Mean entropy over each row's first `lengths[r]` generated tokens (its own, not the padding after them)."""
+        if not self.steps:
+            return [0.0] * len(lengths)
+        table = torch.stack(self.steps, dim=1)  # [rows, steps]
+        return [float(table[r, :n].mean()) if n else 0.0 for r, n in enumerate(lengths)]
+
+
+def writer(model: nn.Module) -> nn.Module:
+    """The module that generates for `model`: a self-distillation teacher as it is (its `generate` turns the adapters
+    off), anything else unwrapped from its engine."""
+    return model if hasattr(model, "student") else unwrap(getattr(model, "module", model), peft=False)
+
+
+@torch.no_grad()
+def sample_completions(model: nn.Module, prompts: list[list[int]], settings: SamplingSettings, seed: int,
+                       entropies: list[float] | None = None) -> list[list[int]]:
+    """`num_generations` completions per prompt (in order) from `model`: left-padded batched `generate` in eval
+    mode, drawn inside a forked RNG seeded with `seed` (``temperature=0``: greedy); each cut after its stop token
+    (`chat.end_completion`). With `entropies`, each completion's mean token entropy is appended to it."""
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    ids, mask = left_padded(prompts, settings.pad_id, device)
+    width = ids.shape[1]
+    sampling = settings.temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, do_sample=sampling,
+        temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
+        top_k=settings.top_k if sampling else None, num_return_sequences=settings.num_generations,
+        eos_token_id=list(settings.stop_ids), pad_token_id=settings.pad_id, use_cache=True,
+    )
+    meter = EntropyMeter() if entropies is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 logits_processor=LogitsProcessorList([meter]) if meter else None)
+    finally:
+        model.train(was_training)
+    completions = [end_completion(row, settings.stop_ids) for row in out[:, width:].tolist()]
+    if meter is not None:
+        entropies.extend(meter.per_completion([len(c) for c in completions]))
+    return completions
+
+
+def gathered_for_generation(model: nn.Module, accelerator: Any):
+    """DeepSpeed ZeRO-3: the model's partitioned parameters gathered whole for generation (released on exit);
+    elsewhere nothing to do."""
+    if accelerator is None or accelerator.distributed_type.value != "DEEPSPEED":
+        return nullcontext()
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
+# ---- statistics -------------------------------------------------------------------------------------------------
+
+
+def _ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def completion_stats(completions: Sequence[Sequence[int]], stops: Sequence[int], max_new_tokens: int,
+                     entropies: Sequence[float] | None = None) -> dict[str, float]:
+    """The module docstring's statistics of `completions` (token ids, each ending with its stop token when it has
+    one): ``distinct_1`` .. ``distinct_4``, ``repeated_4gram_share``, ``mean_length``, ``capped_share``, ``count``
+    and, with `entropies`, ``entropy``."""
+    stops = set(stops)
+    texts = [list(c[:-1]) if c and c[-1] in stops else list(c) for c in completions]
+    stats: dict[str, float] = {"count": float(len(completions))}
+    for n in range(1, 5):
+        shares = []
+        for start in range(0, len(texts), GROUP):
+            grams = [g for t in texts[start: start + GROUP] for g in _ngrams(t, n)]
+            if grams:
+                shares.append(len(set(grams)) / len(grams))
+        stats[f"distinct_{n}"] = sum(shares) / len(shares) if shares else 0.0
+    total = repeated = 0
+    for text in texts:
+        grams = _ngrams(text, 4)
+        total, repeated = total + len(grams), repeated + len(grams) - len(set(grams))
+    stats["repeated_4gram_share"] = repeated / total if total else 0.0
+    stats["mean_length"] = sum(map(len, completions)) / max(len(completions), 1)
+    capped = sum(len(c) >= max_new_tokens and (not c or c[-1] not in stops) for c in completions)
+    stats["capped_share"] = capped / max(len(completions), 1)
+    if entropies:
+        stats["entropy"] = sum(entropies) / len(entropies)
+    return stats
+
+
+def collapse_reasons(stats: dict[str, float], reference: dict[str, float] | None = None) -> list[str]:
+    """Why `stats` look degenerate (empty: they do not), by the module's thresholds: absolute without a `reference`,
+    relative to it (the teacher's samples on the same prompts) with one."""
+    reasons = []
+    length, repeated, distinct = stats["mean_length"], stats["repeated_4gram_share"], stats["distinct_2"]
+    if reference is None:
+        if length < EMPTY_LENGTH:
+            return [f"the answers are (nearly) empty: {length:.1f} tokens on average"]
+        if repeated >= REPEATED_MAX:
+            reasons.append(f"{repeated:.0%} of the 4-grams repeat earlier ones in their answer (flag at "
+                           f"{REPEATED_MAX:.0%})")
+        if distinct <= DISTINCT_MIN:
+            reasons.append(f"distinct-2 is {distinct:.2f} (the answers are alike; flag at {DISTINCT_MIN})")
+        return reasons
+    if reference["mean_length"] >= EMPTY_LENGTH and length < SHORT_RATIO * reference["mean_length"]:
+        return [f"the answers are {length:.1f} tokens long on average, the teacher's {reference['mean_length']:.1f}"]
+    if repeated >= reference["repeated_4gram_share"] + REPEATED_MARGIN:
+        reasons.append(f"{repeated:.0%} of the 4-grams repeat earlier ones in their answer (the teacher: "
+                       f"{reference['repeated_4gram_share']:.0%})")
+    if distinct < DISTINCT_RATIO * reference["distinct_2"]:
+        reasons.append(f"distinct-2 is {distinct:.2f} (the teacher: {reference['distinct_2']:.2f})")
+    if stats["capped_share"] >= reference["capped_share"] + CAPPED_MARGIN:
+        reasons.append(f"{stats['capped_share']:.0%} of the answers run to the length cap (the teacher: "
+                       f"{reference['capped_share']:.0%})")
+    return reasons
+
+
+#: What a flagged student's run can change.
+STUDENT_ADVICE = ("Read the samples: a student writing one string to every prompt can reach a low loss. Lower the "
+                  "learning rate, start from a better student, or mix in off-policy data (lmbda < 1).")
+
+
+def check_collapse(stats: dict[str, float], reference: dict[str, float] | None, on_collapse: str,
+                   where: str, advice: str = STUDENT_ADVICE) -> list[str]:
+    """Warn (or, ``on_collapse="error"``, raise `CollapseError`) when `collapse_reasons` finds any; returns them."""
+    reasons = collapse_reasons(stats, reference)
+    if reasons:
+        message = f"Collapse: {where} look degenerate: " + "; ".join(reasons) + ". " + advice
+        if on_collapse == "error":
+            raise CollapseError(message + " (on_collapse='error' stops here; the last checkpoint is kept.)")
+        logger.warning(message)
+    return reasons
+
+
+class CompletionLog:
+    """The completions a run sampled since the last log, summarised per interval (`flush`): `completion_stats` under
+    the ``completion_`` prefix, gathered over all processes, and ``completion_collapse`` (1.0: flagged)."""
+
+    def __init__(self, stops: Sequence[int], max_new_tokens: int, on_collapse: str = "warn") -> None:
+        self.stops, self.max_new_tokens, self.on_collapse = tuple(stops), max_new_tokens, on_collapse
+        self.completions: list[list[int]] = []
+        self.entropies: list[float] = []
+
+    def add(self, completions: list[list[int]], entropies: Sequence[float] = ()) -> None:
+        self.completions.extend(completions)
+        self.entropies.extend(entropies)
+
+    def flush(self, accelerator: Any = None, step: int | None = None) -> dict[str, float]:
+        completions, entropies = self.completions, self.entropies
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            completions, entropies = gather_object(completions), gather_object(entropies)
+        self.completions, self.entropies = [], []
+        if not completions:
+            return {}
+        stats = completion_stats(completions, self.stops, self.max_new_tokens, entropies)
+        where = f"the student's samples of steps up to {step}" if step is not None else "the student's samples"
+        flagged = check_collapse(stats, None, self.on_collapse, where)
+        logs = {f"completion_{k}": v for k, v in stats.items() if k not in ("count", "mean_length")}
+        return {**logs, "completion_collapse": float(bool(flagged))}
+
+
+# ---- held-out samples -------------------------------------------------------------------------------------------
+
+
+def held_out_prompts(dataset: Any, count: int, plain_prompt: int = 16) -> list[tuple[list[int], list[int]]]:
+    """(prompt, reference) token ids of the first `count` rows of `dataset`: the prompt is a row's tokens before its
+    first counted label (prompt-only rows: all of it), the reference the counted tokens after; rows of plain text
+    (no prompt) are cut after `plain_prompt` tokens (or half the row)."""
+    if dataset is None or not hasattr(dataset, "column_names") or "input_ids" not in dataset.column_names:
+        return []
+    rows = dataset.select(range(min(count, len(dataset))))
+    labels = rows["labels"] if "labels" in rows.column_names else [None] * len(rows)
+    pairs = []
+    for ids, row_labels in zip(rows["input_ids"], labels):
+        ids = list(ids)
+        counted = [label != IGNORE_INDEX for label in row_labels] if row_labels is not None else [True] * len(ids)
+        first = counted.index(True) if True in counted else len(ids)
+        if first == 0:
+            first = min(plain_prompt, max(len(ids) // 2, 1))
+        pairs.append((ids[:first], ids[first:]))
+    return pairs
+
+
+class SamplesCallback(TrainerCallback):
+    """At each evaluation and at the end of training: greedy completions of `count` fixed held-out prompts by the
+    teacher and the student, side by side in the log, the reporting integrations (a table where they have one) and
+    `history` (the command line's report). The student's samples are checked for collapse against the teacher's
+    (``on_collapse``); their statistics are logged as ``eval_samples_<stat>``."""
+
+    def __init__(self, trainer: Any, count: int, max_new_tokens: int) -> None:
+        self.trainer = trainer
+        self.tokenizer = trainer.processing_class
+        conversational = bool(getattr(self.tokenizer, "chat_template", None))
+        stops = tuple(stop_ids(self.tokenizer, conversational))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
+        self.settings = SamplingSettings(1.0, False, max_new_tokens, 0.0, 1.0, 0, 1, trainer.args.seed, pad, stops)
+        self.pairs = held_out_prompts(trainer.eval_dataset, count)
+        self.history: list[dict[str, Any]] = []
+        self._teacher: tuple[list[list[int]], str] | None = None
+
+    def teacher_answers(self) -> tuple[list[list[int]], str]:
+        """The live teacher's greedy answers (computed once: it is frozen), or the data's own completions where no
+        teacher generates in the student's tokens (a cache, another tokenizer, a route)."""
+        if self._teacher is None:
+            source = self.trainer.teacher_source
+            teacher = source.first_model
+            if teacher is None or source.aligns_tokens or self.trainer.args.teacher_route:
+                self._teacher = ([list(r) for _, r in self.pairs], "reference (data)")
+            else:
+                self._teacher = (self.generate(writer(teacher)), "teacher")
+        return self._teacher
+
+    def generate(self, model: nn.Module) -> list[list[int]]:
+        with gathered_for_generation(model, self.trainer.accelerator):
+            return sample_completions(model, [p for p, _ in self.pairs], self.settings, self.settings.seed)
+
+    def text(self, tokens: Sequence[int], limit: int = 300) -> str:
+        words = self.tokenizer.decode(list(tokens), skip_special_tokens=True).strip().replace("\n", "\\n")
+        return words if len(words) <= limit else "…" + words[-limit:]
+
+    def sample(self, step: int) -> dict[str, Any] | None:
+        if not self.pairs or any(entry["step"] == step for entry in self.history):
+            return None
+        reference, teacher_name = self.teacher_answers()
+        student = self.generate(self.trainer.model)
+        stops, cap = self.settings.stop_ids, self.settings.max_new_tokens
+        teacher_stats = completion_stats(reference, stops, cap)
+        student_stats = completion_stats(student, stops, cap)
+        on_collapse = self.trainer.args.on_collapse
+        entry = {
+            "step": step, "columns": ["prompt", teacher_name, "student"],
+            "rows": [[self.text(p, 120), self.text(t), self.text(s)]
+                     for (p, _), t, s in zip(self.pairs, reference, student)],
+            "teacher_stats": teacher_stats, "student_stats": student_stats,
+            "teacher_flags": collapse_reasons(teacher_stats),  # (absolute: the teacher has no reference)
+            "student_flags": collapse_reasons(student_stats, teacher_stats),
+        }
+        self.history.append(entry)
+        if self.trainer.is_world_process_zero():
+            logger.warning("Held-out samples at step %d (greedy, at most %d new tokens):\n%s", step, cap,
+                           samples_markdown(entry))
+            self.to_integrations(entry)
+        self.trainer.log({f"eval_samples_{k}": v for k, v in student_stats.items() if k != "count"})
+        check_collapse(student_stats, teacher_stats, on_collapse, f"the student's held-out samples at step {step}")
+        return entry
+
+    def to_integrations(self, entry: dict[str, Any]) -> None:
+        """The samples as a table in Weights & Biases, as markdown text in TensorBoard and MLflow."""
+        report_to = self.trainer.args.report_to or []
+        if "wandb" in report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"samples": wandb.Table(columns=["step", *entry["columns"]],
+                                                  data=[[entry["step"], *row] for row in entry["rows"]])})
+        for callback in self.trainer.callback_handler.callbacks:
+            if getattr(callback, "tb_writer", None) is not None:
+                callback.tb_writer.add_text("samples", samples_markdown(entry), entry["step"])
+        if "mlflow" in report_to:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.log_text(samples_markdown(entry), f"samples/step-{entry['step']}.md")
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.sample(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.sample(state.global_step)
+
+
+def samples_markdown(entry: dict[str, Any]) -> str:
+    """One sampling's table (prompt | teacher | student) and its statistics, as markdown."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(entry["columns"]) + " |", "|---" * len(entry["columns"]) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in entry["rows"]]
+    stats = [("teacher" if entry["columns"][1] == "teacher" else "reference", entry["teacher_stats"],
+              entry.get("teacher_flags", [])), ("student", entry["student_stats"], entry.get("student_flags", []))]
+    lines += ["", "| | distinct-2 | repeated 4-grams | mean length | at the cap | collapse |", "|---" * 6 + "|"]
+    for name, values, flags in stats:
+        lines.append(f"| {name} | {values['distinct_2']:.2f} | {values['repeated_4gram_share']:.0%} | "
+                     f"{values['mean_length']:.1f} | {values['capped_share']:.0%} | "
+                     f"{'; '.join(flags) if flags else 'no'} |")
+    return "\n".join(lines)
+
+
+def samples_callbacks(trainer: Any) -> list[TrainerCallback]:
+    """The held-out samples of a causal-LM run with a tokenizer and an evaluation set (`args.sample_prompts` > 0)."""
+    from .accounting import PositionUnit, infer_position_unit
+
+    args, tokenizer = trainer.args, trainer.processing_class
+    if (args.sample_prompts <= 0 or tokenizer is None or not hasattr(tokenizer, "decode")
+            or infer_position_unit(trainer.model) is not PositionUnit.NEXT_TOKEN
+            or not held_out_prompts(trainer.eval_dataset, 1)
+            or not stop_ids(tokenizer, bool(getattr(tokenizer, "chat_template", None)))):
+        return []
+    return [SamplesCallback(trainer, args.sample_prompts, args.sample_max_new_tokens)]
+
+
+def samples_history(trainer: Any) -> list[dict[str, Any]]:
+    """Every held-out sampling of `trainer`'s run so far (`SamplesCallback.history`; empty without samples)."""
+    return next((c.history for c in trainer.callback_handler.callbacks if isinstance(c, SamplesCallback)), [])
