@@ -113,7 +113,8 @@ class _Ticker(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         self.step += 1
         if self.step == 1 or self.step % 4 == 0:
-            self.bar.set_postfix_str(f"batch: token {self.step}/{self.max_new_tokens}")
+            self.bar.set_postfix_str(f"this batch: token {self.step}/{self.max_new_tokens}"
+                                     + getattr(self.bar, "rate", ""))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -225,8 +226,8 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
                     answer["completion"] = [{"role": "assistant", "content": text}] if conversational else text
                     for key, value in answer.items():
                         rows.setdefault(key, []).append(value)
+                bar.rate = f", {tokens / max(time.perf_counter() - start_time, 1e-9):.1f} tokens/s"
                 bar.update(len(batch))
-                bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - start_time, 1e-9):.1f}")
             name = f"shard-{index:05d}"
             with atomic_path(folder / name) as partial:
                 datasets.Dataset.from_dict(rows, features=_features(rows, settings)).save_to_disk(partial)

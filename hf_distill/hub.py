@@ -35,6 +35,7 @@ class CardInfo:
     versions: dict[str, str] = field(default_factory=dict)  #: library versions (`library_versions`)
     model_id: str | None = None  #: where users load the student from: its Hub id or folder
     chat: bool = False  #: a chat model: the usage example passes messages
+    collapse: list[str] = field(default_factory=list)  #: where the run flagged the student's samples as degenerate
 
 
 def describe_method(args: Any, cache_top_k: int | None = None, teacher_tokenizer: str | None = None) -> str:
@@ -118,6 +119,9 @@ def model_card(info: CardInfo) -> str:
     header = "---\n" + "\n".join(metadata) + "\n---\n"
 
     lines = [f"# Student distilled from `{info.teacher}`", ""]
+    if info.collapse:
+        lines += ["**Warning: the run flagged this student's samples as degenerate** (`hf_distill.samples`; read them "
+                  "in the run's `_report/report.md` before using it):", "", *[f"- {c}" for c in info.collapse], ""]
     lines.append(
         "Trained with hf_distill's `DistillationTrainer`: the student learns from the teacher's "
         "outputs (and, where listed, its hidden states or gradients) as well as from the labels."

@@ -294,16 +294,19 @@ class SamplesCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self._teacher: tuple[list[list[int]], str] | None = None
 
-    def teacher_answers(self) -> tuple[list[list[int]], str]:
+    def teacher_answers(self) -> tuple[list[list[int]] | None, str]:
         """The live teacher's greedy answers (computed once: it is frozen), or the data's own completions where no
-        teacher generates in the student's tokens (a cache, another tokenizer, a route)."""
+        teacher generates in the student's tokens (a cache, another tokenizer, a route); None where neither exists
+        (prompt-only rows and no live teacher)."""
         if self._teacher is None:
             source = self.trainer.teacher_source
             teacher = source.first_model
-            if teacher is None or source.aligns_tokens or self.trainer.args.teacher_route:
+            if teacher is not None and not source.aligns_tokens and not self.trainer.args.teacher_route:
+                self._teacher = (self.generate(writer(teacher)), "teacher")
+            elif any(r for _, r in self.pairs):
                 self._teacher = ([list(r) for _, r in self.pairs], "reference (data)")
             else:
-                self._teacher = (self.generate(writer(teacher)), "teacher")
+                self._teacher = (None, "")
         return self._teacher
 
     def generate(self, model: nn.Module) -> list[list[int]]:
@@ -320,15 +323,16 @@ class SamplesCallback(TrainerCallback):
         reference, teacher_name = self.teacher_answers()
         student = self.generate(self.trainer.model)
         stops, cap = self.settings.stop_ids, self.settings.max_new_tokens
-        teacher_stats = completion_stats(reference, stops, cap)
+        teacher_stats = completion_stats(reference, stops, cap) if reference is not None else None
         student_stats = completion_stats(student, stops, cap)
         on_collapse = self.trainer.args.on_collapse
         entry = {
-            "step": step, "columns": ["prompt", teacher_name, "student"],
-            "rows": [[self.text(p, 120), self.text(t), self.text(s)]
-                     for (p, _), t, s in zip(self.pairs, reference, student)],
+            "step": step, "columns": ["prompt", teacher_name, "student"] if reference else ["prompt", "student"],
+            "rows": [[self.text(p, 120), *([self.text(reference[i])] if reference else []), self.text(s)]
+                     for i, ((p, _), s) in enumerate(zip(self.pairs, student))],
             "teacher_stats": teacher_stats, "student_stats": student_stats,
-            "teacher_flags": collapse_reasons(teacher_stats),  # (absolute: the teacher has no reference)
+            # (the teacher's own samples: absolute thresholds, nothing to compare them with)
+            "teacher_flags": collapse_reasons(teacher_stats) if teacher_stats else [],
             "student_flags": collapse_reasons(student_stats, teacher_stats),
         }
         self.history.append(entry)
@@ -374,6 +378,7 @@ def samples_markdown(entry: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in entry["rows"]]
     stats = [("teacher" if entry["columns"][1] == "teacher" else "reference", entry["teacher_stats"],
               entry.get("teacher_flags", [])), ("student", entry["student_stats"], entry.get("student_flags", []))]
+    stats = [row for row in stats if row[1] is not None]
     lines += ["", "| | distinct-2 | repeated 4-grams | mean length | at the cap | collapse |", "|---" * 6 + "|"]
     for name, values, flags in stats:
         lines.append(f"| {name} | {values['distinct_2']:.2f} | {values['repeated_4gram_share']:.0%} | "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 
+import datasets
 import pytest
 import torch
 
@@ -202,6 +203,8 @@ def test_the_command_line_report_and_card_show_samples_method_and_training(tmp_p
     report = (ws / "out-prompts" / "_report" / "report.md").read_text()
     assert "## Held-out samples" in report and "completion_distinct_2" in report
     card = (ws / "out-prompts" / "README.md").read_text()
+    assert "**Warning: the run flagged this student's samples as degenerate**" in card  # (tiny random students loop)
+    assert "- its held-out samples at step 2: " in card
     assert "- method: on-policy (lmbda=1: the student samples every completion, at most 4 new tokens" in card
 
     # a cached teacher writes nothing: the reference column holds the rows' own completions (the cache: top-4, T=1)
@@ -222,3 +225,25 @@ def test_generate_reports_answers_cut_by_max_new_tokens(tmp_path, caplog):
 def test_the_summary_prints_two_significant_figures():
     fmt = Significant(2)
     assert [fmt.format(v) for v in (0.5234, 13.4, 1180.0, 0.0, 2.0)] == ["0.52", "13", "1,200", "0", "2.0"]
+
+
+def test_without_a_teacher_or_answers_the_samples_stand_alone_on_absolute_thresholds(tmp_path):
+    """Task-only training (no teacher) with prompt-only held-out rows: no reference column, the student's samples
+    judged on the absolute thresholds."""
+    from hf_distill.chat import prepare_chat_dataset
+
+    from .test_on_policy import QUESTIONS
+
+    tokenizer, rows, collator = setup()
+    held_out, _ = prepare_chat_dataset(datasets.Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]}), tokenizer, prompts=True)
+    student = force_token(tiny_llama(vocab=VOCAB, layers=1, seed=2), tokenizer.convert_tokens_to_ids("ok"))
+    args = DistillationConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, save_strategy="no",
+                              per_device_train_batch_size=4, max_steps=1, disable_tqdm=True, task_weight=1.0,
+                              logits_weight=0.0, sample_max_new_tokens=8, logits_chunk_size=0)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=rows, eval_dataset=held_out,
+                                  data_collator=collator, processing_class=tokenizer)
+    trainer.train()
+    entry = samples_history(trainer)[0]
+    assert entry["columns"] == ["prompt", "student"] and entry["teacher_stats"] is None
+    assert any("4-grams repeat" in flag and "flag at 50%" in flag for flag in entry["student_flags"])

@@ -76,14 +76,17 @@ def evaluate(student, teacher, tokenizer, test_prompts, collator, workdir: str, 
     return {"reverse_kl": rkl, "teacher_nll_greedy": nll, **length}
 
 
-def train(student, teacher, tokenizer, rows, collator, workdir: str, steps: int, seed: int, options, **settings):
+def train(student, teacher, tokenizer, rows, collator, workdir: str, steps: int, seed: int, options, held_out=None,
+          **settings):
+    """`steps` optimizer steps; with `held_out` (prompt-only rows), the library's held-out samples (teacher beside
+    student, collapse flagged: `hf_distill.samples`) are logged at the end."""
     args = DistillationConfig(
         output_dir=workdir, report_to=[], use_cpu=True, seed=seed, max_steps=steps,
         per_device_train_batch_size=options.batch_size, learning_rate=options.learning_rate,
         lr_scheduler_type="constant", logging_steps=10, save_strategy="no", disable_tqdm=True, temperature=1.0,
         max_new_tokens=options.max_new_tokens, **settings)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
-                                  data_collator=collator, processing_class=tokenizer)
+                                  eval_dataset=held_out, data_collator=collator, processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train()
     logs = [log for log in trainer.state.log_history if "generation_seconds_per_step" in log]
@@ -125,6 +128,8 @@ def main() -> None:
                                                                          skip=options.test_prompts)
     generations, t_generate = answer(teacher, tokenizer, train_prompts, os.path.join(workdir, "gen"), options)
     rows, collator = prepare_chat_dataset(generations, tokenizer, options.max_length)
+    held_out, _ = prepare_chat_dataset(datasets.Dataset.from_dict({"prompt": test_prompts}), tokenizer,
+                                       options.max_length, prompts=True)
     print(f"teacher answers: {len(rows)} rows in {t_generate:.0f} s", file=sys.stderr, flush=True)
 
     torch.manual_seed(0)
@@ -144,7 +149,7 @@ def main() -> None:
         for seed in range(options.seeds):
             student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
             seconds, generation = train(student, teacher, tokenizer, rows, collator, os.path.join(workdir, name),
-                                        options.steps, seed, options, **ARMS[name])
+                                        options.steps, seed, options, held_out, **ARMS[name])
             result = {"seed": seed, "train_seconds": seconds, "generation_seconds": generation,
                       **evaluate(student, teacher, tokenizer, test_prompts, collator, workdir, options.max_new_tokens)}
             runs[name].append(result)

@@ -184,6 +184,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.card_info.training = training_record(args, trainer.state.global_step, trainer.accelerator.num_processes)
+    trainer.card_info.collapse = collapse_record(trainer)
     if not prompts_only:
         logger.warning("Evaluating the student's distillation terms and teacher agreement on %d held-out rows.",
                        len(data.eval))
@@ -247,6 +248,14 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         with hub_errors(args, pushing=True):
             trainer.push_to_hub()
     return summary
+
+
+def collapse_record(trainer: DistillationTrainer) -> list[str]:
+    """Where the run flagged the student's samples (`samples`): on-policy logs and held-out samples, for the card."""
+    collapsed = [row["step"] for row in trainer.state.log_history if row.get("completion_collapse")]
+    found = [f"its on-policy samples at the logs of steps {collapsed}"] if collapsed else []
+    return found + [f"its held-out samples at step {entry['step']}: " + "; ".join(entry["student_flags"])
+                    for entry in samples_history(trainer) if entry.get("student_flags")]
 
 
 def train_teacher_main(argv: Sequence[str] | None = None) -> dict[str, float]:
