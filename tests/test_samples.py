@@ -247,3 +247,27 @@ def test_without_a_teacher_or_answers_the_samples_stand_alone_on_absolute_thresh
     entry = samples_history(trainer)[0]
     assert entry["columns"] == ["prompt", "student"] and entry["teacher_stats"] is None
     assert any("4-grams repeat" in flag and "flag at 50%" in flag for flag in entry["student_flags"])
+
+
+def test_report_png_puts_counters_on_their_own_axes_draws_the_eval_curve_and_shows_the_teacher(tmp_path, monkeypatch):
+    pyplot = pytest.importorskip("matplotlib.pyplot")
+    from hf_distill.cli.report import write_report
+
+    figures = []
+    monkeypatch.setattr(pyplot, "close", lambda figure=None: figures.append(figure))
+    rows = [("held-out perplexity", 2.26, 2888.0, "{:.4f}"), ("teacher agreement", 1.0, 0.16, "{:.4f}")]
+    history = [{"step": 1, "loss": 5.0, "logits_loss": 4.0, "aligned_spans": 3000.0, "span_share": 0.9,
+                "tokens_per_second": 120.0}, {"step": 2, "eval_loss": 4.5},
+               {"step": 2, "loss": 4.0, "logits_loss": 3.5, "aligned_spans": 3100.0, "span_share": 0.8,
+                "tokens_per_second": 130.0}]
+    write_report(str(tmp_path), rows, history)
+    axes = {axis.get_title(): axis for axis in figures[0].axes}
+    losses = [line.get_label() for line in axes["training loss components"].lines]
+    assert losses == ["loss", "logits_loss", "eval_loss"]  # the counters are not on the loss axis
+    assert {line.get_label() for line in axes["counters"].lines} == {"aligned_spans", "tokens_per_second"}
+    assert [line.get_label() for line in axes["shares and sample statistics"].lines] == ["span_share"]
+    perplexity = axes["held-out perplexity"]
+    assert perplexity.get_yscale() == "log" and perplexity.get_ylim()[0] < 2.26  # the teacher's bar shows
+    assert axes["teacher agreement"].get_yscale() == "linear"
+    report = (tmp_path / "report.md").read_text()
+    assert "## Evaluation" in report and "| 2 | 4.5000 |" in report
