@@ -174,6 +174,56 @@ def model_card(info: CardInfo) -> str:
     return header + "\n" + "\n".join(lines)
 
 
+#: Where `hf-distill evaluate` writes its section of a card (replaced on the next evaluation, nothing else touched).
+EVALUATION_START, EVALUATION_END = "<!-- hf-distill evaluate: start -->", "<!-- hf-distill evaluate: end -->"
+
+
+def model_index_yaml(name: str, entries: list[dict[str, Any]]) -> str:
+    """The Hub's ``model-index`` metadata for `entries` (each: ``dataset``, optional ``name`` and ``type``, and
+    ``metrics`` {metric: value})."""
+    lines = ["model-index:", f"- name: {name}", "  results:"]
+    for entry in entries:
+        lines += ["  - task:", "      type: text-generation", "    dataset:",
+                  f"      name: {entry.get('name', entry['dataset'])}", f"      type: {entry.get('type', entry['dataset'])}",
+                  "    metrics:"]
+        for metric, value in entry["metrics"].items():
+            lines += [f"    - type: {metric}", f"      value: {value:.6g}", f"      name: {metric}"]
+    return "\n".join(lines)
+
+
+def update_card_evaluation(folder: str, entries: list[dict[str, Any]]) -> str:
+    """Put `entries` into ``folder/README.md``: the front matter's ``model-index`` (replaced) and a section between
+    `EVALUATION_START` and `EVALUATION_END` (replaced); every other line stays as it was. Returns the new text."""
+    path = Path(folder) / "README.md"
+    text = path.read_text() if path.exists() else ""
+    front, body = "", text
+    if text.startswith("---\n") and "\n---\n" in text[4:]:
+        end = text.index("\n---\n", 4)
+        front, body = text[4:end], text[end + 5:]
+    kept, skipping = [], False
+    for line in front.splitlines():
+        if line.startswith("model-index:"):
+            skipping = True
+            continue
+        if skipping and (line.startswith(" ") or line.startswith("-")):
+            continue
+        skipping = False
+        kept.append(line)
+    name = Path(folder).resolve().name
+    front = "\n".join([*kept, model_index_yaml(name, entries)]) if entries else "\n".join(kept)
+    if EVALUATION_START in body and EVALUATION_END in body:
+        before, rest = body.split(EVALUATION_START, 1)
+        body = before.rstrip("\n") + "\n" + rest.split(EVALUATION_END, 1)[1].lstrip("\n")
+    section = [EVALUATION_START, "## Evaluation (`hf-distill evaluate`)", ""]
+    for entry in entries:
+        section += [f"- {entry.get('name', entry['dataset'])}: " + ", ".join(
+            f"{metric} {value:.4g}" for metric, value in entry["metrics"].items())]
+    section.append(EVALUATION_END)
+    new = f"---\n{front}\n---\n" + body.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
+    path.write_text(new)
+    return new
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"

@@ -26,7 +26,13 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TrainerCallback
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    TrainerCallback,
+)
 from transformers.utils import logging
 
 from .chat import end_completion, left_padded, stop_ids
@@ -103,10 +109,11 @@ def writer(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def sample_completions(model: nn.Module, prompts: list[list[int]], settings: SamplingSettings, seed: int,
-                       entropies: list[float] | None = None) -> list[list[int]]:
+                       entropies: list[float] | None = None, stopping: Any = None) -> list[list[int]]:
     """`num_generations` completions per prompt (in order) from `model`: left-padded batched `generate` in eval
     mode, drawn inside a forked RNG seeded with `seed` (``temperature=0``: greedy); each cut after its stop token
-    (`chat.end_completion`). With `entropies`, each completion's mean token entropy is appended to it."""
+    (`chat.end_completion`). With `entropies`, each completion's mean token entropy is appended to it; `stopping`
+    (a function of the padded prompt width returning a `StoppingCriteria`) ends rows early as well."""
     device = getattr(model, "device", None) or next(model.parameters()).device
     ids, mask = left_padded(prompts, settings.pad_id, device)
     width = ids.shape[1]
@@ -125,7 +132,8 @@ def sample_completions(model: nn.Module, prompts: list[list[int]], settings: Sam
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                 logits_processor=LogitsProcessorList([meter]) if meter else None)
+                                 logits_processor=LogitsProcessorList([meter]) if meter else None,
+                                 stopping_criteria=StoppingCriteriaList([stopping(width)]) if stopping else None)
     finally:
         model.train(was_training)
     completions = [end_completion(row, settings.stop_ids) for row in out[:, width:].tolist()]

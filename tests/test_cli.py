@@ -198,6 +198,18 @@ def test_distill_command_end_to_end(tiny_run, tmp_path):
     classify = pipeline("text-classification", model=str(out), device="cpu")
     assert classify("w1 w2 w3")[0]["label"] in {"bad", "good"}
 
+    # `hf-distill evaluate` on the quickstart's kind of student: the same held-out accuracy by its own computation
+    from hf_distill.cli.evaluate import evaluate_main
+
+    data = tiny_run[tiny_run.index("--dataset") + 1]
+    scores = evaluate_main(["--task", "sequence-classification", "--student", str(out), "--teacher",
+                            tiny_run[tiny_run.index("--teacher") + 1], "--dataset", data, "--text_column", "sentence",
+                            "--output_dir", str(tmp_path / "evaluation")])["scores"]
+    assert scores["student"]["accuracy"] == pytest.approx(summary["student"]["accuracy"])
+    assert scores["teacher"]["accuracy"] == pytest.approx(summary["teacher"]["accuracy"])
+    assert 0 <= scores["student"]["teacher_agreement"] <= 1 and scores["student"]["examples_per_second"] > 0
+    assert "type: accuracy" in (out / "README.md").read_text()
+
 
 def test_push_to_hub_uploads_the_student_and_its_card_only(tiny_run, tmp_path, monkeypatch):
     import huggingface_hub

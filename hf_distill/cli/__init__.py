@@ -22,6 +22,7 @@ COMMANDS = {
     "train-teacher": "fine-tune a teacher on the task first (scripts/train_teacher.py)",
     "cache-teacher": "store the teacher's top-k outputs on the training set (scripts/cache_teacher.py)",
     "generate": "the teacher answers a prompt-only dataset: prompt-completion data to distil on",
+    "evaluate": "a student beside its teacher (and its start): held-out scores, answers, draft acceptance, HumanEval",
     "assets": "fetch the offline real models and datasets: hf-distill assets fetch NAME [NAME ...] | list",
 }
 
@@ -79,6 +80,10 @@ def _run_command(command: str, rest: list[str]) -> None:
         from .jobs import cache_teacher_main
 
         cache_teacher_main(rest)
+    elif command == "evaluate":
+        from .evaluate import evaluate_main
+
+        evaluate_main(rest)
     else:
         from ..assets import assets_main
 

@@ -158,11 +158,11 @@ def dataset_path(name: str, flag: str = "--dataset") -> str:
 
 def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments | CacheArguments,
                    teacher_head_trained: bool = True, require_labels: bool = True, tokenizer: Any = None,
-                   teacher_tokenizer: Any = None):
+                   teacher_tokenizer: Any = None, prompts: bool = False):
     """Tokenizer and tokenised splits for a job (the teacher's tokenizer); `args` gives the seed of the held-out
     split (and, for training jobs, `main_process_first`). Classification labels become the teacher's class ids
     (`hf_distill.data.label_plan`); `teacher_head_trained`: the teacher's number of classes bounds the labels (not
-    for `train-teacher`, which trains the head)."""
+    for `train-teacher`, which trains the head); `prompts`: prompt-only rows are welcome (evaluation, on-policy)."""
     if model_args.teacher is None:
         raise ValueError("--teacher is required: a Hub id, a local folder, or asset:NAME.")
     if data_args.dataset is None:
@@ -191,7 +191,7 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
         train, held_out = split_dataset(raw, data_args, args.seed)
         read = len(train), len(held_out)
         # on-policy runs that sample every micro-batch (lmbda=1, seq_kd) can train on prompts alone
-        prompts = getattr(args, "lmbda", 0) >= 1 or getattr(args, "seq_kd", False)
+        prompts = prompts or getattr(args, "lmbda", 0) >= 1 or getattr(args, "seq_kd", False)
         prepared = prepare_datasets(model_args.task, train, held_out, tokenizer, data_args, teacher_labels,
                                     teacher_classes, require_labels, prompts=prompts,
                                     teacher_tokenizer=teacher_tokenizer)

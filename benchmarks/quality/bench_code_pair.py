@@ -1,0 +1,162 @@
+"""Issue 39's benchmark: Qwen2.5-Coder-1.5B-Instruct teaches Qwen2.5-Coder-0.5B-Instruct on code prompts built from
+the standard library (`code_prompts.py`, never HumanEval); HumanEval's 164 problems score the result.
+
+Every step is its own resumable command (it is skipped when its result exists; HumanEval answers are kept as they
+come), logs to ``docs/results/issue39/<step>.log`` and writes ``<step>.json``:
+
+    python benchmarks/quality/bench_code_pair.py prompts            # 200 prompts (40 held out) + HumanEval overlap
+    python benchmarks/quality/bench_code_pair.py generate           # the teacher's greedy answers, top-32 cache
+    python benchmarks/quality/bench_code_pair.py eval teacher       # HumanEval of the 1.5B (the ceiling)
+    python benchmarks/quality/bench_code_pair.py eval untouched     # the 0.5B before distillation
+    python benchmarks/quality/bench_code_pair.py arm a|b|c|d        # train an arm, then evaluate it
+    python benchmarks/quality/bench_code_pair.py table              # the table of docs/results.md
+
+Arms (equal optimizer steps and prompts; LoRA r 16 on every linear layer of the 0.5B, merged for evaluation, since a
+full fine-tuning step of the 0.5B beside a live 1.5B teacher does not fit 24 GB in float32):
+a. SFT on the teacher's answers (sequence-level KD); b. off-policy KD on them from the generation-pass top-32 cache
+(no teacher in memory); c. on-policy, lmbda 1, JSD beta 0.5; d. mixed, lmbda 0.5, JSD beta 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from common import ROOT, machine
+
+RESULTS = os.path.join(ROOT, "docs", "results", "issue39")
+WORK = os.environ.get("HF_DISTILL_BENCH_DIR", "/tmp/hf_distill_code_pair")
+HF = [os.path.join(os.path.dirname(sys.executable), "hf-distill")]
+TEACHER, STUDENT = "asset:qwen-coder-1.5b", "asset:qwen-coder-0.5b"
+
+ARMS = {
+    "a": ["--logits_weight", "0", "--task_weight", "1"],
+    "b": ["--teacher_cache", "{gen}", "--logits_weight", "1", "--task_weight", "0", "--temperature", "1"],
+    "c": ["--lmbda", "1", "--logits_loss", "jsd", "--jsd_beta", "0.5", "--logits_weight", "1", "--task_weight", "0",
+          "--temperature", "1", "--max_new_tokens", "{tokens}"],
+    "d": ["--lmbda", "0.5", "--logits_loss", "jsd", "--jsd_beta", "0.5", "--logits_weight", "1", "--task_weight", "0",
+          "--temperature", "1", "--max_new_tokens", "{tokens}"],
+}
+
+
+def run(step: str, command: list[str]) -> float:
+    """Run `command`, its output appended to ``<step>.log``; returns the wall seconds (raises on failure)."""
+    os.makedirs(RESULTS, exist_ok=True)
+    start = time.time()
+    with open(os.path.join(RESULTS, f"{step}.log"), "a") as log:
+        log.write(f"\n$ {' '.join(command)}\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {json.dumps(machine('cpu'))}\n")
+        log.flush()
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return time.time() - start
+
+
+def done(step: str) -> bool:
+    return os.path.exists(os.path.join(RESULTS, f"{step}.json"))
+
+
+def record(step: str, payload: dict) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{step}.json"), "w") as f:
+        json.dump({"machine": machine("cpu"), **payload}, f, indent=1)
+
+
+def prompts(options) -> None:
+    from code_prompts import build
+
+    from hf_distill.code_eval import humaneval_messages
+
+    built = build(options.prompts, options.held_out)
+    os.makedirs(WORK, exist_ok=True)
+    for split in ("train", "held_out"):
+        with open(os.path.join(WORK, f"{split}.jsonl"), "w") as f:
+            for row in built["rows"]:
+                if row["split"] == split:
+                    f.write(json.dumps({"messages": humaneval_messages({"prompt": row["prompt"]}),
+                                        "source": row["source"]}) + "\n")
+    record("prompts", built)
+    print(f"{len(built['rows'])} prompts; largest {built['ngram']}-gram overlap with HumanEval: "
+          f"{built['largest_overlap']}")
+
+
+def generate(options) -> None:
+    seconds = {}
+    for split in ("train", "held_out"):
+        seconds[split] = run("generate", [*HF, "generate", "--teacher", TEACHER, "--dataset",
+                                          os.path.join(WORK, f"{split}.jsonl"), "--output_dir",
+                                          os.path.join(WORK, f"gen-{split}"), "--max_new_tokens", str(options.tokens),
+                                          "--temperature", "0", "--cache_top_k", "32", "--batch_size", "8"])
+    record("generate", {"seconds": seconds, "max_new_tokens": options.tokens})
+
+
+def evaluate(name: str, student: str, options, baseline: str | None = None) -> dict:
+    out = os.path.join(WORK, f"eval-{name}")
+    command = [*HF, "evaluate", "--student", student, "--output_dir", out, "--humaneval", "--allow_code_execution",
+               "--humaneval_max_new_tokens", str(options.humaneval_tokens), "--batch_size", "8",
+               "--max_new_tokens", str(options.tokens), "--num_prompts", "40", "--show", "5",
+               "--draft_lengths", "2,4,8", "--assisted_prompts", str(options.assisted_prompts),
+               "--update_card", "false", "--answers_dir", os.path.join(WORK, "humaneval-answers")]
+    if name != "teacher":
+        command += ["--teacher", TEACHER, "--dataset", os.path.join(WORK, "gen-held_out"), "--eval_split", "train"]
+    if baseline:
+        command += ["--baseline", baseline]
+    if options.humaneval_limit:
+        command += ["--humaneval_limit", str(options.humaneval_limit)]
+    seconds = run(f"eval-{name}", command)
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    record(f"eval-{name}", {"seconds": seconds, "results": results})
+    return results
+
+
+def arm(name: str, options) -> None:
+    out = os.path.join(WORK, f"arm-{name}")
+    if not os.path.exists(os.path.join(out, "merged", "model.safetensors")):
+        flags = [a.format(gen=os.path.join(WORK, "gen-train"), tokens=options.tokens) for a in ARMS[name]]
+        data = os.path.join(WORK, "gen-train")  # (every arm: the same prompts; on-policy rows ignore the answers)
+        seconds = run(f"arm-{name}", [
+            *HF, "distill", "--task", "causal-lm", "--teacher", TEACHER, "--student", STUDENT, "--dataset", data,
+            "--use_peft", "--lora_r", "16", "--lora_alpha", "32", "--merge_adapters", "--output_dir", out,
+            "--max_steps", str(options.steps), "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
+            "2", "--learning_rate", str(options.learning_rate), "--lr_scheduler_type", "cosine", "--warmup_steps",
+            "4", "--eval_fraction", "0.05", "--eval_strategy", "no", "--logging_steps", "2", "--save_strategy",
+            "steps", "--save_steps", "10", "--save_total_limit", "1", "--report_to", "none", "--seed", "0",
+            "--max_length", "512", "--gradient_checkpointing", "true", "--sample_max_new_tokens", "96", *flags])
+        with open(os.path.join(RESULTS, f"arm-{name}.train.json"), "w") as f:
+            json.dump({"seconds": seconds}, f)
+    evaluate(f"arm-{name}", os.path.join(out, "merged"), options, baseline=STUDENT)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=["prompts", "generate", "eval", "arm", "table"])
+    parser.add_argument("name", nargs="?")
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--held_out", type=int, default=40)
+    parser.add_argument("--tokens", type=int, default=192, help="most new tokens of a training answer")
+    parser.add_argument("--humaneval_tokens", type=int, default=384)
+    parser.add_argument("--humaneval_limit", type=int, default=None, help="(smoke runs only)")
+    parser.add_argument("--assisted_prompts", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    options = parser.parse_args()
+    step = options.step if options.step not in ("eval", "arm") else f"{options.step}-{options.name}"
+    if options.step != "table" and done(step if options.step != "arm" else f"eval-arm-{options.name}"):
+        print(f"{step}: done (docs/results/issue39/{step}.json)")
+        return
+    if options.step == "prompts":
+        prompts(options)
+    elif options.step == "generate":
+        generate(options)
+    elif options.step == "eval":
+        evaluate(options.name, {"teacher": TEACHER, "untouched": STUDENT}[options.name], options)
+    elif options.step == "arm":
+        arm(options.name, options)
+
+
+if __name__ == "__main__":
+    main()
