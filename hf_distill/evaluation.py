@@ -222,11 +222,15 @@ def assisted_generation(teacher: nn.Module, student: nn.Module, prompts: Sequenc
 def greedy_answers(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
                    stops: Sequence[int], batch_size: int = 8, stopping: Any = None,
                    desc: str = "Greedy answers") -> tuple[list[list[int]], float]:
-    """Greedy answers of `model` in batches (`samples.sample_completions`), and the seconds they took."""
+    """Greedy answers of `model` in batches of prompts of similar length (less padding; `samples.sample_completions`),
+    in the order of `prompts`, and the seconds they took."""
     settings = SamplingSettings(0.0, False, max_new_tokens, 0.0, 1.0, 0, 1, 0, pad_id, tuple(stops))
-    answers: list[list[int]] = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[list[int]] = [[] for _ in prompts]
     start = time.perf_counter()
-    for first in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-        answers += sample_completions(model, [list(p) for p in prompts[first: first + batch_size]], settings, 0,
-                                      stopping=stopping)
+    for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = order[first: first + batch_size]
+        for i, answer in zip(chunk, sample_completions(model, [list(prompts[i]) for i in chunk], settings, 0,
+                                                       stopping=stopping)):
+            answers[i] = answer
     return answers, time.perf_counter() - start

@@ -89,14 +89,14 @@ def generate(options) -> None:
         seconds[split] = run("generate", [*HF, "generate", "--teacher", TEACHER, "--dataset",
                                           os.path.join(WORK, f"{split}.jsonl"), "--output_dir",
                                           os.path.join(WORK, f"gen-{split}"), "--max_new_tokens", str(options.tokens),
-                                          "--temperature", "0", "--cache_top_k", "32", "--batch_size", "8"])
+                                          "--temperature", "0", "--cache_top_k", "32", "--batch_size", "32"])
     record("generate", {"seconds": seconds, "max_new_tokens": options.tokens})
 
 
 def evaluate(name: str, student: str, options, baseline: str | None = None) -> dict:
     out = os.path.join(WORK, f"eval-{name}")
     command = [*HF, "evaluate", "--student", student, "--output_dir", out, "--humaneval", "--allow_code_execution",
-               "--humaneval_max_new_tokens", str(options.humaneval_tokens), "--batch_size", "8",
+               "--humaneval_max_new_tokens", str(options.humaneval_tokens), "--batch_size", "32",
                "--max_new_tokens", str(options.tokens), "--num_prompts", "40", "--show", "5",
                "--draft_lengths", "2,4,8", "--assisted_prompts", str(options.assisted_prompts),
                "--update_card", "false", "--answers_dir", os.path.join(WORK, "humaneval-answers")]
@@ -131,6 +131,54 @@ def arm(name: str, options) -> None:
     evaluate(f"arm-{name}", os.path.join(out, "merged"), options, baseline=STUDENT)
 
 
+def table(options) -> None:
+    """The results so far as docs/results.md's table (and quality.json's ``code_pair`` section)."""
+    from common import merge_quality
+
+    rows, entries = [], {}
+    untouched = _load("eval-untouched")
+    if untouched:
+        scores = untouched["results"]["scores"]
+        for name, label in (("teacher", "1.5B teacher (ceiling)"), ("student", "0.5B untouched")):
+            rows.append((label, scores.get(name, {}), None))
+    for arm_name in ARMS:
+        result = _load(f"eval-arm-{arm_name}")
+        if result:
+            paired = result["results"].get("humaneval", {}).get("paired")
+            rows.append((f"{arm_name}. {ARM_NAMES[arm_name]}", result["results"]["scores"]["student"], paired))
+            entries[arm_name] = {"scores": result["results"]["scores"]["student"], "paired": paired}
+    print("| model | HumanEval pass@1 | vs untouched (+ / -, McNemar p) | held-out KL | agreement | distinct-4 | "
+          "repeated 4-grams | tokens per teacher forward (k=4) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for label, scores, paired in rows:
+        vs = f"+{paired['gained']} / -{paired['lost']}, p = {paired['mcnemar_p']:.3g}" if paired else ""
+        print(f"| {label} | {_pct(scores.get('humaneval_pass@1'))} | {vs} | {_num(scores.get('kl_to_teacher'))} | "
+              f"{_num(scores.get('teacher_agreement'))} | {_num(scores.get('answers_distinct_4'))} | "
+              f"{_num(scores.get('answers_repeated_4gram_share'))} | {_num(scores.get('draft_tokens_per_forward_k4'))} |")
+    if entries:
+        merge_quality("code_pair", "arms", entries)
+
+
+ARM_NAMES = {"a": "SFT on the teacher's answers", "b": "off-policy KD, top-32 cache",
+             "c": "on-policy, lmbda 1, JSD 0.5", "d": "mixed, lmbda 0.5, JSD 0.5"}
+
+
+def _load(step: str) -> dict | None:
+    path = os.path.join(RESULTS, f"{step}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{value:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["prompts", "generate", "eval", "arm", "table"])
@@ -156,6 +204,8 @@ def main() -> None:
         evaluate(options.name, {"teacher": TEACHER, "untouched": STUDENT}[options.name], options)
     elif options.step == "arm":
         arm(options.name, options)
+    else:
+        table(options)
 
 
 if __name__ == "__main__":

@@ -229,7 +229,8 @@ def _humaneval(options: EvaluateArguments, tokenizer: Any, models: dict[str, tor
     solved = {}
     settings = {"max_new_tokens": options.humaneval_max_new_tokens, "num_samples": options.num_samples,
                 "temperature": options.sampling_temperature if options.num_samples > 1 else 0.0, "seed": options.seed}
-    for name, model in models.items():
+    for name in sorted(models, key=("student", "before", "teacher").index):  # (the quickest first)
+        model = models[name]
         # answers are kept as they come (a stopped run resumes where it was): one line per problem
         source = getattr(options, _FLAGS[name])
         key = {"model": os.path.abspath(source) if os.path.isdir(source) else source, **settings}
@@ -238,7 +239,7 @@ def _humaneval(options: EvaluateArguments, tokenizer: Any, models: dict[str, tor
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"humaneval-answers-{digest}.jsonl")
         done = _kept_answers(path, key)
-        todo = [i for i, p in enumerate(problems) if p["task_id"] not in done]
+        todo = sorted((i for i, p in enumerate(problems) if p["task_id"] not in done), key=lambda i: len(prompts[i]))
         if done:
             logger.warning("HumanEval: %d answers of the %s kept from %s; %d to write.", len(done), name, path,
                            len(todo))
@@ -260,7 +261,7 @@ def _humaneval(options: EvaluateArguments, tokenizer: Any, models: dict[str, tor
         solved[name] = set(result.pop("solved"))
         write_answers(os.path.join(options.output_dir, f"humaneval-{name}.jsonl"), problems, texts, solved[name])
         scores[name].update({f"humaneval_{k}": v for k, v in result.items()})
-    out: dict[str, Any] = {"problems": len(problems), "solved": {n: sorted(s) for n, s in solved.items()}}
+    out: dict[str, Any] = {"problems": len(problems), "solved": {n: sorted(solved[n]) for n in models}}
     if "before" in solved:
         gained, lost = solved["student"] - solved["before"], solved["before"] - solved["student"]
         out["paired"] = {"gained": len(gained), "lost": len(lost), "mcnemar_p": mcnemar_exact(len(gained), len(lost))}
