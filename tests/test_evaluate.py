@@ -174,7 +174,8 @@ def test_the_card_gets_model_index_metrics_and_keeps_everything_else(tmp_path):
     assert "- HumanEval: pass@1 0.5" in text
 
 
-def test_evaluate_command_on_a_causal_lm_student(tmp_path, capsys):
+def test_evaluate_command_on_a_causal_lm_student(tmp_path, capsys, monkeypatch):
+    import hf_distill.cli.evaluate as evaluate_module
     from hf_distill.cli.evaluate import evaluate_main
 
     for name, seed in (("teacher", 0), ("before", 3), ("student", 4)):
@@ -182,11 +183,11 @@ def test_evaluate_command_on_a_causal_lm_student(tmp_path, capsys):
     (tmp_path / "student" / "README.md").write_text("---\nlibrary_name: transformers\n---\n\n# Student\n")
     datasets.Dataset.from_dict({"messages": [TWO_TURNS, TWO_TURNS[:2]] * 8}).to_json(str(tmp_path / "chat.jsonl"))
     out = tmp_path / "evaluation"
-    results = evaluate_main([
-        "--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
-        "--baseline", str(tmp_path / "before"), "--dataset", str(tmp_path / "chat.jsonl"), "--eval_fraction", "0.5",
-        "--num_prompts", "4", "--show", "2", "--max_new_tokens", "6", "--draft_lengths", "2,4",
-        "--assisted_prompts", "1", "--output_dir", str(out)])
+    argv = ["--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+            "--baseline", str(tmp_path / "before"), "--dataset", str(tmp_path / "chat.jsonl"), "--eval_fraction", "0.5",
+            "--num_prompts", "4", "--show", "2", "--max_new_tokens", "6", "--draft_lengths", "2,4",
+            "--assisted_prompts", "1", "--output_dir", str(out)]
+    results = evaluate_main(argv)
     scores = results["scores"]
     assert list(scores) == ["teacher", "before", "student"]
     for name in ("before", "student"):
@@ -202,6 +203,17 @@ def test_evaluate_command_on_a_causal_lm_student(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["scores"]["student"]["parameters"] > 0
     card = (tmp_path / "student" / "README.md").read_text()
     assert "model-index:" in card and "type: kl_to_teacher" in card and "# Student" in card
+    # the greedy answers are kept per weights, prompts and settings: a second evaluation reads them back, and a
+    # retrained student (other weights in the same folder) is answered again while the others are still read back
+    calls = []
+    real = evaluate_module.greedy_answers
+    monkeypatch.setattr(evaluate_module, "greedy_answers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = evaluate_main(argv + ["--update_card", "false"])
+    assert calls == [] and all(again["scores"][n]["answers_distinct_2"] == scores[n]["answers_distinct_2"]
+                               for n in scores)
+    save_chat_teacher(tmp_path / "student", seed=5)
+    evaluate_main(argv + ["--update_card", "false"])
+    assert calls == [1]
 
 
 def test_evaluate_refuses_humaneval_without_the_flag_and_runs_it_with(tmp_path, capsys, monkeypatch):

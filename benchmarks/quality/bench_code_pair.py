@@ -86,6 +86,8 @@ def prompts(options) -> None:
 def generate(options) -> None:
     seconds = {}
     for split in ("train", "held_out"):
+        if os.path.exists(os.path.join(WORK, f"gen-{split}", "manifest.json")):  # (done by an earlier piece)
+            continue
         seconds[split] = run("generate", [*HF, "generate", "--teacher", TEACHER, "--dataset",
                                           os.path.join(WORK, f"{split}.jsonl"), "--output_dir",
                                           os.path.join(WORK, f"gen-{split}"), "--max_new_tokens", str(options.tokens),

@@ -36,6 +36,7 @@ from ..evaluation import (
     teacher_nll,
 )
 from ..hub import update_card_evaluation
+from ..modeling import weights_fingerprint
 from ..samples import (
     SamplingSettings,
     collapse_reasons,
@@ -77,9 +78,10 @@ class EvaluateArguments:
     allow_code_execution: bool = field(default=False, metadata={"help": "Run model-written programs (each in its "
                                                                         "own subprocess, as an unprivileged user, "
                                                                         "with limits; see hf_distill.code_eval)."})
-    answers_dir: str | None = field(default=None, metadata={"help": "Where HumanEval answers are kept, one file per "
-                                                                    "model and settings (default: --output_dir); "
-                                                                    "a shared folder answers each model once."})
+    answers_dir: str | None = field(default=None, metadata={"help": "Where generated answers are kept, one file per "
+                                                                    "model weights, prompts and settings (default: "
+                                                                    "--output_dir); a folder shared by several "
+                                                                    "evaluations answers each model once."})
     sandbox_user: str | None = field(default=None, metadata={"help": "User the programs run as (root: nobody)."})
     sandbox_timeout: float = field(default=10.0, metadata={"help": "Seconds a program may run."})
     update_card: bool = field(default=True, metadata={"help": "Write the results into the student folder's "
@@ -172,8 +174,19 @@ def _generation(options: EvaluateArguments, tokenizer: Any, data: Any, models: d
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or (0,))[0]
     answers, stats = {}, {}
     for name, model in models.items():
-        answers[name], seconds = greedy_answers(model, prompts, options.max_new_tokens, pad, stops,
-                                                options.batch_size, desc=f"Greedy answers of the {name}")
+        path, key = _store(options, model, prompts, {"max_new_tokens": options.max_new_tokens, "stops": list(stops)},
+                           "held-out")
+        kept = _kept_answers(path, key)
+        if "all" in kept:
+            logger.warning("Greedy answers of the %s kept from %s.", name, path)
+            answers[name], seconds = kept["all"]["answers"], kept["all"]["seconds"]
+        else:
+            answers[name], seconds = greedy_answers(model, prompts, options.max_new_tokens, pad, stops,
+                                                    options.batch_size, desc=f"Greedy answers of the {name}")
+            with open(path, "a") as f:
+                f.write(json.dumps({**key, "task_id": "all", "answers": {"answers": [list(map(int, a)) for a in
+                                                                                     answers[name]],
+                                                                         "seconds": seconds}}) + "\n")
         stats[name] = completion_stats(answers[name], stops, options.max_new_tokens)
         scores[name].update({f"answers_{k}": v for k, v in stats[name].items() if k != "count"})
         scores[name]["generated_tokens_per_second"] = sum(map(len, answers[name])) / max(seconds, 1e-9)
@@ -232,12 +245,7 @@ def _humaneval(options: EvaluateArguments, tokenizer: Any, models: dict[str, tor
     for name in sorted(models, key=("student", "before", "teacher").index):  # (the quickest first)
         model = models[name]
         # answers are kept as they come (a stopped run resumes where it was): one line per problem
-        source = getattr(options, _FLAGS[name])
-        key = {"model": os.path.abspath(source) if os.path.isdir(source) else source, **settings}
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        folder = options.answers_dir or options.output_dir
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"humaneval-answers-{digest}.jsonl")
+        path, key = _store(options, model, prompts, settings, "humaneval")
         done = _kept_answers(path, key)
         todo = sorted((i for i, p in enumerate(problems) if p["task_id"] not in done), key=lambda i: len(prompts[i]))
         if done:
@@ -269,12 +277,22 @@ def _humaneval(options: EvaluateArguments, tokenizer: Any, models: dict[str, tor
     return out
 
 
-_FLAGS = {"teacher": "teacher", "before": "baseline", "student": "student"}
+def _store(options: EvaluateArguments, model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+           settings: dict[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
+    """Where the answers of `model` to `prompts` under `settings` are kept, and the key every kept line carries:
+    the weights' fingerprint (`weights_fingerprint`, so a retrained folder is never mistaken for its old self), the
+    prompts' tokens (so another chat template or prompt set is another file) and the settings."""
+    prompt_digest = hashlib.sha256(json.dumps([list(map(int, p)) for p in prompts]).encode()).hexdigest()[:16]
+    key = {"weights": weights_fingerprint(model), "prompts": prompt_digest, **settings}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    folder = options.answers_dir or options.output_dir
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{kind}-answers-{digest}.jsonl"), key
 
 
-def _kept_answers(path: str, key: dict[str, Any]) -> dict[str, list[str]]:
+def _kept_answers(path: str, key: dict[str, Any]) -> dict[str, Any]:
     """The answers an earlier run of the same model and settings wrote to `path` (task id -> answers)."""
-    kept: dict[str, list[str]] = {}
+    kept: dict[str, Any] = {}
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
