@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .chat import IGNORE_INDEX, left_padded
-from .samples import SamplingSettings, sample_completions
+from .samples import SamplingSettings, TokenTicker, sample_completions
 
 
 @torch.no_grad()
@@ -228,9 +228,11 @@ def greedy_answers(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[list[int]] = [[] for _ in prompts]
     start = time.perf_counter()
-    for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+    bar = tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False)
+    ticking = lambda width: TokenTicker(bar, max_new_tokens, stopping(width) if stopping else None)  # noqa: E731
+    for first in bar:
         chunk = order[first: first + batch_size]
         for i, answer in zip(chunk, sample_completions(model, [list(prompts[i]) for i in chunk], settings, 0,
-                                                       stopping=stopping)):
+                                                       stopping=ticking)):
             answers[i] = answer
     return answers, time.perf_counter() - start

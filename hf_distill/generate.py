@@ -22,14 +22,14 @@ from typing import Any
 import datasets
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+from transformers import StoppingCriteriaList, set_seed
 from transformers.utils import logging
 
 from .chat import detect_rows_format, end_completion, left_padded, prompt_ids, stop_ids
 from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .modeling import context_length, weights_fingerprint
 from .provenance import folder_kind, template_record
-from .samples import CAPPED_WARN, check_collapse, completion_stats
+from .samples import CAPPED_WARN, TokenTicker, check_collapse, completion_stats
 from .teacher_cache import (
     CACHE_COLUMNS,
     CACHE_FEATURES,
@@ -103,21 +103,6 @@ def prompts_of(dataset: datasets.Dataset) -> list[Any]:
                      "optionally with --system_prompt).")
 
 
-class _Ticker(StoppingCriteria):
-    """Shows the batch's generated tokens in the progress bar at every decoding step (a bar that moved once per batch
-    sat at 0 for minutes); it stops nothing."""
-
-    def __init__(self, bar: Any, max_new_tokens: int) -> None:
-        self.bar, self.max_new_tokens, self.step = bar, max_new_tokens, 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        self.step += 1
-        if self.step == 1 or self.step % 4 == 0:
-            self.bar.set_postfix_str(f"this batch: token {self.step}/{self.max_new_tokens}"
-                                     + getattr(self.bar, "rate", ""))
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
 @torch.no_grad()
 def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: GenerationArguments, stops: list[int],
             pad: int, bar: Any = None) -> tuple[list[dict[str, Any]], int]:
@@ -135,7 +120,7 @@ def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: Generation
         temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
         num_return_sequences=settings.num_return_sequences, eos_token_id=stops, pad_token_id=pad,
         return_dict_in_generate=True, output_logits=settings.cache_top_k > 0,
-        stopping_criteria=StoppingCriteriaList([_Ticker(bar, settings.max_new_tokens)]) if bar is not None else None,
+        stopping_criteria=StoppingCriteriaList([TokenTicker(bar, settings.max_new_tokens)]) if bar is not None else None,
     )
     answers, generated = [], 0
     for index, row in enumerate(out.sequences[:, width:].tolist()):

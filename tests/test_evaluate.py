@@ -29,6 +29,7 @@ from hf_distill.evaluation import (
     speculative_forwards,
 )
 from hf_distill.hub import EVALUATION_START, update_card_evaluation
+from hf_distill.samples import TokenTicker
 
 from .conftest import tiny_llama
 from .llm_workspace import save_chat_teacher
@@ -91,6 +92,32 @@ def test_code_block_end_stops_a_row_at_its_closing_fence():
     stop = CodeBlockEnd(Words(), prompt_width=1)
     rows = torch.tensor([[9, 1, 2, 3], [9, 1, 2, 2], [9, 2, 2, 2]])
     assert stop(rows, None).tolist() == [True, False, False]
+
+
+def test_greedy_answers_show_their_tokens_and_keep_the_callers_stop():
+    from transformers import StoppingCriteria
+
+    class AfterThree(StoppingCriteria):
+        def __init__(self, width):
+            self.width = width
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] - self.width >= 3, dtype=torch.bool)
+
+    class Bar:
+        shown: list[str] = []
+
+        def set_postfix_str(self, text):
+            self.shown.append(text)
+
+    ticker = TokenTicker(Bar(), 8)
+    assert [ticker(torch.zeros(2, 3, dtype=torch.long), None).tolist() for _ in range(8)] == [[False, False]] * 8
+    assert Bar.shown == ["this batch: token 1/8", "this batch: token 4/8", "this batch: token 8/8"]
+    teacher, _ = _pair(0.0)
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
+    free, _ = greedy_answers(teacher, prompts, 8, 0, (), batch_size=2)
+    cut, _ = greedy_answers(teacher, prompts, 8, 0, (), batch_size=2, stopping=AfterThree)
+    assert [len(a) for a in free] == [8, 8, 8] and cut == [a[:3] for a in free]
 
 
 def _pair(noise: float, seed: int = 1):

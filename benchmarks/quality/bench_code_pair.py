@@ -103,7 +103,8 @@ def evaluate(name: str, student: str, options, baseline: str | None = None) -> d
                "--draft_lengths", "2,4,8", "--assisted_prompts", str(options.assisted_prompts),
                "--update_card", "false", "--answers_dir", os.path.join(WORK, "humaneval-answers")]
     if name != "teacher":
-        command += ["--teacher", TEACHER, "--dataset", os.path.join(WORK, "gen-held_out"), "--eval_split", "train"]
+        command += ["--teacher", TEACHER, "--dataset", os.path.join(WORK, "gen-held_out"), "--eval_split", "train",
+                    "--max_length", "512"]  # (prompt + answer: up to 315 + 192 tokens; the default 128 cuts most)
     if baseline:
         command += ["--baseline", baseline]
     if options.humaneval_limit:
@@ -120,6 +121,8 @@ def arm(name: str, options) -> None:
     if not os.path.exists(os.path.join(out, "merged", "model.safetensors")):
         flags = [a.format(gen=os.path.join(WORK, "gen-train"), tokens=options.tokens) for a in ARMS[name]]
         data = os.path.join(WORK, "gen-train")  # (every arm: the same prompts; on-policy rows ignore the answers)
+        if any(entry.startswith("checkpoint-") for entry in (os.listdir(out) if os.path.isdir(out) else [])):
+            flags += ["--resume_from_checkpoint", "true"]  # (an earlier piece stopped after a checkpoint)
         seconds = run(f"arm-{name}", [
             *HF, "distill", "--task", "causal-lm", "--teacher", TEACHER, "--student", STUDENT, "--dataset", data,
             "--use_peft", "--lora_r", "16", "--lora_alpha", "32", "--merge_adapters", "--output_dir", out,
@@ -128,8 +131,9 @@ def arm(name: str, options) -> None:
             "4", "--eval_fraction", "0.05", "--eval_strategy", "no", "--logging_steps", "2", "--save_strategy",
             "steps", "--save_steps", "10", "--save_total_limit", "1", "--report_to", "none", "--seed", "0",
             "--max_length", "512", "--gradient_checkpointing", "true", "--sample_max_new_tokens", "96", *flags])
+        pieces = (_load(f"arm-{name}.train") or {}).get("pieces", [])  # (set when a run was stopped and resumed)
         with open(os.path.join(RESULTS, f"arm-{name}.train.json"), "w") as f:
-            json.dump({"seconds": seconds}, f)
+            json.dump({"seconds": seconds + sum(pieces), "pieces": [*pieces, seconds]}, f)
     evaluate(f"arm-{name}", os.path.join(out, "merged"), options, baseline=STUDENT)
 
 
