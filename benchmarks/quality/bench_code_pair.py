@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -112,6 +113,13 @@ def evaluate(name: str, student: str, options, baseline: str | None = None) -> d
     seconds = run(f"eval-{name}", command)
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
+    # what a person reads: every HumanEval answer and the report beside the numbers
+    shutil.copy(os.path.join(out, "report.md"), os.path.join(RESULTS, f"eval-{name}.report.md"))
+    answers = os.path.join(out, "humaneval-student.jsonl")
+    if os.path.exists(answers):
+        shutil.copy(answers, os.path.join(RESULTS, f"humaneval-{name}.jsonl"))
+    if name == "untouched" and os.path.exists(os.path.join(out, "humaneval-teacher.jsonl")):
+        shutil.copy(os.path.join(out, "humaneval-teacher.jsonl"), os.path.join(RESULTS, "humaneval-teacher.jsonl"))
     record(f"eval-{name}", {"seconds": seconds, "results": results})
     return results
 
@@ -163,6 +171,37 @@ def table(options) -> None:
               f"{_num(scores.get('answers_repeated_4gram_share'))} | {_num(scores.get('draft_tokens_per_forward_k4'))} |")
     if entries:
         merge_quality("code_pair", "arms", entries)
+        best = max(entries, key=lambda a: entries[a]["scores"].get("humaneval_pass@1") or 0)
+        quote_answers(best, options.quote)
+
+
+def quote_answers(arm_name: str, count: int) -> None:
+    """`count` HumanEval problems with the untouched student's and arm `arm_name`'s answers side by side: problems
+    the arm gained first, then those it lost, then ones both solved (markdown, for docs/results.md)."""
+    rows = {}
+    for name in ("untouched", f"arm-{arm_name}"):
+        path = os.path.join(RESULTS, f"humaneval-{name}.jsonl")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            rows[name] = {row["task_id"]: row for row in map(json.loads, f)}
+    before, after = rows["untouched"], rows[f"arm-{arm_name}"]
+    order = sorted(before, key=lambda t: (not (after[t]["passed"] and not before[t]["passed"]),
+                                         not (before[t]["passed"] and not after[t]["passed"]),
+                                         not (before[t]["passed"] and after[t]["passed"]), int(t.split("/")[1])))
+    print(f"\n### HumanEval answers: the untouched 0.5B and arm {arm_name} ({ARM_NAMES[arm_name]})\n")
+    for task in order[:count]:
+        print(f"**{task}** — untouched: {'pass' if before[task]['passed'] else 'fail'}, arm {arm_name}: "
+              f"{'pass' if after[task]['passed'] else 'fail'}\n")
+        for label, row in (("untouched", before[task]), (f"arm {arm_name}", after[task])):
+            print(f"{label}:\n```python\n{_code(row['answers'][0])}\n```\n")
+
+
+def _code(answer: str, lines: int = 25) -> str:
+    from hf_distill.code_eval import extract_code
+
+    code = extract_code(answer).strip("\n").splitlines()
+    return "\n".join(code[:lines] + ([f"# ... ({len(code) - lines} more lines)"] if len(code) > lines else []))
 
 
 ARM_NAMES = {"a": "SFT on the teacher's answers", "b": "off-policy KD, top-32 cache",
@@ -197,6 +236,7 @@ def main() -> None:
     parser.add_argument("--assisted_prompts", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--quote", type=int, default=5, help="HumanEval answers quoted by `table`")
     options = parser.parse_args()
     step = options.step if options.step not in ("eval", "arm") else f"{options.step}-{options.name}"
     if options.step != "table" and done(step if options.step != "arm" else f"eval-arm-{options.name}"):
