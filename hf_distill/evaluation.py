@@ -30,6 +30,20 @@ from tqdm.auto import tqdm
 from .chat import IGNORE_INDEX, left_padded
 from .samples import SamplingSettings, TokenTicker, sample_completions
 
+#: Most logits (rows x positions x classes) one scoring forward pass holds, ~0.5 GB in float32: batches are cut into
+#: fewer rows to stay under it (with a 152k-token vocabulary, one row of up to 880 tokens per pass), so the batch size
+#: that suits generation never runs the machine out of memory here.
+LOGITS_BUDGET = 2 ** 27
+
+
+def rows_per_pass(model: nn.Module, width: int, budget: int | None = None) -> int:
+    """How many rows of `width` positions one forward pass of `model` may score within `budget` logits
+    (`LOGITS_BUDGET`); the classes are the output head's rows (a language model's vocabulary) or ``num_labels``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    classes = weight.shape[0] if weight is not None else getattr(getattr(model, "config", None), "num_labels", 2)
+    return max(1, (LOGITS_BUDGET if budget is None else budget) // max(width * int(classes), 1))
+
 
 @torch.no_grad()
 def held_out_scores(models: dict[str, nn.Module], batches: Iterable[dict[str, torch.Tensor]], task: str,
@@ -41,26 +55,31 @@ def held_out_scores(models: dict[str, nn.Module], batches: Iterable[dict[str, to
     count = 0
     for model in models.values():
         model.eval()
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+    for whole in tqdm(batches, desc=desc, unit="batch", leave=False):
         device = next(iter(models.values())).device
-        inputs = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and k != "labels"}
-        labels = batch["labels"].to(device)
-        logits = {name: model(**inputs).logits.float() for name, model in models.items()}
-        if task == "causal-lm":
-            logits = {name: value[:, :-1] for name, value in logits.items()}
-            labels = labels[:, 1:]
-        mask = labels != IGNORE_INDEX
-        count += int(mask.sum())
-        target = labels[mask]
-        chosen = {name: value[mask] for name, value in logits.items()}
-        teacher = torch.log_softmax(chosen[reference], -1) if reference in chosen else None
-        for name, value in chosen.items():
-            log_p = torch.log_softmax(value, -1)
-            totals[name]["ce"] -= float(log_p.gather(-1, target[:, None]).sum())
-            totals[name]["right"] += float((value.argmax(-1) == target).sum())
-            if teacher is not None:
-                totals[name]["kl"] += float((teacher.exp() * (teacher - log_p)).sum())
-                totals[name]["agree"] += float((value.argmax(-1) == chosen[reference].argmax(-1)).sum())
+        width = whole["labels"].shape[1] if whole["labels"].dim() > 1 else 1
+        step = min(rows_per_pass(model, width) for model in models.values())
+        for first in range(0, len(whole["labels"]), step):  # (rows within the logits budget)
+            batch = {k: v[first: first + step] for k, v in whole.items() if torch.is_tensor(v)}
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            labels = batch["labels"].to(device)
+            logits = {name: model(**inputs).logits.float() for name, model in models.items()}
+            if task == "causal-lm":
+                logits = {name: value[:, :-1] for name, value in logits.items()}
+                labels = labels[:, 1:]
+            mask = labels != IGNORE_INDEX
+            count += int(mask.sum())
+            target = labels[mask]
+            chosen = {name: value[mask] for name, value in logits.items()}
+            del logits
+            teacher = torch.log_softmax(chosen[reference], -1) if reference in chosen else None
+            for name, value in chosen.items():
+                log_p = torch.log_softmax(value, -1)
+                totals[name]["ce"] -= float(log_p.gather(-1, target[:, None]).sum())
+                totals[name]["right"] += float((value.argmax(-1) == target).sum())
+                if teacher is not None:
+                    totals[name]["kl"] += float((teacher.exp() * (teacher - log_p)).sum())
+                    totals[name]["agree"] += float((value.argmax(-1) == chosen[reference].argmax(-1)).sum())
     if count == 0:  # (prompt-only rows: nothing to score)
         return {}
     results = {}
@@ -88,24 +107,26 @@ def mcnemar_exact(gained: int, lost: int) -> float:
 def answer_log_probs(model: nn.Module, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                      pad_id: int, batch_size: int = 4) -> tuple[list[list[float]], list[list[int]]]:
     """Teacher forcing of ``prompt + answer``: each answer token's log-probability under `model` and `model`'s argmax
-    at that position (what it would have written there), per row."""
+    at that position (what it would have written there), per row. Rows per pass stay within `LOGITS_BUDGET`."""
     model.eval()
     device = next(model.parameters()).device
     log_probs, argmaxes = [], []
+    width = max((len(p) + len(a) for p, a in zip(prompts, answers)), default=1)
+    batch_size = min(batch_size, rows_per_pass(model, width))
     for start in range(0, len(prompts), batch_size):
         rows = [list(p) + list(a) for p, a in zip(prompts[start: start + batch_size], answers[start: start + batch_size])]
         ids, mask = left_padded(rows, pad_id, device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
-        log_softmax = torch.log_softmax(logits[:, :-1], -1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         for i, answer in enumerate(answers[start: start + batch_size]):
             if not answer:
                 log_probs.append([]), argmaxes.append([])
                 continue
-            positions = torch.arange(ids.shape[1] - 1 - len(answer), ids.shape[1] - 1, device=device)
+            # the positions that predict the answer's tokens (left padding: the answer ends the row)
+            log_softmax = torch.log_softmax(logits[i, ids.shape[1] - 1 - len(answer): ids.shape[1] - 1].float(), -1)
             tokens = torch.tensor(list(answer), device=device)
-            log_probs.append(log_softmax[i, positions, tokens].tolist())
-            argmaxes.append(log_softmax[i, positions].argmax(-1).tolist())
+            log_probs.append(log_softmax.gather(-1, tokens[:, None])[:, 0].tolist())
+            argmaxes.append(log_softmax.argmax(-1).tolist())
     return log_probs, argmaxes
 
 

@@ -167,7 +167,13 @@ def test_speculative_forwards_by_hand():
     assert speculative_forwards([1, 1, 1, 1], 8, max_new_tokens=4) == (1, 3)
 
 
-def test_held_out_scores_match_a_direct_computation():
+@pytest.mark.parametrize("budget", [None, 64 * 10])  # (all rows in one pass; one row per pass)
+def test_held_out_scores_match_a_direct_computation(budget, monkeypatch):
+    import hf_distill.evaluation as evaluation
+
+    if budget:
+        monkeypatch.setattr(evaluation, "LOGITS_BUDGET", budget)
+        assert evaluation.rows_per_pass(_pair(0.0)[0], 10) == 1
     teacher, student = _pair(0.3)
     ids = torch.randint(3, 64, (3, 10), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
