@@ -105,7 +105,8 @@ def mcnemar_exact(gained: int, lost: int) -> float:
 
 @torch.no_grad()
 def answer_log_probs(model: nn.Module, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                     pad_id: int, batch_size: int = 4) -> tuple[list[list[float]], list[list[int]]]:
+                     pad_id: int, batch_size: int = 4, desc: str = "Teacher forcing"
+                     ) -> tuple[list[list[float]], list[list[int]]]:
     """Teacher forcing of ``prompt + answer``: each answer token's log-probability under `model` and `model`'s argmax
     at that position (what it would have written there), per row. Rows per pass stay within `LOGITS_BUDGET`."""
     model.eval()
@@ -113,7 +114,7 @@ def answer_log_probs(model: nn.Module, prompts: Sequence[Sequence[int]], answers
     log_probs, argmaxes = [], []
     width = max((len(p) + len(a) for p, a in zip(prompts, answers)), default=1)
     batch_size = min(batch_size, rows_per_pass(model, width))
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         rows = [list(p) + list(a) for p, a in zip(prompts[start: start + batch_size], answers[start: start + batch_size])]
         ids, mask = left_padded(rows, pad_id, device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -133,7 +134,7 @@ def answer_log_probs(model: nn.Module, prompts: Sequence[Sequence[int]], answers
 def teacher_nll(teacher: nn.Module, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                 pad_id: int) -> float:
     """The teacher's mean per-token NLL of `answers` (e.g. a student's greedy answers): ``mean -log p_T(y_t)``."""
-    log_probs, _ = answer_log_probs(teacher, prompts, answers, pad_id)
+    log_probs, _ = answer_log_probs(teacher, prompts, answers, pad_id, desc="The teacher's NLL of the answers")
     values = [v for row in log_probs for v in row]
     return -sum(values) / max(len(values), 1)
 
@@ -167,7 +168,7 @@ class DraftAcceptance:
 def draft_acceptance(student: nn.Module, prompts: Sequence[Sequence[int]], teacher_answers: Sequence[Sequence[int]],
                      pad_id: int, ks: Sequence[int] = (4,), max_new_tokens: int | None = None) -> DraftAcceptance:
     """The module docstring's exact acceptance from one teacher-forced student pass over the teacher's answers."""
-    _, argmaxes = answer_log_probs(student, prompts, teacher_answers, pad_id)
+    _, argmaxes = answer_log_probs(student, prompts, teacher_answers, pad_id, desc="The student drafting")
     matches = [[a == y for a, y in zip(row, answer)] for row, answer in zip(argmaxes, teacher_answers)]
     forwards = {k: 0 for k in ks}
     accepted = {k: 0 for k in ks}
