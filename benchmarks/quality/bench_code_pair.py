@@ -9,6 +9,7 @@ come), logs to ``docs/results/issue39/<step>.log`` and writes ``<step>.json``:
     python benchmarks/quality/bench_code_pair.py eval teacher       # HumanEval of the 1.5B (the ceiling)
     python benchmarks/quality/bench_code_pair.py eval untouched     # the 0.5B before distillation
     python benchmarks/quality/bench_code_pair.py arm a|b|c|d        # train an arm, then evaluate it
+    python benchmarks/quality/bench_code_pair.py speed NAME         # assisted-generation speed-up of the best arm
     python benchmarks/quality/bench_code_pair.py table              # the table of docs/results.md
 
 Arms (equal optimizer steps and prompts; LoRA r 16 on every linear layer of the 0.5B, merged for evaluation, since a
@@ -96,18 +97,21 @@ def generate(options) -> None:
     record("generate", {"seconds": seconds, "max_new_tokens": options.tokens})
 
 
-def evaluate(name: str, student: str, options, baseline: str | None = None) -> dict:
+def evaluate(name: str, student: str, options, humaneval: bool = True, assisted: int = 0) -> dict:
+    """`hf-distill evaluate` of `student` against the teacher on the held-out split (and HumanEval): every model's
+    answers are kept in WORK/humaneval-answers, so the teacher's are written once. The paired HumanEval comparison
+    with the untouched student is made by `table` from the answer files (the same McNemar test as ``--baseline``,
+    without scoring the untouched student again); the wall-clock speed-up only with `assisted` prompts (`speed`)."""
     out = os.path.join(WORK, f"eval-{name}")
-    command = [*HF, "evaluate", "--student", student, "--output_dir", out, "--humaneval", "--allow_code_execution",
-               "--humaneval_max_new_tokens", str(options.humaneval_tokens), "--batch_size", "32",
+    command = [*HF, "evaluate", "--student", student, "--output_dir", out, "--batch_size", "32",
                "--max_new_tokens", str(options.tokens), "--num_prompts", "40", "--show", "5",
-               "--draft_lengths", "2,4,8", "--assisted_prompts", str(options.assisted_prompts),
+               "--draft_lengths", "2,4,8", "--assisted_prompts", str(assisted),
                "--update_card", "false", "--answers_dir", os.path.join(WORK, "humaneval-answers")]
+    if humaneval:
+        command += ["--humaneval", "--allow_code_execution", "--humaneval_max_new_tokens", str(options.humaneval_tokens)]
     if name != "teacher":
         command += ["--teacher", TEACHER, "--dataset", os.path.join(WORK, "gen-held_out"), "--eval_split", "train",
                     "--max_length", "512"]  # (prompt + answer: up to 315 + 192 tokens; the default 128 cuts most)
-    if baseline:
-        command += ["--baseline", baseline]
     if options.humaneval_limit:
         command += ["--humaneval_limit", str(options.humaneval_limit)]
     seconds = run(f"eval-{name}", command)
@@ -142,11 +146,20 @@ def arm(name: str, options) -> None:
         pieces = (_load(f"arm-{name}.train") or {}).get("pieces", [])  # (set when a run was stopped and resumed)
         with open(os.path.join(RESULTS, f"arm-{name}.train.json"), "w") as f:
             json.dump({"seconds": seconds + sum(pieces), "pieces": [*pieces, seconds]}, f)
-    evaluate(f"arm-{name}", os.path.join(out, "merged"), options, baseline=STUDENT)
+    evaluate(f"arm-{name}", os.path.join(out, "merged"), options)
+
+
+def speed(name: str, options) -> None:
+    """The wall-clock speed-up of transformers' assisted generation with arm `name`'s student drafting for the
+    teacher (the untouched student's comes with ``eval untouched``); run it for the best arm."""
+    evaluate(f"speed-arm-{name}", os.path.join(WORK, f"arm-{name}", "merged"), options, humaneval=False,
+             assisted=options.assisted_prompts)
 
 
 def table(options) -> None:
-    """The results so far as docs/results.md's table (and quality.json's ``code_pair`` section)."""
+    """The results so far as docs/results.md's table (and quality.json's ``code_pair`` section): per model HumanEval
+    pass@1, problems gained / lost against the untouched 0.5B with the exact McNemar p-value (from the answer files),
+    held-out KL and agreement, diversity against the teacher's, draft tokens per teacher forward, wall time."""
     from common import merge_quality
 
     rows, entries = [], {}
@@ -154,25 +167,71 @@ def table(options) -> None:
     if untouched:
         scores = untouched["results"]["scores"]
         for name, label in (("teacher", "1.5B teacher (ceiling)"), ("student", "0.5B untouched")):
-            rows.append((label, scores.get(name, {}), None))
+            rows.append((label, scores.get(name, {}), None, None))
+    teacher = untouched["results"]["scores"].get("teacher", {}) if untouched else {}
     for arm_name in ARMS:
         result = _load(f"eval-arm-{arm_name}")
         if result:
-            paired = result["results"].get("humaneval", {}).get("paired")
-            rows.append((f"{arm_name}. {ARM_NAMES[arm_name]}", result["results"]["scores"]["student"], paired))
-            entries[arm_name] = {"scores": result["results"]["scores"]["student"], "paired": paired}
+            scores = result["results"]["scores"]["student"]
+            paired = _paired("untouched", f"arm-{arm_name}")
+            seconds = (_load(f"arm-{arm_name}.train") or {}).get("seconds")
+            rows.append((f"{arm_name}. {ARM_NAMES[arm_name]}", scores, paired, seconds))
+            entries[arm_name] = {"scores": scores, "vs_untouched": paired, "train_seconds": seconds,
+                                 "vs_sft": _paired("arm-a", f"arm-{arm_name}") if arm_name != "a" else None,
+                                 "diversity_within_25pct_of_teacher": _diverse(scores, teacher)}
     print("| model | HumanEval pass@1 | vs untouched (+ / -, McNemar p) | held-out KL | agreement | distinct-4 | "
-          "repeated 4-grams | tokens per teacher forward (k=4) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for label, scores, paired in rows:
+          "repeated 4-grams | tokens per teacher forward (k=4) | training wall time |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for label, scores, paired, seconds in rows:
         vs = f"+{paired['gained']} / -{paired['lost']}, p = {paired['mcnemar_p']:.3g}" if paired else ""
+        wall = f"{seconds / 60:.0f} min" if seconds else ""
         print(f"| {label} | {_pct(scores.get('humaneval_pass@1'))} | {vs} | {_num(scores.get('kl_to_teacher'))} | "
               f"{_num(scores.get('teacher_agreement'))} | {_num(scores.get('answers_distinct_4'))} | "
-              f"{_num(scores.get('answers_repeated_4gram_share'))} | {_num(scores.get('draft_tokens_per_forward_k4'))} |")
+              f"{_num(scores.get('answers_repeated_4gram_share'))} | {_num(scores.get('draft_tokens_per_forward_k4'))} "
+              f"| {wall} |")
+    for arm_name, entry in entries.items():
+        if entry["vs_sft"]:
+            p = entry["vs_sft"]
+            print(f"- arm {arm_name} against SFT (arm a): +{p['gained']} / -{p['lost']}, p = {p['mcnemar_p']:.3g}")
+    speedups = {"untouched": (untouched or {}).get("results", {}).get("scores", {}).get("student", {})}
+    speedups.update({name: (_load(f"eval-speed-arm-{name}") or {}).get("results", {}).get("scores", {})
+                     .get("student", {}) for name in ARMS})
+    for name, scores in speedups.items():
+        if scores.get("assisted_speedup_k2") is not None:
+            print(f"- wall-clock speed-up of the teacher with the {name} student drafting (k=2): "
+                  f"{scores['assisted_speedup_k2']:.2f}x, identical outputs {scores.get('assisted_identical')}")
     if entries:
         merge_quality("code_pair", "arms", entries)
         best = max(entries, key=lambda a: entries[a]["scores"].get("humaneval_pass@1") or 0)
         quote_answers(best, options.quote)
+
+
+def _solved(name: str) -> set[str] | None:
+    path = os.path.join(RESULTS, f"humaneval-{name}.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {row["task_id"] for row in map(json.loads, f) if row["passed"]}
+
+
+def _paired(before: str, after: str) -> dict | None:
+    """Problems `after` solved and `before` did not (gained), the reverse (lost), and the exact McNemar p-value."""
+    from hf_distill.evaluation import mcnemar_exact
+
+    old, new = _solved(before), _solved(after)
+    if old is None or new is None:
+        return None
+    gained, lost = len(new - old), len(old - new)
+    return {"gained": gained, "lost": lost, "net": gained - lost, "mcnemar_p": mcnemar_exact(gained, lost)}
+
+
+def _diverse(scores: dict, teacher: dict) -> bool | None:
+    """The collapse target, as the library's relative collapse flags read it: distinct-4 at least 75% of the
+    teacher's, and the repeated-4-gram share at most 25 points above the teacher's."""
+    if "answers_distinct_4" not in teacher:
+        return None
+    return bool(scores["answers_distinct_4"] >= 0.75 * teacher["answers_distinct_4"]
+                and scores["answers_repeated_4gram_share"] <= teacher["answers_repeated_4gram_share"] + 0.25)
 
 
 def quote_answers(arm_name: str, count: int) -> None:
@@ -226,7 +285,7 @@ def _num(value) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["prompts", "generate", "eval", "arm", "table"])
+    parser.add_argument("step", choices=["prompts", "generate", "eval", "arm", "speed", "table"])
     parser.add_argument("name", nargs="?")
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--held_out", type=int, default=40)
@@ -238,8 +297,9 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--quote", type=int, default=5, help="HumanEval answers quoted by `table`")
     options = parser.parse_args()
-    step = options.step if options.step not in ("eval", "arm") else f"{options.step}-{options.name}"
-    if options.step != "table" and done(step if options.step != "arm" else f"eval-arm-{options.name}"):
+    step = options.step if options.step not in ("eval", "arm", "speed") else f"{options.step}-{options.name}"
+    finished = {"arm": f"eval-arm-{options.name}", "speed": f"eval-speed-arm-{options.name}"}.get(options.step, step)
+    if options.step != "table" and done(finished):
         print(f"{step}: done (docs/results/issue39/{step}.json)")
         return
     if options.step == "prompts":
@@ -247,7 +307,10 @@ def main() -> None:
     elif options.step == "generate":
         generate(options)
     elif options.step == "eval":
-        evaluate(options.name, {"teacher": TEACHER, "untouched": STUDENT}[options.name], options)
+        evaluate(options.name, {"teacher": TEACHER, "untouched": STUDENT}[options.name], options,
+                 assisted=options.assisted_prompts if options.name == "untouched" else 0)
+    elif options.step == "speed":
+        speed(options.name, options)
     elif options.step == "arm":
         arm(options.name, options)
     else:
