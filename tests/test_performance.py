@@ -311,3 +311,25 @@ def test_the_command_line_parses_the_speed_flags():
     assert model_args.fast_defaults is False and args.teacher_dtype is None
     model_args, _, _ = parse_distill_args(["--teacher", "t", "--output_dir", "/tmp/x"])
     assert model_args.fast_defaults is True
+
+
+def test_throughput_times_a_slow_pass_once_and_a_quick_one_three_times(monkeypatch):
+    from hf_distill.cli import report
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(report.time, "perf_counter", lambda: clock["now"])
+
+    class Timed(torch.nn.Module):  # each pass advances the fake clock by `seconds`
+        def __init__(self, seconds: float) -> None:
+            super().__init__()
+            self.seconds, self.calls = seconds, 0
+
+        def forward(self, input_ids):
+            self.calls += 1
+            clock["now"] += self.seconds
+            return input_ids
+
+    batch = {"input_ids": torch.zeros(8, 4)}
+    quick, slow = Timed(0.5), Timed(10.0)
+    assert report.throughput(quick, batch) == pytest.approx(8 / 0.5) and quick.calls == 4  # warm-up + 3
+    assert report.throughput(slow, batch) == pytest.approx(8 / 10.0) and slow.calls == 2  # warm-up + 1

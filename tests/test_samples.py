@@ -54,6 +54,13 @@ def test_collapse_thresholds_flag_repetition_and_sameness_not_varied_text():
     assert any("length cap" in r for r in relative) and any("the teacher" in r for r in relative)
     assert collapse_reasons(completion_stats([[EOS]] * 4, [EOS], 32)) == ["the answers are (nearly) empty: 1.0 "
                                                                           "tokens on average"]
+    # running to the cap: half the answers more than the teacher and at least 3 answers more (4 samples: 1 vs 3 is
+    # chance, 0 vs 4 is not)
+    short, long = [[11, 12, 13, 14, EOS]], [[(7 * k) % 50 + 10 for k in range(32)]]
+    teacher = completion_stats(short * 3 + long, [EOS], 32)
+    assert not any("length cap" in r for r in collapse_reasons(completion_stats(short + long * 3, [EOS], 32), teacher))
+    reasons = collapse_reasons(completion_stats(long * 4, [EOS], 32), completion_stats(short * 4, [EOS], 32))
+    assert reasons == ["100% of the answers run to the length cap (the teacher: 0%)"]
 
 
 def test_entropy_meter_records_the_entropy_of_the_raw_softmax():

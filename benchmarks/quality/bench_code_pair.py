@@ -142,7 +142,8 @@ def arm(name: str, options) -> None:
             "2", "--learning_rate", str(options.learning_rate), "--lr_scheduler_type", "cosine", "--warmup_steps",
             "4", "--eval_fraction", "0.05", "--eval_strategy", "no", "--logging_steps", "2", "--save_strategy",
             "steps", "--save_steps", "10", "--save_total_limit", "1", "--report_to", "none", "--seed", "0",
-            "--max_length", "512", "--gradient_checkpointing", "true", "--sample_max_new_tokens", "96", *flags])
+            "--max_length", "512", "--gradient_checkpointing", "true", "--sample_max_new_tokens", str(options.tokens),
+            *flags])
         pieces = (_load(f"arm-{name}.train") or {}).get("pieces", [])  # (set when a run was stopped and resumed)
         with open(os.path.join(RESULTS, f"arm-{name}.train.json"), "w") as f:
             json.dump({"seconds": seconds + sum(pieces), "pieces": [*pieces, seconds]}, f)
