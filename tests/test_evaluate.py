@@ -238,15 +238,18 @@ def test_evaluate_command_on_a_causal_lm_student(tmp_path, capsys, monkeypatch):
     assert "model-index:" in card and "type: kl_to_teacher" in card and "# Student" in card
     # the greedy answers are kept per weights, prompts and settings: a second evaluation reads them back, and a
     # retrained student (other weights in the same folder) is answered again while the others are still read back
-    calls = []
-    real = evaluate_module.greedy_answers
+    # (and so is the teacher's NLL of each model's answers)
+    calls, nll_calls = [], []
+    real, real_nll = evaluate_module.greedy_answers, evaluate_module.teacher_nll
     monkeypatch.setattr(evaluate_module, "greedy_answers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(evaluate_module, "teacher_nll", lambda *a, **k: nll_calls.append(1) or real_nll(*a, **k))
     again = evaluate_main(argv + ["--update_card", "false"])
-    assert calls == [] and all(again["scores"][n]["answers_distinct_2"] == scores[n]["answers_distinct_2"]
-                               for n in scores)
+    assert calls == [] and nll_calls == []
+    assert all(again["scores"][n][k] == scores[n][k] for n in scores
+               for k in ("answers_distinct_2", "teacher_nll_of_answers"))
     save_chat_teacher(tmp_path / "student", seed=5)
     evaluate_main(argv + ["--update_card", "false"])
-    assert calls == [1]
+    assert calls == [1] and nll_calls == [1]
 
 
 def test_evaluate_refuses_humaneval_without_the_flag_and_runs_it_with(tmp_path, capsys, monkeypatch):
