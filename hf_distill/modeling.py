@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import types
-from typing import Any, Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -58,6 +59,22 @@ def model_inputs(model: nn.Module, inputs: Mapping[str, Any], drop: Iterable[str
     if "use_cache" in names and "use_cache" not in kept:
         kept["use_cache"] = False
     return kept
+
+
+@contextmanager
+def config_use_cache(model: nn.Module, value: bool | None) -> Iterator[None]:
+    """``model.config.use_cache`` set to `value` inside the block (None, or a model without a config: unchanged).
+    The Trainer sets it to ``args.use_cache`` (False by default) for training; a student saved with it would generate
+    without a KV cache wherever no generation_config.json says otherwise, so saving writes the value it was loaded with."""
+    config = getattr(unwrap(model), "config", None)
+    if value is None or config is None or not hasattr(config, "use_cache"):
+        yield
+        return
+    before, config.use_cache = config.use_cache, value
+    try:
+        yield
+    finally:
+        config.use_cache = before
 
 
 def accepts_input(model: nn.Module, name: str) -> bool:

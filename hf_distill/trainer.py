@@ -21,7 +21,7 @@ from .batch import BatchPath
 from .checks import check_declared_sizes, check_labels_available
 from .config import DistillationConfig
 from .hub import CardInfo, write_model_card
-from .modeling import check_no_attention_dropout, output_logits, use_eager_attention
+from .modeling import check_no_attention_dropout, config_use_cache, output_logits, use_eager_attention
 from .output_dir import API_WORDS, prepare_output_dir
 from .outputs import checked_kernel, output_precision, plan_output
 from .performance import warn_slow_half_precision
@@ -116,6 +116,7 @@ class DistillationTrainer(Trainer):
         sizes = {n for n in map(classification_labels, (model, *source.models)) if n is not None}
         if label_weights(args) and len(sizes) <= 1:  # (else: the size check says it)
             check_label_values(kwargs.get("train_dataset"), model, ("labels",))  # before the Trainer writes anything
+        self.student_use_cache = getattr(getattr(model, "config", None), "use_cache", None)  # (written on save)
         super().__init__(model=model, args=args, **kwargs)
         warn_slow_half_precision(args, self.args.device.type, logger)  # (bf16 on a CPU without bf16 units: ~100x)
         self.teacher_source = source
@@ -136,11 +137,9 @@ class DistillationTrainer(Trainer):
         if self._modules_in_student:
             model.add_module(ATTACHED_NAME, self.signal_modules)
         if len(self.signal_modules) and self.optimizer is not None:
-            raise ValueError(
-                f"The active signals learn modules of their own ({', '.join(self.signal_modules.keys())}), which "
-                "a user-built optimizer does not hold. Let the trainer build the optimizer (args.optim, or "
-                "optimizer_cls_and_kwargs=...) instead of passing optimizers=(...)."
-            )
+            raise ValueError(f"The active signals learn modules of their own ({', '.join(self.signal_modules.keys())}), "
+                             "which a user-built optimizer does not hold. Let the trainer build the optimizer (args.optim, "
+                             "or optimizer_cls_and_kwargs=...) instead of passing optimizers=(...).")
         modes = student_mode_callbacks(model, args, self.signals, self.accelerator)  # (RunRecord: what a resume checks)
         for callback in (_AfterOptimizerStep(self), RunRecordCallback(self), *modes, *samples_callbacks(self)):
             self.add_callback(callback)
@@ -284,15 +283,16 @@ class DistillationTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The Trainer's save, without the signal modules where they ride inside the student (DeepSpeed); a student
-        with NaN or inf weights is refused (`check_finite_weights`)."""
+        """The Trainer's save, without the signal modules where they ride inside the student (DeepSpeed), with the
+        student's own ``use_cache`` (`config_use_cache`); a student with NaN or inf weights is refused."""
         if self._modules_in_student:
             if state_dict is None:
                 state_dict = self.model.state_dict()
             state_dict = {k: v for k, v in state_dict.items() if ATTACHED_NAME not in k.split(".")}
         check_finite_weights(state_dict if state_dict is not None else self.model.named_parameters(),
                              output_dir or self.args.output_dir)
-        super()._save(output_dir, state_dict=state_dict)
+        with config_use_cache(self.model, self.student_use_cache):
+            super()._save(output_dir, state_dict=state_dict)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -307,9 +307,8 @@ class DistillationTrainer(Trainer):
         if checkpoint is None:
             return
         if len(self.signal_modules) and not self._modules_in_student and not self.signal_modules.load(checkpoint):
-            logger.warning(
-                "Checkpoint %s has no %s: the signals' projections start afresh.", checkpoint, "hf_distill_modules.safetensors"
-            )
+            logger.warning("Checkpoint %s has no hf_distill_modules.safetensors: the signals' projections start afresh.",
+                           checkpoint)
         load_signal_state([signal for signal, _ in self.signals], checkpoint, self.args.device)
 
     # ---- saving: the student's model card -----------------------------------------------------------------------

@@ -277,4 +277,5 @@ def test_lora_self_distillation_from_the_command_line(tiny_run, tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(out))
     merged = AutoModelForSequenceClassification.from_pretrained(summary["merged"])
     assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert merged.config.use_cache is True  # (as the student was loaded, not the Trainer's training value False)
     assert next(float(t) for n, t, s in summary["rows"] if n == "held-out accuracy") >= 0

@@ -157,8 +157,10 @@ def test_saved_causal_student_reloads_with_identical_logits(make_args, tmp_path)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(max_steps=2),
                                   train_dataset=lm_dataset())
     trainer.train()
+    assert student.config.use_cache is False  # (the Trainer's training value, args.use_cache)
     trainer.save_model(str(tmp_path / "lm"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lm"))
+    assert reloaded.config.use_cache is True and student.config.use_cache is False  # saved as loaded; training unchanged
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, student.eval()(ids).logits)

@@ -23,7 +23,7 @@ from ..data import (
 )
 from ..generate import GenerationArguments, check_not_a_cache, generate_completions, holds_teacher_cache
 from ..hub import CardInfo, describe_method, hub_errors, library_versions, training_record
-from ..modeling import unwrap
+from ..modeling import config_use_cache, unwrap
 from ..options import check_choice
 from ..output_dir import check_output_dir, move_aside_on_main
 from ..performance import apply_speed_defaults, keep_freed_memory, recommended_precision
@@ -240,7 +240,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     if model_args.merge_adapters and hasattr(trainer.model, "merge_and_unload") and trainer.is_world_process_zero():
         merged_dir = os.path.join(args.output_dir, "merged")
         merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(merged_dir)
+        with config_use_cache(merged, trainer.student_use_cache):
+            merged.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
         summary["merged"] = merged_dir
         print(f"student with merged adapters (a plain model) in {merged_dir}")
