@@ -51,7 +51,7 @@ REPEATED_MAX, DISTINCT_MIN, EMPTY_LENGTH = 0.5, 0.25, 2.0
 #: `REPEATED_MARGIN`, distinct-2 below `DISTINCT_RATIO` x the reference's, mean length below `SHORT_RATIO` x the
 #: reference's, capped share above the reference's by `CAPPED_MARGIN` and by at least `CAPPED_EXCESS` answers (on the
 #: 4 default samples, one answer more or less is chance: an SFT code student writing fuller bodies than the teacher
-#: had 3 of 4 answers capped against the teacher's 1, sound code; docs/results.md section 10).
+#: had 3 of 4 answers capped against the teacher's 1, sound code; docs/results/issue39/arm-a.log).
 REPEATED_MARGIN, DISTINCT_RATIO, SHORT_RATIO, CAPPED_MARGIN, CAPPED_EXCESS = 0.25, 0.5, 0.25, 0.5, 3
 #: `hf-distill generate` warns when more than this share of its answers hit --max_new_tokens without a stop.
 CAPPED_WARN = 0.25
