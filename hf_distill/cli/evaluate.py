@@ -71,6 +71,9 @@ class EvaluateArguments:
     humaneval: bool = field(default=False, metadata={"help": f"Score HumanEval (needs {ALLOW_FLAG})."})
     humaneval_limit: int | None = field(default=None, metadata={"help": "Only the first N HumanEval problems."})
     humaneval_max_new_tokens: int = field(default=384, metadata={"help": "Length cap of a HumanEval answer."})
+    humaneval_models: str = field(default="all", metadata={"help": "Which models HumanEval scores: all, or some of "
+                                                                    "student,baseline,teacher (a large teacher's "
+                                                                    "HumanEval can take hours on CPU)."})
     num_samples: int = field(default=1, metadata={"help": "HumanEval answers per problem (1: greedy; more: "
                                                           "sampled at --sampling_temperature, for pass@k)."})
     pass_k: str = field(default="1", metadata={"help": "The k of pass@k, e.g. 1,10 (k <= --num_samples)."})
@@ -95,6 +98,19 @@ class EvaluateArguments:
             raise ValueError(f"--draft_lengths takes positive integers such as 2,4,8 (got {self.draft_lengths!r}).")
         return values
 
+    def humaneval_names(self, loaded: Sequence[str]) -> list[str]:
+        """The loaded models (internal names: student, before, teacher) that --humaneval_models chose."""
+        if self.humaneval_models.strip() == "all":
+            return list(loaded)
+        flags = {"student": "student", "baseline": "before", "teacher": "teacher"}
+        asked = [v.strip() for v in self.humaneval_models.split(",") if v.strip()]
+        wrong = [v for v in asked if v not in flags or flags[v] not in loaded]
+        if wrong or not asked:
+            raise ValueError(f"--humaneval_models {self.humaneval_models!r}: choose 'all' or some of "
+                             f"{', '.join(f for f, n in flags.items() if n in loaded)} (models given by their flags); "
+                             f"not {', '.join(wrong) or 'nothing'}.")
+        return [flags[v] for v in asked]
+
 
 def evaluate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``hf-distill evaluate``: parse the flags and run `evaluate`."""
@@ -115,6 +131,9 @@ def evaluate(options: EvaluateArguments, data_args: DataArguments | None = None)
     if data_args is None or (data_args.dataset is None and not options.humaneval):
         raise ValueError("Give held-out data (--dataset, as for distill) or --humaneval.")
     ks, pass_ks = options.ks(), [int(v) for v in options.pass_k.split(",")]
+    if options.humaneval:  # (a wrong name fails here, before any model is loaded)
+        options.humaneval_names([n for n, flag in (("teacher", options.teacher), ("before", options.baseline),
+                                                   ("student", options.student)) if flag])
     sandbox = Sandbox(timeout=options.sandbox_timeout, user=options.sandbox_user) if options.humaneval else None
     os.makedirs(options.output_dir, exist_ok=True)
     sources = {name: source for name, source in (("teacher", options.teacher), ("before", options.baseline),
@@ -242,7 +261,8 @@ def _humaneval(options: EvaluateArguments, tokenizer: Any, models: dict[str, tor
     solved = {}
     settings = {"max_new_tokens": options.humaneval_max_new_tokens, "num_samples": options.num_samples,
                 "temperature": options.sampling_temperature if options.num_samples > 1 else 0.0, "seed": options.seed}
-    for name in sorted(models, key=("student", "before", "teacher").index):  # (the quickest first)
+    for name in sorted(options.humaneval_names(list(models)), key=("student", "before", "teacher").index):
+        # (the quickest first)
         model = models[name]
         # answers are kept as they come (a stopped run resumes where it was): one line per problem
         path, key = _store(options, model, prompts, settings, "humaneval")
@@ -269,8 +289,8 @@ def _humaneval(options: EvaluateArguments, tokenizer: Any, models: dict[str, tor
         solved[name] = set(result.pop("solved"))
         write_answers(os.path.join(options.output_dir, f"humaneval-{name}.jsonl"), problems, texts, solved[name])
         scores[name].update({f"humaneval_{k}": v for k, v in result.items()})
-    out: dict[str, Any] = {"problems": len(problems), "solved": {n: sorted(solved[n]) for n in models}}
-    if "before" in solved:
+    out: dict[str, Any] = {"problems": len(problems), "solved": {n: sorted(v) for n, v in solved.items()}}
+    if "before" in solved and "student" in solved:
         gained, lost = solved["student"] - solved["before"], solved["before"] - solved["student"]
         out["paired"] = {"gained": len(gained), "lost": len(lost), "mcnemar_p": mcnemar_exact(len(gained), len(lost))}
         scores["student"]["humaneval_net_vs_before"] = f"+{len(gained)} -{len(lost)} (p={out['paired']['mcnemar_p']:.3g})"
