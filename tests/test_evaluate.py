@@ -302,3 +302,22 @@ def test_humaneval_models_scores_only_the_chosen_models(tmp_path, monkeypatch):
                   if not f.name.startswith("humaneval-answers")) == ["humaneval-student.jsonl"]
     everyone = evaluate_main(base + ["--output_dir", str(tmp_path / "ev2")])
     assert set(everyone["humaneval"]["solved"]) == {"student", "teacher"}
+
+
+def test_kept_records_read_their_own_key_and_survive_a_cut_line(tmp_path):
+    """One file holds several keys' lines; a line cut by a stop (no newline, broken JSON) is skipped, and what is
+    appended after it is read back."""
+    from hf_distill.cli.evaluate import KeptRecords
+
+    path = tmp_path / "kept" / "humaneval-answers-x.jsonl"
+    mine, other = KeptRecords(str(path), {"weights": "a", "max_new_tokens": 4}), KeptRecords(str(path), {"weights": "b"})
+    mine.append({"HumanEval/0": ["x = 1"], "HumanEval/1": ["y"]})
+    other.append({"HumanEval/0": ["other"]})
+    with open(path, "a") as f:
+        f.write('{"weights": "a", "max_new_tokens": 4, "task_id": "HumanEval/2", "answers": ["cut')
+    assert mine.read() == {"HumanEval/0": ["x = 1"], "HumanEval/1": ["y"]}
+    assert other.read() == {"HumanEval/0": ["other"]}
+    mine.append({"HumanEval/2": ["z"]})  # (a resumed run's first line after the cut one is whole)
+    assert mine.read()["HumanEval/2"] == ["z"] and len(mine.read()) == 3
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:3]]
+    assert rows[0] == {"weights": "a", "max_new_tokens": 4, "task_id": "HumanEval/0", "answers": ["x = 1"]}

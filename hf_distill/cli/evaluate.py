@@ -193,19 +193,16 @@ def _generation(options: EvaluateArguments, tokenizer: Any, data: Any, models: d
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or (0,))[0]
     answers, stats = {}, {}
     for name, model in models.items():
-        path, key = _store(options, model, prompts, {"max_new_tokens": options.max_new_tokens, "stops": list(stops)},
-                           "held-out")
-        kept = _kept_answers(path, key)
-        if "all" in kept:
-            logger.warning("Greedy answers of the %s kept from %s.", name, path)
-            answers[name], seconds = kept["all"]["answers"], kept["all"]["seconds"]
+        store = _store(options, model, prompts, {"max_new_tokens": options.max_new_tokens, "stops": list(stops)},
+                       "held-out")
+        kept = store.read().get("all")
+        if kept:
+            logger.warning("Greedy answers of the %s kept from %s.", name, store.path)
+            answers[name], seconds = kept["answers"], kept["seconds"]
         else:
             answers[name], seconds = greedy_answers(model, prompts, options.max_new_tokens, pad, stops,
                                                     options.batch_size, desc=f"Greedy answers of the {name}")
-            with open(path, "a") as f:
-                f.write(json.dumps({**key, "task_id": "all", "answers": {"answers": [list(map(int, a)) for a in
-                                                                                     answers[name]],
-                                                                         "seconds": seconds}}) + "\n")
+            store.append({"all": {"answers": [list(map(int, a)) for a in answers[name]], "seconds": seconds}})
         stats[name] = completion_stats(answers[name], stops, options.max_new_tokens)
         scores[name].update({f"answers_{k}": v for k, v in stats[name].items() if k != "count"})
         scores[name]["generated_tokens_per_second"] = sum(map(len, answers[name])) / max(seconds, 1e-9)
@@ -265,25 +262,23 @@ def _humaneval(options: EvaluateArguments, tokenizer: Any, models: dict[str, tor
         # (the quickest first)
         model = models[name]
         # answers are kept as they come (a stopped run resumes where it was): one line per problem
-        path, key = _store(options, model, prompts, settings, "humaneval")
-        done = _kept_answers(path, key)
+        store = _store(options, model, prompts, settings, "humaneval")
+        done = store.read()
         todo = sorted((i for i, p in enumerate(problems) if p["task_id"] not in done), key=lambda i: len(prompts[i]))
         if done:
-            logger.warning("HumanEval: %d answers of the %s kept from %s; %d to write.", len(done), name, path,
+            logger.warning("HumanEval: %d answers of the %s kept from %s; %d to write.", len(done), name, store.path,
                            len(todo))
-        with open(path, "a") as log:
-            for first in tqdm(range(0, len(todo), options.batch_size), desc=f"HumanEval answers of the {name}",
-                              unit="batch"):
-                chunk = todo[first: first + options.batch_size]
-                rows: list[list[str]] = [[] for _ in chunk]
-                for sample in range(options.num_samples):
-                    answers = _answers(model, [prompts[i] for i in chunk], options, pad, stops, sample, tokenizer)
-                    for row, answer in zip(rows, answers):
-                        row.append(tokenizer.decode(answer, skip_special_tokens=True))
-                for i, row in zip(chunk, rows):
-                    done[problems[i]["task_id"]] = row
-                    log.write(json.dumps({**key, "task_id": problems[i]["task_id"], "answers": row}) + "\n")
-                log.flush()
+        for first in tqdm(range(0, len(todo), options.batch_size), desc=f"HumanEval answers of the {name}",
+                          unit="batch"):
+            chunk = todo[first: first + options.batch_size]
+            rows: list[list[str]] = [[] for _ in chunk]
+            for sample in range(options.num_samples):
+                answers = _answers(model, [prompts[i] for i in chunk], options, pad, stops, sample, tokenizer)
+                for row, answer in zip(rows, answers):
+                    row.append(tokenizer.decode(answer, skip_special_tokens=True))
+            batch = {problems[i]["task_id"]: row for i, row in zip(chunk, rows)}
+            done.update(batch)
+            store.append(batch)  # (kept per batch: a stopped pass resumes here)
         texts = [done[p["task_id"]] for p in problems]
         result = score_answers(problems, texts, sandbox, pass_ks)
         solved[name] = set(result.pop("solved"))
@@ -297,17 +292,53 @@ def _humaneval(options: EvaluateArguments, tokenizer: Any, models: dict[str, tor
     return out
 
 
+@dataclass
+class KeptRecords:
+    """Results kept as JSON lines in `path`, each line the `key` (what they depend on: weights, prompts, settings),
+    a ``task_id`` and its value (``answers``); lines of other keys share the file and are skipped, and a line cut by a
+    stop is ignored, so a stopped evaluation resumes with what it had."""
+
+    path: str
+    key: dict[str, Any]
+
+    def read(self) -> dict[str, Any]:
+        """task id -> value, of the lines with this key."""
+        kept: dict[str, Any] = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # (a line cut by a stop)
+                        continue
+                    if all(row.get(k) == v for k, v in self.key.items()):
+                        kept[row["task_id"]] = row["answers"]
+        return kept
+
+    def append(self, values: dict[str, Any]) -> None:
+        """A line per task id -> value, written at once (a stop loses at most these; a line it cut is closed first,
+        so the next line is whole)."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        cut = False
+        if os.path.exists(self.path) and os.path.getsize(self.path):
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                cut = f.read(1) != b"\n"
+        with open(self.path, "a") as f:
+            f.write("\n" if cut else "")
+            f.writelines(json.dumps({**self.key, "task_id": task, "answers": value}) + "\n"
+                         for task, value in values.items())
+
+
 def _store(options: EvaluateArguments, model: torch.nn.Module, prompts: Sequence[Sequence[int]],
-           settings: dict[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
-    """Where the answers of `model` to `prompts` under `settings` are kept, and the key every kept line carries:
-    the weights' fingerprint (`weights_fingerprint`, so a retrained folder is never mistaken for its old self), the
-    prompts' tokens (so another chat template or prompt set is another file) and the settings."""
+           settings: dict[str, Any], kind: str) -> KeptRecords:
+    """Where the answers of `model` to `prompts` under `settings` are kept, keyed by the weights' fingerprint
+    (`weights_fingerprint`, so a retrained folder is never mistaken for its old self), the prompts' tokens (so another
+    chat template or prompt set is another file) and the settings: one file per key."""
     prompt_digest = hashlib.sha256(json.dumps([list(map(int, p)) for p in prompts]).encode()).hexdigest()[:16]
     key = {"weights": weights_fingerprint(model), "prompts": prompt_digest, **settings}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    folder = options.answers_dir or options.output_dir
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f"{kind}-answers-{digest}.jsonl"), key
+    return KeptRecords(os.path.join(options.answers_dir or options.output_dir, f"{kind}-answers-{digest}.jsonl"), key)
 
 
 def _kept_teacher_nll(options: EvaluateArguments, teacher: torch.nn.Module, prompts: Sequence[Sequence[int]],
@@ -315,33 +346,14 @@ def _kept_teacher_nll(options: EvaluateArguments, teacher: torch.nn.Module, prom
     """`teacher_nll` of `answers`, kept beside the answers by the teacher's weights and the prompts' and answers'
     tokens: each arm evaluated against one teacher reads the teacher's NLL of its own (kept) answers back (a 1.5B
     teacher on 40 answers: 8 minutes on 2 CPU cores)."""
-    tokens = json.dumps([[list(map(int, p)), list(map(int, a))] for p, a in zip(prompts, answers)])
-    key = {"teacher": weights_fingerprint(teacher), "tokens": hashlib.sha256(tokens.encode()).hexdigest()[:16]}
-    folder = options.answers_dir or options.output_dir
-    path = os.path.join(folder, "teacher-nll.jsonl")
-    kept = _kept_answers(path, key)
-    if "nll" in kept:
-        return kept["nll"]
-    value = teacher_nll(teacher, prompts, answers, pad)
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps({**key, "task_id": "nll", "answers": value}) + "\n")
-    return value
-
-
-def _kept_answers(path: str, key: dict[str, Any]) -> dict[str, Any]:
-    """The answers an earlier run of the same model and settings wrote to `path` (task id -> answers)."""
-    kept: dict[str, Any] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # (a line cut by a stop)
-                    continue
-                if all(row.get(k) == v for k, v in key.items()):
-                    kept[row["task_id"]] = row["answers"]
-    return kept
+    tokens = json.dumps([[list(map(int, p)), list(map(int, a))] for p, a in zip(prompts, answers)]).encode()
+    key = {"teacher": weights_fingerprint(teacher), "tokens": hashlib.sha256(tokens).hexdigest()[:16]}
+    store = KeptRecords(os.path.join(options.answers_dir or options.output_dir, "teacher-nll.jsonl"), key)
+    kept = store.read()
+    if "nll" not in kept:
+        kept["nll"] = teacher_nll(teacher, prompts, answers, pad)
+        store.append({"nll": kept["nll"]})
+    return kept["nll"]
 
 
 def _answers(model, prompts, options, pad, stops, sample, tokenizer) -> list[list[int]]:
