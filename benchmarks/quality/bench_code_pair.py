@@ -177,16 +177,18 @@ def table(options) -> None:
         rows[0][1].update({k: v for k, v in ceiling["results"]["scores"]["student"].items() if k.startswith("humaneval")})
     for arm_name in ARMS:
         result = _load(f"eval-arm-{arm_name}")
-        if result:
-            scores = result["results"]["scores"]["student"]
+        solved = _solved(f"arm-{arm_name}")
+        if result or solved is not None:  # (HumanEval answers without the held-out part: a stopped evaluation)
+            scores = result["results"]["scores"]["student"] if result else {"humaneval_pass@1": len(solved) / _answered(f"arm-{arm_name}")}
             paired = _paired("untouched", f"arm-{arm_name}")
             seconds = (_load(f"arm-{arm_name}.train") or {}).get("seconds")
             rows.append((f"{arm_name}. {ARM_NAMES[arm_name]}", scores, paired, seconds))
             entries[arm_name] = {"scores": scores, "vs_untouched": paired, "train_seconds": seconds,
                                  "vs_sft": _paired("arm-a", f"arm-{arm_name}") if arm_name != "a" else None,
-                                 "diversity_within_25pct_of_teacher": _diverse(scores, teacher)}
+                                 "diversity_within_25pct_of_teacher": _diverse(scores, teacher),
+                                 "held_out": "measured" if result else "not measured yet"}
     print("| model | HumanEval pass@1 | vs untouched (+ / -, McNemar p) | held-out KL | agreement | distinct-4 | "
-          "repeated 4-grams | tokens per teacher forward (k=4) | training wall time |")
+          "repeated 4-grams | tokens per teacher forward (k=4) | distill command wall time |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for label, scores, paired, seconds in rows:
         vs = f"+{paired['gained']} / -{paired['lost']}, p = {paired['mcnemar_p']:.3g}" if paired else ""
@@ -208,6 +210,9 @@ def table(options) -> None:
                   f"{scores['assisted_speedup_k2']:.2f}x, identical outputs {scores.get('assisted_identical')}")
     if entries:
         merge_quality("code_pair", "arms", entries)
+        if untouched:
+            merge_quality("code_pair", "untouched", {"scores": untouched["results"]["scores"]["student"],
+                                                     "teacher_held_out": teacher})
         best = max(entries, key=lambda a: entries[a]["scores"].get("humaneval_pass@1") or 0)
         quote_answers(best, options.quote)
 
@@ -218,6 +223,11 @@ def _solved(name: str) -> set[str] | None:
         return None
     with open(path) as f:
         return {row["task_id"] for row in map(json.loads, f) if row["passed"]}
+
+
+def _answered(name: str) -> int:
+    with open(os.path.join(RESULTS, f"humaneval-{name}.jsonl")) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _paired(before: str, after: str) -> dict | None:
@@ -234,7 +244,7 @@ def _paired(before: str, after: str) -> dict | None:
 def _diverse(scores: dict, teacher: dict) -> bool | None:
     """The collapse target, as the library's relative collapse flags read it: distinct-4 at least 75% of the
     teacher's, and the repeated-4-gram share at most 25 points above the teacher's."""
-    if "answers_distinct_4" not in teacher:
+    if "answers_distinct_4" not in teacher or "answers_distinct_4" not in scores:
         return None
     return bool(scores["answers_distinct_4"] >= 0.75 * teacher["answers_distinct_4"]
                 and scores["answers_repeated_4gram_share"] <= teacher["answers_repeated_4gram_share"] + 0.25)
