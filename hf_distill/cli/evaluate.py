@@ -52,6 +52,10 @@ from .report import SIGNIFICANT, folder_size, parameters, throughput
 logger = logging.get_logger(__name__)
 
 
+#: The command-line flag of each model (internal name -> flag): the baseline is "before" inside.
+FLAGS = {"teacher": "teacher", "before": "baseline", "student": "student"}
+
+
 @dataclass
 class EvaluateArguments:
     """What `hf-distill evaluate` compares and measures."""
@@ -102,14 +106,14 @@ class EvaluateArguments:
         """The loaded models (internal names: student, before, teacher) that --humaneval_models chose."""
         if self.humaneval_models.strip() == "all":
             return list(loaded)
-        flags = {"student": "student", "baseline": "before", "teacher": "teacher"}
+        names = {flag: name for name, flag in FLAGS.items()}
         asked = [v.strip() for v in self.humaneval_models.split(",") if v.strip()]
-        wrong = [v for v in asked if v not in flags or flags[v] not in loaded]
+        wrong = [v for v in asked if names.get(v) not in loaded]
         if wrong or not asked:
             raise ValueError(f"--humaneval_models {self.humaneval_models!r}: choose 'all' or some of "
-                             f"{', '.join(f for f, n in flags.items() if n in loaded)} (models given by their flags); "
+                             f"{', '.join(FLAGS[n] for n in loaded)} (models given by their flags); "
                              f"not {', '.join(wrong) or 'nothing'}.")
-        return [flags[v] for v in asked]
+        return [names[v] for v in asked]
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -131,13 +135,12 @@ def evaluate(options: EvaluateArguments, data_args: DataArguments | None = None)
     if data_args is None or (data_args.dataset is None and not options.humaneval):
         raise ValueError("Give held-out data (--dataset, as for distill) or --humaneval.")
     ks, pass_ks = options.ks(), [int(v) for v in options.pass_k.split(",")]
-    if options.humaneval:  # (a wrong name fails here, before any model is loaded)
-        options.humaneval_names([n for n, flag in (("teacher", options.teacher), ("before", options.baseline),
-                                                   ("student", options.student)) if flag])
-    sandbox = Sandbox(timeout=options.sandbox_timeout, user=options.sandbox_user) if options.humaneval else None
-    os.makedirs(options.output_dir, exist_ok=True)
     sources = {name: source for name, source in (("teacher", options.teacher), ("before", options.baseline),
                                                  ("student", options.student)) if source}
+    if options.humaneval:  # (a wrong name fails here, before any model is loaded)
+        options.humaneval_names(list(sources))
+    sandbox = Sandbox(timeout=options.sandbox_timeout, user=options.sandbox_user) if options.humaneval else None
+    os.makedirs(options.output_dir, exist_ok=True)
     model_args = ModelArguments(teacher=options.teacher or options.student, student=options.student,
                                 task=options.task, trust_remote_code=options.trust_remote_code)
     data = None
@@ -150,12 +153,12 @@ def evaluate(options: EvaluateArguments, data_args: DataArguments | None = None)
 
         tokenizer = load_tokenizer(model_args, options.student)
     models = {name: load_model(source, options.task, data, trust_remote_code=options.trust_remote_code,
-                               flag=f"--{name if name != 'before' else 'baseline'}").eval()
+                               flag=f"--{FLAGS[name]}").eval()
               for name, source in sources.items()}
     results: dict[str, Any] = {"models": dict(sources), "scores": {name: {} for name in models}}
     scores = results["scores"]
     for name, model in models.items():
-        folder = resolve_source(sources[name], f"--{name}") if not sources[name].startswith("asset:") else None
+        folder = resolve_source(sources[name], f"--{FLAGS[name]}") if not sources[name].startswith("asset:") else None
         scores[name]["parameters"] = parameters(model)
         scores[name]["bytes_on_disk"] = folder_size(folder) if folder else folder_size(resolve_source(sources[name]))
     if data is not None and len(data.eval) and "labels" in data.eval.column_names:
