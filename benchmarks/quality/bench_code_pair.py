@@ -177,9 +177,10 @@ def table(options) -> None:
         rows[0][1].update({k: v for k, v in ceiling["results"]["scores"]["student"].items() if k.startswith("humaneval")})
     for arm_name in ARMS:
         result = _load(f"eval-arm-{arm_name}")
-        solved = _solved(f"arm-{arm_name}")
-        if result or solved is not None:  # (HumanEval answers without the held-out part: a stopped evaluation)
-            scores = result["results"]["scores"]["student"] if result else {"humaneval_pass@1": len(solved) / _answered(f"arm-{arm_name}")}
+        answered = _humaneval(f"arm-{arm_name}")
+        if result or answered is not None:  # (HumanEval answers without the held-out part: a stopped evaluation)
+            scores = result["results"]["scores"]["student"] if result else {
+                "humaneval_pass@1": sum(row["passed"] for row in answered.values()) / len(answered)}
             paired = _paired("untouched", f"arm-{arm_name}")
             seconds = (_load(f"arm-{arm_name}.train") or {}).get("seconds")
             rows.append((f"{arm_name}. {ARM_NAMES[arm_name]}", scores, paired, seconds))
@@ -217,17 +218,18 @@ def table(options) -> None:
         quote_answers(best, options.quote)
 
 
-def _solved(name: str) -> set[str] | None:
+def _humaneval(name: str) -> dict[str, dict] | None:
+    """The kept HumanEval answers of `name` (docs/results/issue39/humaneval-<name>.jsonl) by task id, or None."""
     path = os.path.join(RESULTS, f"humaneval-{name}.jsonl")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return {row["task_id"] for row in map(json.loads, f) if row["passed"]}
+        return {row["task_id"]: row for row in map(json.loads, f)}
 
 
-def _answered(name: str) -> int:
-    with open(os.path.join(RESULTS, f"humaneval-{name}.jsonl")) as f:
-        return sum(1 for line in f if line.strip())
+def _solved(name: str) -> set[str] | None:
+    rows = _humaneval(name)
+    return None if rows is None else {task for task, row in rows.items() if row["passed"]}
 
 
 def _paired(before: str, after: str) -> dict | None:
@@ -253,14 +255,9 @@ def _diverse(scores: dict, teacher: dict) -> bool | None:
 def quote_answers(arm_name: str, count: int) -> None:
     """`count` HumanEval problems with the untouched student's and arm `arm_name`'s answers side by side: problems
     the arm gained first, then those it lost, then ones both solved (markdown, for docs/results.md)."""
-    rows = {}
-    for name in ("untouched", f"arm-{arm_name}"):
-        path = os.path.join(RESULTS, f"humaneval-{name}.jsonl")
-        if not os.path.exists(path):
-            return
-        with open(path) as f:
-            rows[name] = {row["task_id"]: row for row in map(json.loads, f)}
-    before, after = rows["untouched"], rows[f"arm-{arm_name}"]
+    before, after = _humaneval("untouched"), _humaneval(f"arm-{arm_name}")
+    if before is None or after is None:
+        return
     order = sorted(before, key=lambda t: (not (after[t]["passed"] and not before[t]["passed"]),
                                          not (before[t]["passed"] and not after[t]["passed"]),
                                          not (before[t]["passed"] and after[t]["passed"]), int(t.split("/")[1])))

@@ -341,7 +341,12 @@ def _store(options: EvaluateArguments, model: torch.nn.Module, prompts: Sequence
     prompt_digest = hashlib.sha256(json.dumps([list(map(int, p)) for p in prompts]).encode()).hexdigest()[:16]
     key = {"weights": weights_fingerprint(model), "prompts": prompt_digest, **settings}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return KeptRecords(os.path.join(options.answers_dir or options.output_dir, f"{kind}-answers-{digest}.jsonl"), key)
+    return _kept(options, f"{kind}-answers-{digest}.jsonl", key)
+
+
+def _kept(options: EvaluateArguments, name: str, key: dict[str, Any]) -> KeptRecords:
+    """The kept records `name` in ``--answers_dir`` (default: ``--output_dir``)."""
+    return KeptRecords(os.path.join(options.answers_dir or options.output_dir, name), key)
 
 
 def _kept_teacher_nll(options: EvaluateArguments, teacher: torch.nn.Module, prompts: Sequence[Sequence[int]],
@@ -351,7 +356,7 @@ def _kept_teacher_nll(options: EvaluateArguments, teacher: torch.nn.Module, prom
     teacher on 40 answers: 8 minutes on 2 CPU cores)."""
     tokens = json.dumps([[list(map(int, p)), list(map(int, a))] for p, a in zip(prompts, answers)]).encode()
     key = {"teacher": weights_fingerprint(teacher), "tokens": hashlib.sha256(tokens).hexdigest()[:16]}
-    store = KeptRecords(os.path.join(options.answers_dir or options.output_dir, "teacher-nll.jsonl"), key)
+    store = _kept(options, "teacher-nll.jsonl", key)
     kept = store.read()
     if "nll" not in kept:
         kept["nll"] = teacher_nll(teacher, prompts, answers, pad)
