@@ -18,6 +18,7 @@ import torch
 
 from .modeling import unwrap
 
+#: The label of a position that does not count (transformers' and PyTorch's ``ignore_index``).
 IGNORE_INDEX = -100
 
 

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 from transformers.utils import logging
 
+from .accounting import IGNORE_INDEX
 from .options import check_choice
 from .row_filters import drop_empty_answers
 from .teacher_cache import CACHE_COLUMNS, MANIFEST_MARKER
@@ -33,7 +34,6 @@ logger = logging.get_logger(__name__)
 
 DATA_FORMATS = ("text", "messages", "prompt_completion", "prompt_only")
 ROLES = ("system", "user", "assistant", "tool")
-IGNORE_INDEX = -100
 #: A row's prompt rendered by a teacher of another tokenizer with its own template (`data.with_teacher_prompts`).
 TEACHER_PROMPTS = "teacher_prompt_ids"
 
@@ -269,10 +269,20 @@ def stop_ids(tokenizer: Any, conversational: bool) -> list[int]:
     return [t for t in dict.fromkeys(stops) if t is not None]
 
 
-def left_padded(prompts: list[list[int]], pad_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_id(tokenizer: Any, stops: Sequence[int] = ()) -> int:
+    """The id batches are padded with (its value never counts: the mask hides it): the tokenizer's pad token, else the
+    first of `stops` (what ends a completion), else its end-of-sequence token."""
+    pad = next((t for t in (tokenizer.pad_token_id, *stops, tokenizer.eos_token_id) if t is not None), None)
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad token nor an end-of-sequence token to pad batches with: set "
+                         "tokenizer.pad_token (e.g. to its end-of-text token).")
+    return pad
+
+
+def left_padded(prompts: list[list[int]], pad: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts as one batch padded on the left (generation continues every row at the same column): ids and mask."""
     width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, mask
 
@@ -290,7 +300,7 @@ def chat_generation_config(model: Any, tokenizer: Any) -> None:
     stops = [t for t in dict.fromkeys([end_of_turn_id(tokenizer), tokenizer.eos_token_id]) if t is not None]
     config = model.generation_config
     config.eos_token_id = stops[0] if len(stops) == 1 else stops
-    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    config.pad_token_id = pad_id(tokenizer, stops)
 
 
 class CompletionCollator:
@@ -389,12 +399,6 @@ def check_packing_supported(model: Any, name: str = "model") -> None:
         )
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("The tokenizer has neither a pad token nor an end-of-sequence token to pad batches with.")
-    return pad
-
 
 def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = None, data_format: str | None = None,
                          truncation_side: str = "right", packing: bool = False, prompts: bool = False,
@@ -413,7 +417,7 @@ def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = 
     if data_format == "prompt_only" and prompts:
         rows = dataset.map(lambda row: prompt_row(row, tokenizer, max_length), remove_columns=dataset.column_names,
                            desc="Tokenising prompts")
-        return rows, CompletionCollator(_pad_id(tokenizer))
+        return rows, CompletionCollator(pad_id(tokenizer))
     if data_format not in ("messages", "prompt_completion"):
         raise ValueError(
             f"Training needs messages or prompt-completion data; this is {data_format} data (prompt-only data is the "
@@ -425,7 +429,7 @@ def prepare_chat_dataset(dataset: Any, tokenizer: Any, max_length: int | None = 
         (dataset,) = drop_empty_answers([dataset], data_format, ("",))
     if data_format == "messages" or not isinstance(dataset[0]["prompt"], str):
         check_chat_tokenizer(tokenizer)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     tokenised = dataset.map(lambda row: tokenize_row(row, tokenizer, data_format, max_length, truncation_side),
                             remove_columns=dataset.column_names, desc="Tokenising")
     kept = tokenised.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"][1:]), desc="Dropping")

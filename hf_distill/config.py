@@ -12,9 +12,6 @@ from .signals import registered_signals, signal_weight_fields
 from .signals.hidden import HIDDEN_LOSSES, HIDDEN_PROJECTIONS
 from .signals.logits import LOGITS_LOSSES
 
-#: Weight fields of the combined loss ``L = task_weight * L_task + sum_k weight_k * L_k`` of the built-in signals (the
-#: registry names them: `signals.registry`; a registered signal of your own adds its field).
-WEIGHT_FIELDS: tuple[str, ...] = ("task_weight", *signal_weight_fields())
 ENSEMBLE_MODES = ("mean_probs", "mean_logits")
 
 TEACHER_DTYPES = ("auto", "float32", "float16", "bfloat16")

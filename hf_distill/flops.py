@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .modeling import text_config
+
 
 @dataclass(frozen=True)
 class MatmulShape:
@@ -46,11 +48,6 @@ class ForwardFlops:
         return self.layers + self.attention + self.output
 
 
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _output_layer(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     return getter() if callable(getter) else None
@@ -68,7 +65,7 @@ def forward_flops_per_token(model: nn.Module, seq_len: int, causal: bool = True)
                 output += flops
             else:
                 layers += flops
-    config = _text_config(model)
+    config = text_config(model)
     attention = 0.0
     if config is not None and getattr(config, "num_attention_heads", None):
         heads = config.num_attention_heads
@@ -139,7 +136,7 @@ def matmul_shapes(model: nn.Module, tokens: int, seq_len: int, batch: int, chunk
             if backward:
                 add(rows, n_out, n_in, part, count)
                 add(n_in, rows, n_out, part, count)
-    config = _text_config(model)
+    config = text_config(model)
     if config is not None and getattr(config, "num_attention_heads", None):
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

@@ -139,10 +139,11 @@ def describe(model: nn.Module) -> str:
     return f"{type(base).__name__}" + (f" ({source})" if source else "")
 
 
-def text_config(model: nn.Module | None) -> Any:
-    """The (text) config of a model under its wrappers (DDP, PEFT, compile), or `None` for plain modules."""
-    base = unwrap(model) if model is not None else None
-    config = getattr(base, "config", None)
+def text_config(model_or_config: Any) -> Any:
+    """The text config of a model under its wrappers (DDP, PEFT, compile) or of a config: ``get_text_config()`` where
+    the config has one (a multimodal model's), else the config itself; `None` for plain modules (and None)."""
+    config = getattr(unwrap(model_or_config), "config", None) if isinstance(model_or_config, nn.Module) \
+        else model_or_config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -170,9 +171,7 @@ CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequen
 def context_length(model_or_config: Any) -> int | None:
     """The most positions a model reads (its config's first `CONTEXT_FIELDS` entry), for a model or a config; None
     where the config states none."""
-    config = text_config(model_or_config) if isinstance(model_or_config, nn.Module) else model_or_config
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    config = text_config(model_or_config)
     for name in CONTEXT_FIELDS:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -182,14 +181,16 @@ def context_length(model_or_config: Any) -> int | None:
 
 #: Why a signal needs eager attention, by reason key (said in the warning when a model is switched).
 EAGER_REASONS = {
-    "attention_maps": "attention_weight > 0 needs attention probabilities, which only eager attention returns",
-    "double_backward": "input-gradient terms differentiate the student twice through its attention, and the fused "
-    "SDPA / flash kernels have no double backward",
+    "attention_maps": "{fields} needs attention probabilities, which only eager attention returns",
+    "double_backward": "{fields} differentiates the student twice through its attention, and the fused SDPA / flash "
+    "kernels have no double backward",
 }
 
 
-def use_eager_attention(model: nn.Module, who: str, reason: str = "attention_maps") -> None:
-    """Switch `model` to eager attention when a signal needs it (see `EAGER_REASONS`), saying so."""
+def use_eager_attention(model: nn.Module, who: str, reason: str = "attention_maps",
+                        fields: Iterable[str] = ("a signal",)) -> None:
+    """Switch `model` to eager attention when the signals of `fields` (their weight fields) need it for `reason` (see
+    `EAGER_REASONS`), saying so."""
     base = unwrap(model)
     config = getattr(base, "config", None)
     current = getattr(config, "_attn_implementation", None)
@@ -197,7 +198,8 @@ def use_eager_attention(model: nn.Module, who: str, reason: str = "attention_map
         return
     logger.warning(
         "%s: switching the %s %s from %r to 'eager' attention (slower and more memory on long sequences).",
-        EAGER_REASONS[reason], who, describe(model), current,
+        EAGER_REASONS[reason].format(fields=" and ".join(f"{name} > 0" for name in fields)), who, describe(model),
+        current,
     )
     base.set_attn_implementation("eager")
 

@@ -22,6 +22,8 @@ import shutil
 import sys
 from dataclasses import dataclass
 
+from .signals.registry import fields_where
+
 #: glibc's `mallopt` parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
@@ -124,9 +126,6 @@ class PrecisionAdvice:
     reason: str
 
 
-#: Signals that differentiate through the teacher (its input gradients): a bf16 teacher would make them coarse.
-TEACHER_GRADIENT_WEIGHTS = ("input_grad_weight", "adversarial_grad_weight", "feature_grad_weight")
-
 
 def recommended_precision(device_type: str, teacher_dtype: str | None, teacher_gradients: bool = False,
                           task: str = "causal-lm") -> PrecisionAdvice:
@@ -158,7 +157,8 @@ def apply_speed_defaults(args, device_type: str, task: str = "causal-lm") -> lis
     done = []
     if device_type == "cpu" and keep_freed_memory():
         done.append("glibc keeps freed memory for reuse (no page faults on re-allocated tensors)")
-    gradients = any(getattr(args, name, 0) for name in TEACHER_GRADIENT_WEIGHTS)
+    # (signals that differentiate through the teacher, `Signal.differentiates_teacher`: a bf16 one makes them coarse)
+    gradients = bool(fields_where(args, differentiates_teacher=True))
     advice = recommended_precision(device_type, args.teacher_dtype, gradients, task)
     if advice.teacher_dtype != args.teacher_dtype:
         args.teacher_dtype = advice.teacher_dtype

@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .modeling import unwrap
+from .modeling import text_config, unwrap
 
 logger = logging.get_logger(__name__)
 
@@ -159,8 +159,7 @@ def flags_for(fields_and_values: list[tuple[str, Any]]) -> str:
 def student_shape(model: torch.nn.Module) -> dict[str, Any]:
     """The student's shape: `SHAPE_FIELDS` of its config (those it has) and its number of parameters."""
     model = unwrap(model)
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(model)
     shape = {k: getattr(text, k, None) for k in SHAPE_FIELDS if getattr(text, k, None) is not None}
     shape["parameters"] = sum(p.numel() for p in model.parameters())
     return shape

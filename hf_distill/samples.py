@@ -36,12 +36,12 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .chat import end_completion, left_padded, stop_ids
+from .accounting import IGNORE_INDEX
+from .chat import end_completion, left_padded, pad_id, stop_ids
 from .modeling import unwrap
 
 logger = logging.get_logger(__name__)
 
-IGNORE_INDEX = -100
 #: Completions pooled per distinct-n group.
 GROUP = 8
 #: Absolute thresholds (no reference): a flag when the repeated 4-gram share is at least `REPEATED_MAX`, distinct-2 at
@@ -317,8 +317,8 @@ class SamplesCallback(TrainerCallback):
         self.tokenizer = trainer.processing_class
         conversational = bool(getattr(self.tokenizer, "chat_template", None))
         stops = tuple(stop_ids(self.tokenizer, conversational))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
-        self.settings = SamplingSettings(1.0, False, max_new_tokens, 0.0, 1.0, 0, 1, trainer.args.seed, pad, stops)
+        self.settings = SamplingSettings(1.0, False, max_new_tokens, 0.0, 1.0, 0, 1, trainer.args.seed,
+                                         pad_id(self.tokenizer, stops), stops)
         self.pairs = held_out_prompts(trainer.eval_dataset, count)
         self.history: list[dict[str, Any]] = []
         self._teacher: tuple[list[list[int]], str] | None = None

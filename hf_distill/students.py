@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .modeling import text_config
+
 #: Config attributes that may hold the depth of the layer stack, in the order they are tried.
 DEPTH_ATTRIBUTES: tuple[str, ...] = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 #: Layer selection strategies of `shrink_model`.
@@ -78,7 +80,7 @@ def pick_layers(num_teacher_layers: int, num_layers: int, strategy: str) -> tupl
 
 def model_depth(config: Any) -> int | None:
     """The number of layers of the (text) model a config describes, or `None` when it declares none."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     for name in DEPTH_ATTRIBUTES:
         value = getattr(config, name, None)
         if isinstance(value, int):
@@ -88,7 +90,7 @@ def model_depth(config: Any) -> int | None:
 
 def model_width(config: Any) -> int | None:
     """The hidden size of the (text) model a config describes (``hidden_size`` / ``n_embd`` / ``d_model`` / ``dim``)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     for name in ("hidden_size", "n_embd", "d_model", "dim"):
         value = getattr(config, name, None)
         if isinstance(value, int):
@@ -197,8 +199,8 @@ def shrink_model(
     kept = _resolve_layers(depth, num_layers, layers, strategy)
 
     config = copy.deepcopy(teacher.config)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    _subset_per_layer_lists(text_config, kept, depth)
+    text = text_config(config)
+    _subset_per_layer_lists(text, kept, depth)
     config.distilled_from_layers = list(kept)
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)

@@ -39,7 +39,7 @@ from .signal_modules import ATTACHED_NAME, SignalModules, load_signal_state, sav
 from .signals import fields_where, label_weights
 from .signals.build import build_signals
 from .student_modes import student_mode_callbacks
-from .teachers import TeacherSource, cross_tokenizer_source, on_policy_source, prepare_batch
+from .teachers import TeacherSource, cross_tokenizer_source, on_policy_source
 from .teachers import teacher_source as pick_teacher_source
 
 logger = logging.get_logger(__name__)
@@ -125,11 +125,12 @@ class DistillationTrainer(Trainer):
         # Per term (the task and each signal): its weight and the unit it is counted in; fixed for the run.
         self._term_weights = {"task": args.task_weight, **{signal.name: weight for signal, weight in self.signals}}
         self._term_units = {"task": "labelled", **{signal.name: signal.unit for signal, _ in self.signals}}
-        if any(signal.needs_attentions for signal, _ in self.signals):
-            check_no_attention_dropout(model)
-            use_eager_attention(model, "student")
-        if any(signal.differentiates_twice for signal, _ in self.signals):
-            use_eager_attention(model, "student", reason="double_backward")
+        for need, reason in (("needs_attentions", "attention_maps"), ("differentiates_twice", "double_backward")):
+            fields = [signal.weight_field for signal, _ in self.signals if getattr(signal, need)]
+            if fields and need == "needs_attentions":
+                check_no_attention_dropout(model)
+            if fields:
+                use_eager_attention(model, "student", reason, fields)
         self.signal_modules = SignalModules.from_signals(signal for signal, _ in self.signals).to(self.args.device)
         #: DeepSpeed trains, reduces, clips and checkpoints only the parameters of the module it wraps: there the signal
         #: modules ride inside the student (under `ATTACHED_NAME`) and are dropped again from every exported student.
@@ -214,7 +215,7 @@ class DistillationTrainer(Trainer):
                 batch = next(epoch_iterator)
             except StopIteration:
                 break
-            batch_samples.append(prepare_batch(self.teacher_source, batch, self.model, (self.state.global_step, micro)))
+            batch_samples.append(self.teacher_source.prepare_batch(batch, self.model, (self.state.global_step, micro)))
         if not batch_samples:
             self.accounting.step_counts = None
             return batch_samples, None
@@ -370,13 +371,13 @@ class DistillationTrainer(Trainer):
         finally:
             self._predicting = False
 
-    def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
         """The Trainer's loop, plus ``<prefix>_<term>_loss`` and ``<prefix>_teacher_agreement`` over everything the
         evaluation set counts (exact means, gathered across processes)."""
         self._eval_totals = EvalTotals()
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        output.metrics.update(self._eval_totals.metrics(prefix, self._term_units, self.accelerator.gather))
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update(self._eval_totals.metrics(metric_key_prefix, self._term_units, self.accelerator.gather))
         self._eval_totals = EvalTotals()
         return output
 

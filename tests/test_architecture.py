@@ -157,7 +157,7 @@ class ReversingSource(TeacherSource):
     def models(self):
         return [self.teacher]
 
-    def prepare_batch(self, batch, student):
+    def prepare_batch(self, batch, student, step=(0, 0)):
         ids, labels = batch["input_ids"].clone(), batch["labels"].clone()
         for row in range(ids.shape[0]):
             where = (labels[row] != -100).nonzero().flatten()

@@ -15,7 +15,7 @@ from ..chat import PROBE, check_packing_supported, conversation_mask
 from ..config import DistillationConfig
 from ..data import PreparedData
 from ..generate import is_generations
-from ..modeling import context_length, unwrap, weights_fingerprint
+from ..modeling import context_length, text_config, unwrap, weights_fingerprint
 from ..provenance import (
     DATA_FIELDS,
     FOLDER_KINDS,
@@ -198,7 +198,7 @@ def model_config(model_args: ModelArguments, flag: str) -> Any:
                                             **kwargs)
     except (OSError, ValueError):
         return None
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text_config(config)
 
 
 def check_teacher_tokenizer(model_args: ModelArguments) -> None:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
-from ..chat import stop_ids
+from ..chat import pad_id, stop_ids
 from ..code_eval import (
     ALLOW_FLAG,
     CodeBlockEnd,
@@ -193,7 +193,7 @@ def _generation(options: EvaluateArguments, tokenizer: Any, data: Any, models: d
         return []
     prompts = [p for p, _ in pairs]
     stops = tuple(stop_ids(tokenizer, bool(getattr(tokenizer, "chat_template", None))))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or (0,))[0]
+    pad = pad_id(tokenizer, stops)
     answers, stats = {}, {}
     for name, model in models.items():
         store = _store(options, model, prompts, {"max_new_tokens": options.max_new_tokens, "stops": list(stops)},
@@ -257,7 +257,7 @@ def _humaneval(options: EvaluateArguments, tokenizer: Any, models: dict[str, tor
                for p in problems]
     prompts = [list(p["input_ids"] if isinstance(p, dict) else p) for p in prompts]
     stops = tuple(stop_ids(tokenizer, chat))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or (0,))[0]
+    pad = pad_id(tokenizer, stops)
     solved = {}
     settings = {"max_new_tokens": options.humaneval_max_new_tokens, "num_samples": options.num_samples,
                 "temperature": options.sampling_temperature if options.num_samples > 1 else 0.0, "seed": options.seed}

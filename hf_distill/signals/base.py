@@ -146,6 +146,10 @@ class Signal:
     needs_features: bool = False
     #: whether the student's graph is differentiated twice (its attention must then support double backward: eager)
     differentiates_twice: bool = False
+    #: whether the term differentiates through the teacher (its input gradients): the teacher then keeps its dtype
+    differentiates_teacher: ClassVar[bool] = False
+    #: whether the term compares the models across tokenizers (over aligned spans; token-by-token terms cannot)
+    works_across_tokenizers: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, context: BuildContext) -> "Signal":

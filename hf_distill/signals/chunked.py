@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling import accepts_input, output_logits, unwrap
+from ..modeling import accepts_input, output_logits, text_config, unwrap
 from .closed_form import CLOSED_FORM_KINDS, cross_entropy_and_grad, divergence_and_grad
 from .logits import bucket_divergence, logits_divergence
 
@@ -80,7 +80,7 @@ def output_head(model: nn.Module) -> OutputHead:
     """The output layer of a causal LM (see `chunking_obstacle`), with the config's `final_logit_softcapping`."""
     lm = _causal_lm(model)
     head = lm.get_output_embeddings()
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    config = text_config(lm.config)
     return OutputHead(head.weight, head.bias, getattr(config, "final_logit_softcapping", None))
 
 

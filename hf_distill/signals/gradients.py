@@ -108,6 +108,7 @@ class _GradientSignal(Signal):
 
     needs_labels = True
     needs_separate_teacher = True
+    differentiates_teacher = True
 
 
 @register_signal

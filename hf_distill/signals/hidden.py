@@ -158,6 +158,7 @@ class HiddenStateSignal(Signal):
 
     name = "hidden"
     weight_field = "hidden_weight"
+    works_across_tokenizers = True  # (hidden_span_pooling="mean": each aligned span's mean state)
     build_order = 20
     option_fields = ("hidden_loss", "layer_map", "hidden_projection", "hidden_span_pooling")
     option_choices = {"hidden_loss": HIDDEN_LOSSES, "hidden_projection": HIDDEN_PROJECTIONS}

@@ -125,6 +125,7 @@ class LogitsSignal(Signal):
     option_choices = {"logits_loss": LOGITS_LOSSES}
     is_output_term = True
     works_from_cache = True
+    works_across_tokenizers = True  # (logits_loss uld / hybrid, over aligned spans)
 
     def __init__(
         self, kind: str, temperature: float, jsd_beta: float = 0.5, scale_by_temperature_squared: bool = True,

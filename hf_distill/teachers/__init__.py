@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from ..teacher_cache import cache_manifest
 from .adapter import AdapterDisabledTeacher, SelfDistillation
-from .base import NoTeacher, TeacherOutputs, TeacherRequest, TeacherSource, prepare_batch
+from .base import NoTeacher, TeacherOutputs, TeacherRequest, TeacherSource
 from .cached import CachedTeacher
 from .cross import CrossTokenizerTeacher, cross_tokenizer_source
 from .live import LiveTeachers, combine_teacher_logits
@@ -54,7 +54,6 @@ __all__ = [
     "cross_tokenizer_source",
     "load_checkpoint_model",
     "on_policy_source",
-    "prepare_batch",
     "route_boundaries",
     "teacher_source",
 ]

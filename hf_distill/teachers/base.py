@@ -9,7 +9,6 @@ counted positions follow the rewritten batch. The trainer never asks which kind 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -116,15 +115,6 @@ class TeacherSource:
         """The output width a source without live models declares (a cache's manifest), checked against the
         student's before training."""
         return None
-
-
-def prepare_batch(source: TeacherSource, batch: Mapping[str, Any], student: nn.Module,
-                  step: tuple[int, int]) -> Mapping[str, Any]:
-    """`source.prepare_batch` with ``step`` = (optimizer step, micro-batch) where it takes it; a source written before
-    that argument existed gets the batch and the student only."""
-    if "step" in inspect.signature(source.prepare_batch).parameters:
-        return source.prepare_batch(batch, student, step=step)
-    return source.prepare_batch(batch, student)
 
 
 class NoTeacher(TeacherSource):

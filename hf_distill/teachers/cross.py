@@ -26,7 +26,8 @@ from ..alignment import Offsets, VocabularyMap, align_spans, check_fast, decoded
 from ..chat import TEACHER_PROMPTS
 from ..signals.chunked import auto_chunk_size, chunking_obstacle, output_head
 from ..signals.cross_vocab import CROSS_LOSSES, AlignedSpans, SpanPooling, SpanSide, describe_vocab
-from .base import TeacherOutputs, TeacherRequest, TeacherSource, prepare_batch
+from ..signals.registry import registered_signals
+from .base import TeacherOutputs, TeacherRequest, TeacherSource
 
 logger = logging.get_logger(__name__)
 
@@ -94,7 +95,8 @@ class CrossTokenizerTeacher(TeacherSource):
                 "another tokenizer, so their tokens do not correspond: set hidden_span_pooling='mean' (each aligned "
                 "span's mean hidden state on both sides), or hidden_weight=0."
             )
-        others = sorted(name for name in active if name not in ("logits_weight", "hidden_weight"))
+        across = {cls.weight_field for cls in registered_signals() if cls.works_across_tokenizers}
+        others = sorted(name for name in active if name not in across)
         if others:
             raise ValueError(
                 f"{', '.join(f'{n}={active[n]}' for n in others)} compares the models token by token, but the teacher "
@@ -237,7 +239,7 @@ class CrossTokenizerTeacher(TeacherSource):
         self.inner.on_step(state)
 
     def prepare_batch(self, batch: Any, student: nn.Module, step: tuple[int, int] = (0, 0)) -> Any:
-        return prepare_batch(self.inner, batch, student, step)
+        return self.inner.prepare_batch(batch, student, step)
 
     def wrap_collator(self, collator: Callable) -> Callable:
         return self.inner.wrap_collator(collator)

@@ -59,7 +59,7 @@ class LiveTeachers(TeacherSource):
 
     def prepare(self, accelerator: Any, args: Any, signals: list, on_new_models: Callable[[], None]) -> None:
         self.accelerator, self.teacher_dtype = accelerator, args.teacher_dtype
-        self.wants_attentions = any(signal.needs_attentions for signal, _ in signals)
+        self.attention_fields = [signal.weight_field for signal, _ in signals if signal.needs_attentions]
         self.ensemble, self.temperature = args.ensemble, args.temperature
         self.precision = accelerator.autocast
         self.on_new_models = on_new_models
@@ -67,8 +67,8 @@ class LiveTeachers(TeacherSource):
 
     def prepare_model(self, teacher: nn.Module) -> nn.Module:
         """One teacher made ready: eager attention when needed, cast, eval mode, frozen, placed for inference."""
-        if self.wants_attentions:
-            use_eager_attention(teacher, "teacher")
+        if self.attention_fields:
+            use_eager_attention(teacher, "teacher", "attention_maps", self.attention_fields)
         if self.teacher_dtype not in (None, "auto"):
             teacher = teacher.to(_DTYPES[self.teacher_dtype])
         teacher.eval()

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..accounting import IGNORE_INDEX
 from ..chat import TEACHER_PROMPTS, stop_ids
 from ..modeling import context_length, unwrap
 from ..samples import CompletionLog, SamplingSettings, gathered_for_generation, sample_completions, writer
@@ -31,7 +32,6 @@ from .base import TeacherSource
 
 __all__ = ["SampledCompletions", "SamplingSettings", "sample_completions", "on_policy_source", "prompt_rows"]
 
-IGNORE_INDEX = -100
 #: How many training rows `check_sampling_data` reads before training.
 CHECKED_ROWS = 10_000
 
