@@ -32,7 +32,8 @@ from bench_logits_loss import machine  # noqa: E402
 
 from hf_distill.alignment import VocabularyMap  # noqa: E402
 from hf_distill.signals.chunked import OutputHead, auto_chunk_size  # noqa: E402
-from hf_distill.signals.cross_vocab import AlignedSpans, SpanSide, aligned_loss_sum  # noqa: E402
+from hf_distill.signals.cross_vocab import AlignedSpans, SpanSide  # noqa: E402
+from hf_distill.signals.logits import aligned_loss_sum  # noqa: E402
 
 
 def rss_mb() -> float:

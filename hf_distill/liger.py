@@ -19,9 +19,6 @@ from typing import Any
 
 import torch
 
-#: Our divergences Liger's JSD covers, as its beta (None: the run's `jsd_beta`).
-LIGER_BETAS = {"jsd": None, "forward_kl": 0.0, "reverse_kl": 1.0}
-
 
 def liger_available() -> bool:
     try:
@@ -31,12 +28,14 @@ def liger_available() -> bool:
     return True
 
 
-def liger_obstacle(args: Any, teachers: int, cached: bool) -> str | None:
-    """Why `output_kernel="liger"` cannot run this job (None: it can), checked before training."""
+def liger_obstacle(signal: Any, teachers: int, cached: bool) -> str | None:
+    """Why `output_kernel="liger"` cannot run this job's output term `signal` (an `OutputSignal`, or None) (None: it
+    can), checked before training: the term must declare its Liger JSD beta (`OutputSignal.liger_beta`)."""
+    if signal is not None and signal.liger_beta is None:
+        what = f"logits_loss={signal.kind!r}" if hasattr(signal, "kind") else f"the {signal.name} term"
+        return f"{what} has no Liger kernel (it has jsd, forward_kl and reverse_kl)"
     if not liger_available():
         return "liger-kernel is not installed (pip install liger-kernel)"
-    if args.logits_loss not in LIGER_BETAS:
-        return (f"logits_loss={args.logits_loss!r} has no Liger kernel (it has {', '.join(LIGER_BETAS)})")
     if cached:
         return "a teacher cache holds top-k targets, Liger needs the teacher's output layer"
     if teachers != 1:
@@ -54,9 +53,7 @@ def liger_head_losses(rows: torch.Tensor, head: Any, teacher_rows: torch.Tensor,
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     count = rows.shape[0]
-    beta = LIGER_BETAS[signal.kind]
-    beta = signal.jsd_beta if beta is None else beta
-    scale = signal.temperature**2 if signal.scale_by_temperature_squared else 1.0
+    beta, scale = signal.liger_beta, signal.scale
     c_task = float(coefficients.get("task", 0.0)) if labels is not None else 0.0
     c_soft = float(coefficients.get(signal.name, 0.0))
     target = labels.long() if labels is not None else torch.zeros(count, dtype=torch.long, device=rows.device)

@@ -239,10 +239,12 @@ def output_precision(accelerator: Any, dtype: str | None) -> Callable[[], Any]:
     return lambda: torch.autocast(device_type=device, dtype=torch_dtype)
 
 
-def checked_kernel(args: Any, source: Any) -> str:
-    """`args.output_kernel`, after checking before training that it can run this job (an error naming the fix)."""
+def checked_kernel(args: Any, source: Any, signals: list[tuple[Signal, float]] = ()) -> str:
+    """`args.output_kernel`, after checking before training that it can run this job's output term (in `signals`,
+    the active ones) (an error naming the fix)."""
     if args.output_kernel == "liger":
-        obstacle = liger_obstacle(args, len(source.models), isinstance(source, CachedTeacher))
+        output = next((signal for signal, _ in signals if signal.is_output_term), None)
+        obstacle = liger_obstacle(output, len(source.models), isinstance(source, CachedTeacher))
         if obstacle:
             raise ValueError(f"output_kernel='liger' cannot run this job: {obstacle}. Set output_kernel='chunked' "
                              "(our chunked loss, the default).")

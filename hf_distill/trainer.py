@@ -160,7 +160,7 @@ class DistillationTrainer(Trainer):
         self.data_collator = source.wrap_collator(self.data_collator)
         self.output_strategy = plan_output(  # the output terms: from full logits, or chunks of the output layer
             args.logits_chunk_size, model_unit, self.model, source.models, self.signals,
-            self.accelerator.distributed_type.value, tuple(self.label_names), kernel=checked_kernel(args, source),
+            self.accelerator.distributed_type.value, tuple(self.label_names), kernel=checked_kernel(args, source, self.signals),
             precision=output_precision(self.accelerator, args.output_layer_dtype), aligned=source.aligns_tokens)
         check_sizes()
         check_labels_available(self.train_dataset, self.data_collator,

@@ -18,12 +18,12 @@ from hf_distill.alignment import VocabularyMap, align_spans, check_coverage, dec
 from hf_distill.signals.cross_vocab import (
     AlignedSpans,
     SpanSide,
-    aligned_loss_sum,
     clamped_jsd,
     hybrid_distance,
     sorted_l1,
     span_log_probs,
 )
+from hf_distill.signals.logits import aligned_loss_sum
 from hf_distill.teachers import CrossTokenizerTeacher
 
 from .conftest import tiny_llama

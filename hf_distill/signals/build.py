@@ -25,4 +25,9 @@ def build_signals(
     duplicates = sorted({name for name in names if names.count(name) > 1} | ({"task"} & set(names)))
     if duplicates:
         raise ValueError(f"Two terms would be logged as {duplicates[0]}_loss: give each signal its own `name`.")
+    outputs = [signal for signal, _ in signals if signal.is_output_term]
+    if len(outputs) > 1:
+        raise ValueError(f"{' and '.join(f'{s.weight_field or s.name} > 0' for s in outputs)} turn on two output terms; "
+                         "a run computes one output term (the output paths fuse it with the task loss): set all but "
+                         "one of these weights to 0.")
     return signals

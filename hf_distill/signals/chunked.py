@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import accepts_input, output_logits, text_config, unwrap
-from .closed_form import CLOSED_FORM_KINDS, cross_entropy_and_grad, divergence_and_grad
-from .logits import bucket_divergence, logits_divergence
+from .closed_form import cross_entropy_and_grad
+from .output import CachedTargets, OutputSignal
 
 #: Elements of one ``[chunk, vocab]`` float32 tensor that "auto" aims at (64 MB): chunk = 2**24 // vocab.
 AUTO_CHUNK_ELEMENTS = 2**24
@@ -278,32 +278,20 @@ def chunked_head_losses(
 
 
 @dataclass
-class CachedTargets:
-    """An offline teacher's targets for the counted positions, one row each: top-k ids ``[N, k]``, their
-    log-probabilities at the cache's temperature ``[N, k]``, and the log of the remaining mass ``[N]``."""
-
-    ids: torch.Tensor
-    log_probs: torch.Tensor
-    tail_log_prob: torch.Tensor
-
-    def rows(self, start: int, end: int) -> "CachedTargets":
-        return CachedTargets(self.ids[start:end], self.log_probs[start:end], self.tail_log_prob[start:end])
-
-
-@dataclass
 class OutputTerms:
     """What `terms_fn` computes from a chunk of student logits ``z`` (rows ``start:end`` of the counted positions):
 
     - ``task``: ``sum_rows -log softmax(z)[label]`` when `labels` (``[N]``, aligned with the rows) is given;
-    - ``logits``: ``sum_rows D(z_s, z_t)`` with `signal` (a `LogitsSignal`), the teacher logits from each of
-      `teacher_heads` applied to its `teacher_hidden` rows (combined by `combine`), or from `cached` top-k targets;
+    - ``<signal.name>``: the output term ``sum_rows s * D(z_s, z_t)`` of `signal` (an `OutputSignal`), the teacher
+      logits from each of `teacher_heads` applied to its `teacher_hidden` rows (combined by `combine`), or from
+      `cached` top-k targets (`OutputSignal.logits_rows` / `top_k_rows`);
     - ``agreement``: the number of rows whose student and teacher top-1 agree (evaluation).
     `shared_vocab` cuts both to the first ids for the teacher comparison (vocab_mismatch="truncate"). The teacher
     heads run under `precision` (the autocast the teachers' forwards ran in) and are compared in float32.
     """
 
     labels: torch.Tensor | None = None
-    signal: Any = None
+    signal: OutputSignal | None = None
     teacher_heads: tuple[OutputHead, ...] = ()
     teacher_hidden: tuple[torch.Tensor, ...] = ()
     combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
@@ -311,7 +299,7 @@ class OutputTerms:
     shared_vocab: int | None = None
     agreement: bool = False
     precision: Callable[[], ContextManager] = nullcontext
-    tokens: torch.Tensor | None = None  #: ``[N]``: the token that followed each row (`LogitsSignal.needs_tokens`)
+    tokens: torch.Tensor | None = None  #: ``[N]``: the token that followed each row (`OutputSignal.needs_tokens`)
 
     def teacher_logits(self, start: int, end: int, raw: bool = False) -> torch.Tensor:
         """The (combined) teacher logits of rows ``start:end``, float32, cut to the shared vocabulary; `raw`: one
@@ -335,29 +323,28 @@ class OutputTerms:
             rows = self.cached.rows(start, end)
             teacher_top1 = rows.ids[:, 0]
             if signal is not None:
-                out["logits"] = bucket_divergence(
-                    student, rows.ids, rows.log_probs, rows.tail_log_prob, signal.kind, signal.temperature,
-                    signal.jsd_beta, signal.scale_by_temperature_squared,
-                ).sum()
+                out[signal.name] = signal.top_k_rows(student, rows).sum()
         else:
             teacher = self.teacher_logits(start, end)
             teacher_top1 = teacher.argmax(dim=-1) if self.agreement else None
             if signal is not None:
-                out["logits"] = logits_divergence(
-                    student, teacher, signal.kind, signal.temperature, signal.jsd_beta,
-                    signal.scale_by_temperature_squared, None if self.tokens is None else self.tokens[start:end],
-                ).sum()
+                tokens = None if self.tokens is None else self.tokens[start:end]
+                out[signal.name] = signal.logits_rows(student, teacher, tokens).sum()
         if self.agreement:
             out["agreement"] = (student.detach().argmax(dim=-1) == teacher_top1).sum()
         return out
 
+    def closed_form_applies(self) -> bool:
+        """Whether every term of a chunk has a closed form of value and gradient (the one eligibility check of the
+        fused paths): no cached targets, no cut vocabulary, and an output signal with a `closed_form` (or none)."""
+        return self.cached is None and self.shared_vocab is None and (
+            self.signal is None or self.signal.closed_form() is not None)
+
     def closed_form(self, z: torch.Tensor, start: int, end: int, coefficients: dict[str, Any]
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor] | None:
         """The chunk's terms and ``dL/dz`` of ``L = sum_k c_k * term_k`` by formula (`signals.closed_form`), or None
-        where a term needs autograd (cached targets, a cut vocabulary, a kind without a closed form)."""
-        kind = getattr(self.signal, "kind", None)
-        if self.cached is not None or self.shared_vocab is not None or (
-                self.signal is not None and kind not in CLOSED_FORM_KINDS):
+        where a term needs autograd (`closed_form_applies`)."""
+        if not self.closed_form_applies():
             return None
         terms: dict[str, torch.Tensor] = {}
         grad: torch.Tensor | None = None
@@ -369,11 +356,8 @@ class OutputTerms:
             if self.agreement:
                 terms["agreement"] = (z.argmax(dim=-1) == teacher.argmax(dim=-1)).sum()
         if self.signal is not None:
-            signal = self.signal
-            values, g = divergence_and_grad(z, teacher, kind, signal.temperature, signal.jsd_beta)
-            if signal.scale_by_temperature_squared and signal.temperature != 1:
-                values, g = values * signal.temperature**2, g.mul_(signal.temperature**2)
-            terms["logits"] = values.sum()
-            g.mul_(coefficients["logits"])
+            values, g = self.signal.closed_form()(z, teacher)
+            terms[self.signal.name] = values.sum()
+            g.mul_(coefficients[self.signal.name])
             grad = g if grad is None else grad.add_(g)
         return terms, grad, z

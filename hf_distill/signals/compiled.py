@@ -26,7 +26,7 @@ import torch
 from transformers.utils import logging
 
 from .chunked import OutputTerms
-from .closed_form import CLOSED_FORM_KINDS, cross_entropy_and_grad, divergence_and_grad
+from .closed_form import cross_entropy_and_grad, divergence_and_grad
 
 logger = logging.get_logger(__name__)
 
@@ -95,20 +95,18 @@ class CompiledTerms(OutputTerms):
 
     def closed_form(self, z: torch.Tensor, start: int, end: int, coefficients: dict[str, Any]
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor] | None:
-        signal = self.signal
-        kind = getattr(signal, "kind", None)
-        if self.cached is not None or self.shared_vocab is not None or (signal is not None and kind not in
-                                                                         CLOSED_FORM_KINDS):
+        if not self.closed_form_applies():
             return None
+        signal = self.signal
         if self.agreement or (signal is None and self.labels is None):
             return super().closed_form(z, start, end, coefficients)
+        form = signal.closed_form() if signal is not None else None
         labels = None if self.labels is None else self.labels[start:end]
         teacher = None if signal is None else self.teacher_logits(start, end, raw=True)
-        temperature = getattr(signal, "temperature", 1.0)
-        scale = temperature**2 if signal is not None and signal.scale_by_temperature_squared else 1.0
-        task, logits, grad = COMPILED_CHUNK_TERMS(
+        name = signal.name if signal is not None else "logits"
+        task, output, grad = COMPILED_CHUNK_TERMS(
             z, teacher, labels, _scalar(coefficients.get("task", 0.0), z.device),
-            _scalar(coefficients.get("logits", 0.0), z.device), kind or "forward_kl", float(temperature),
-            float(getattr(signal, "jsd_beta", 0.5)), float(scale), z.dtype)
-        terms = {name: value for name, value in (("task", task), ("logits", logits)) if value is not None}
+            _scalar(coefficients.get(name, 0.0), z.device), form.kind if form else "forward_kl",
+            form.temperature if form else 1.0, form.beta if form else 0.5, form.scale if form else 1.0, z.dtype)
+        terms = {key: value for key, value in (("task", task), (name, output)) if value is not None}
         return terms, grad, z

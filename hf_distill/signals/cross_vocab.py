@@ -172,16 +172,12 @@ class AlignedSpans:
         return ranges
 
 
-def aligned_loss_sum(student_logits: torch.Tensor, spans: AlignedSpans, kind: str, temperature: float = 1.0,
-                     beta: float = 0.5, matched_weight: float | None = None,
-                     scale_by_temperature_squared: bool = True) -> torch.Tensor:
-    """``sum_spans D(P_s, P_t)`` with D = `sorted_l1` (``uld``) or `hybrid_distance` (``hybrid``) of the span
-    distributions (`span_log_probs`), times T^2 when `scale_by_temperature_squared`; the teacher chunk by chunk."""
-    if kind not in CROSS_LOSSES:
-        raise ValueError(
-            f"logits_loss={kind!r} compares the two models' distributions token by token, which needs one vocabulary; "
-            f"across tokenizers use one of {sorted(CROSS_LOSSES)}."
-        )
+def span_divergence_sum(student_logits: torch.Tensor, spans: AlignedSpans, signal: Any) -> torch.Tensor:
+    """``sum_spans s * D(P_s, P_t)`` of the span distributions (`span_log_probs` at the signal's temperature) with
+    the output signal's divergence over the two vocabularies (`signal.divergence(..., vocab=spans.vocab)`) and its
+    scale ``s`` (T^2 when it scales by it); the teacher's logits a chunk of spans at a time."""
+    signal.check_spans()
+    temperature = signal.temperature
     flat = student_logits.reshape(-1, student_logits.shape[-1])
     # zero when no span counts, still on the student's graph (a micro-batch may have no span: its backward runs)
     total = (flat.sum() * 0).to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
@@ -191,21 +187,8 @@ def aligned_loss_sum(student_logits: torch.Tensor, spans: AlignedSpans, kind: st
         log_s = span_log_probs(flat[spans.student.rows[s_rows]], s_tok, s_group, s_last, g1 - g0, temperature)
         with torch.no_grad():
             log_t = span_log_probs(spans.teacher_logits(t_rows), t_tok, t_group, t_last, g1 - g0, temperature)
-        p_s, p_t = log_s.exp(), log_t.exp()
-        if kind == "uld":
-            values = sorted_l1(p_s, p_t)
-        else:
-            values = hybrid_distance(p_s, p_t, spans.vocab, beta, matched_weight)
-        total = total + values.sum()
-    return total * temperature**2 if scale_by_temperature_squared else total
-
-
-def same_vocabulary_distance(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                             temperature: float, beta: float) -> torch.Tensor:
-    """``uld`` / ``hybrid`` per position when both models share one vocabulary (every span one token)."""
-    p_s = F.softmax(upcast_half(student_logits) / temperature, dim=-1)
-    p_t = F.softmax(upcast_half(teacher_logits) / temperature, dim=-1)
-    return sorted_l1(p_s, p_t) if kind == "uld" else clamped_jsd(p_s, p_t, beta)
+        total = total + signal.divergence(log_s, log_t, vocab=spans.vocab).sum()
+    return total * signal.scale if signal.scale != 1 else total
 
 
 def describe_vocab(vocab: Any) -> str:

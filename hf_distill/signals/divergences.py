@@ -25,3 +25,20 @@ def jsd_from_log_probs(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) ->
     # log m = log((1 - beta) p_s + beta p_t), elementwise (a logsumexp over a stacked pair is ~10x slower on CPU)
     log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
     return beta * kl_from_log_probs(log_t, log_m) + (1 - beta) * kl_from_log_probs(log_s, log_m)
+
+
+def tvd_from_log_probs(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    """Total variation distance per row: 0.5 * sum_v |p_t - p_s|."""
+    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(dim=-1)
+
+
+def sampled_token_estimate(log_s: torch.Tensor, log_t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The sampled-token estimator of reverse KL per row (on-policy distillation: Thinking Machines 2025, Qwen3):
+    value ``r = log p_s(y) - log p_t(y)`` at the token y that followed (sampled from the student: E_y[r] =
+    KL(p_s || p_t)), gradient that of the policy-gradient loss ``-A * log p_s(y)`` with the advantage ``A = -r`` held
+    constant, whose expectation over ``y ~ p_s`` is the gradient of KL(p_s || p_t). Only ``p_t(y)`` is read from the
+    teacher."""
+    index = tokens.long().unsqueeze(-1)
+    picked_s = log_s.gather(-1, index).squeeze(-1)
+    r = (picked_s - log_t.gather(-1, index).squeeze(-1)).detach()
+    return r + r * (picked_s - picked_s.detach())

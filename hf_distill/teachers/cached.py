@@ -7,8 +7,8 @@ from typing import Any, Callable, Mapping
 from transformers.utils import logging
 
 from ..signals import fields_where
-from ..signals.chunked import CachedTargets
 from ..signals.logits import check_cacheable
+from ..signals.output import CachedTargets
 from ..teacher_cache import CACHE_COLUMNS, TeacherCacheCollator, tokenizer_hash
 from .base import TeacherOutputs, TeacherRequest, TeacherSource
 
@@ -58,7 +58,8 @@ class CachedTeacher(TeacherSource):
                 f"only; {', '.join(f'{k}={v}' for k, v in others.items())} need(s) the live teacher's internals. Pass "
                 "teacher_model=... (and the plain tokenised dataset), or set these weights to 0."
             )
-        check_cacheable(args.logits_loss)
+        if getattr(args, "logits_weight", 0) > 0:
+            check_cacheable(args.logits_loss)
         made_at = float(self.manifest.get("temperature", 1.0))
         if abs(made_at - args.temperature) > 1e-9:
             raise ValueError(
