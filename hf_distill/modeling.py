@@ -187,8 +187,7 @@ EAGER_REASONS = {
 }
 
 
-def use_eager_attention(model: nn.Module, who: str, reason: str = "attention_maps",
-                        fields: Iterable[str] = ("a signal",)) -> None:
+def use_eager_attention(model: nn.Module, who: str, reason: str, fields: Iterable[str]) -> None:
     """Switch `model` to eager attention when the signals of `fields` (their weight fields) need it for `reason` (see
     `EAGER_REASONS`), saying so."""
     base = unwrap(model)

@@ -135,8 +135,7 @@ def evaluate(options: EvaluateArguments, data_args: DataArguments | None = None)
     if data_args is None or (data_args.dataset is None and not options.humaneval):
         raise ValueError("Give held-out data (--dataset, as for distill) or --humaneval.")
     ks, pass_ks = options.ks(), [int(v) for v in options.pass_k.split(",")]
-    sources = {name: source for name, source in (("teacher", options.teacher), ("before", options.baseline),
-                                                 ("student", options.student)) if source}
+    sources = {name: getattr(options, flag) for name, flag in FLAGS.items() if getattr(options, flag)}
     if options.humaneval:  # (a wrong name fails here, before any model is loaded)
         options.humaneval_names(list(sources))
     sandbox = Sandbox(timeout=options.sandbox_timeout, user=options.sandbox_user) if options.humaneval else None

@@ -188,7 +188,7 @@ def span_divergence_sum(student_logits: torch.Tensor, spans: AlignedSpans, signa
         with torch.no_grad():
             log_t = span_log_probs(spans.teacher_logits(t_rows), t_tok, t_group, t_last, g1 - g0, temperature)
         total = total + signal.divergence(log_s, log_t, vocab=spans.vocab).sum()
-    return total * signal.scale if signal.scale != 1 else total
+    return total * signal.scale
 
 
 def describe_vocab(vocab: Any) -> str:
