@@ -3,9 +3,11 @@
 
     git worktree add /tmp/prev HEAD~1
     python benchmarks/against_commit.py --other /tmp/prev --rounds 3
+    python benchmarks/against_commit.py --other /tmp/prev --rounds 5 --aa   # + the other commit against itself
 
-The other tree's benchmarks run with its own `hf_distill` (its folder first on the path, this tree's editable
-install hidden). Prints per row the median over rounds for each tree and the ratio this / other (time: lower is
+With ``--aa`` each round also runs the other tree a second time ("other again"): its ratio to the first run is the
+spread of an A/A comparison on this machine now, the yardstick for "no slowdown".
+Each tree's benchmarks run with its own `hf_distill` (its folder first on the path, the editable install hidden). Prints per row the median over rounds for each tree and the ratio this / other (time: lower is
 better; tokens/s: higher is better). An empty ``--trl_args ""`` or ``--loss_args ""`` skips that benchmark.
 """
 
@@ -27,8 +29,7 @@ HIDE_EDITABLE = ("import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'e
 
 def run(tree: Path, script: str, args: list[str], env_dir: Path, out: Path) -> dict:
     env = dict(os.environ)
-    if tree != HERE:
-        env["PYTHONPATH"] = os.pathsep.join([str(env_dir), str(tree)])
+    env["PYTHONPATH"] = os.pathsep.join([str(env_dir), str(tree)])  # (each tree its own hf_distill)
     command = [sys.executable, str(tree / "benchmarks" / script), *args, "--output", str(out)]
     subprocess.run(command, check=True, cwd=tempfile.gettempdir(), env=env, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
@@ -37,19 +38,23 @@ def run(tree: Path, script: str, args: list[str], env_dir: Path, out: Path) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--other", required=True, help="a worktree of the commit to compare against")
+    parser.add_argument("--this", default=str(HERE), help="the tree measured as 'this' (default: this checkout; a "
+                                                            "worktree of it keeps the run apart from edits made meanwhile)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trl_args", default="--trainers ours ours-plain --batch_size 2 --seq_len 128 --steps 6 "
                                               "--warmup 2")
     parser.add_argument("--loss_args", default="--vocab 49152 --tokens 512 1024 --repeats 3")
+    parser.add_argument("--aa", action="store_true", help="also run the other tree twice a round (the A/A spread)")
     opts = parser.parse_args()
-    other = Path(opts.other).resolve()
+    other, this = Path(opts.other).resolve(), Path(opts.this).resolve()
     samples: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as work:
         env_dir = Path(work) / "hide"
         env_dir.mkdir()
         (env_dir / "sitecustomize.py").write_text(HIDE_EDITABLE)
         for round_ in range(opts.rounds):
-            for name, tree in (("other", other), ("this", HERE)):
+            trees = [("other", other), ("this", this)] + ([("other again", other)] if opts.aa else [])
+            for name, tree in trees if round_ % 2 == 0 else trees[::-1]:  # (alternating order)
                 print(f"round {round_ + 1}/{opts.rounds}: {name} ({tree})", file=sys.stderr, flush=True)
                 trl = run(tree, "bench_vs_trl.py", opts.trl_args.split(), env_dir, Path(work) / "trl.json") \
                     if opts.trl_args else {"rows": []}
@@ -62,10 +67,14 @@ def main() -> None:
                     for path, row in pair.items():
                         key = f"bench_logits_loss {path} {row['vocab']}x{row['tokens']} s"
                         samples.setdefault((key, name), []).append(row["seconds"])
-    print(f"\n| row | other (median of {opts.rounds}) | this | this / other |\n|---|---:|---:|---:|")
+    aa = " | other again | A/A: again / other" if opts.aa else ""
+    print(f"\n| row | other (median of {opts.rounds}) | this | this / other{aa} |\n|---|---:|---:|---:|"
+          + ("---:|---:|" if opts.aa else ""))
     for key in dict.fromkeys(k for k, _ in samples):
         a, b = statistics.median(samples[(key, "other")]), statistics.median(samples[(key, "this")])
-        print(f"| {key} | {a:.4g} | {b:.4g} | {b / a:.3f} |")
+        again = statistics.median(samples[(key, "other again")]) if opts.aa else None
+        print(f"| {key} | {a:.4g} | {b:.4g} | {b / a:.3f}" + (f" | {again:.4g} | {again / a:.3f}" if opts.aa else "")
+              + " |")
     print(f"\nsamples: {json.dumps({f'{k} [{n}]': v for (k, n), v in samples.items()})}")
 
 

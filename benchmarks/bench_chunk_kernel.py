@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def measure(vocab: int, dtype_name: str, loss: str, repeats: int, device: str) -> dict:
     import torch
 
-    from hf_distill.signals.compiled import CompiledChunkTerms, chunk_terms
+    from hf_distill.kernels.compiled import CompiledChunkTerms, chunk_terms
 
     dtype = getattr(torch, dtype_name)
     rows = 2**24 // vocab
@@ -89,7 +89,7 @@ def main() -> None:
     import torch
     from bench_logits_loss import machine
 
-    from hf_distill.performance import compile_obstacle, keep_freed_memory
+    from hf_distill.speed.performance import compile_obstacle, keep_freed_memory
 
     keep_freed_memory()
     obstacle = compile_obstacle(opts.device)

@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_logits_loss import machine  # noqa: E402
 
-from hf_distill.alignment import VocabularyMap  # noqa: E402
-from hf_distill.signals.chunked import OutputHead, auto_chunk_size  # noqa: E402
+from hf_distill.data.alignment import VocabularyMap  # noqa: E402
+from hf_distill.kernels.chunked import OutputHead, auto_chunk_size  # noqa: E402
 from hf_distill.signals.cross_vocab import AlignedSpans, SpanSide  # noqa: E402
 from hf_distill.signals.logits import aligned_loss_sum  # noqa: E402
 
@@ -120,7 +120,7 @@ def main() -> None:
     if not options.no_machine:  # (measured after the rows)
         from machine_limits import DTYPES_BY_DEVICE, gflops_shares, job_limit
 
-        from hf_distill.flops import MatmulShape
+        from hf_distill.speed.flops import MatmulShape
 
         print("\n### Machine: the teacher's output layer (2 x rows x H x V_t FLOPs; the student side is given logits "
               "and all element-wise) against this machine's matmul limit at its products\n")

@@ -35,9 +35,9 @@ from bench_chat import prompts  # noqa: E402
 from bench_logits_loss import machine  # noqa: E402
 from common import write_json  # noqa: E402
 
-from hf_distill.assets import fetch  # noqa: E402
-from hf_distill.chat import end_of_turn_id  # noqa: E402
-from hf_distill.generate import GenerationArguments, generate_completions, load_generations  # noqa: E402
+from hf_distill.data.assets import fetch  # noqa: E402
+from hf_distill.data.chat import end_of_turn_id  # noqa: E402
+from hf_distill.data.generate import GenerationArguments, generate_completions, load_generations  # noqa: E402
 
 
 @torch.no_grad()
@@ -65,12 +65,12 @@ def ours(model, tokenizer, rows, max_new_tokens: int, batch_size: int, top_k: in
 
 
 def machine_section(model, results: dict, batch_size: int) -> dict:
-    """Each row's GFLOP/s (answer tokens/s x the forward FLOPs of one token, `hf_distill.flops.forward_flops_per_token`
+    """Each row's GFLOP/s (answer tokens/s x the forward FLOPs of one token, `hf_distill.speed.flops.forward_flops_per_token`
     without attention; prompts' prefill not counted, so this is a lower bound) and its share of the matmul limit at one
     decoding step's products at the row's batch (`machine_limits.decode_shapes`: ``[batch, in] @ [in, out]``)."""
     from machine_limits import DTYPES_BY_DEVICE, decode_shapes, gflops_shares, job_limit
 
-    from hf_distill.flops import forward_flops_per_token
+    from hf_distill.speed.flops import forward_flops_per_token
 
     flops = forward_flops_per_token(model, 1)
     per_token = flops.layers + flops.output

@@ -6,7 +6,7 @@ hidden states and output weight: exactly what `DistillationTrainer` does per bat
 decoder layers.
 
 - plain: ``z = h W^T`` for both models, the losses on the full ``[N, V]`` logits, autograd backward.
-- chunked: `hf_distill.signals.chunked.chunked_head_losses` (chunks of ``2**24 // V`` tokens unless --chunk_size).
+- chunked: `hf_distill.kernels.chunked.chunked_head_losses` (chunks of ``2**24 // V`` tokens unless --chunk_size).
 
 Each (path, vocabulary, tokens) runs in its own subprocess, so peak memory is its own: on CPU the increase of the
 process's peak RSS (``ru_maxrss``) over its RSS once the inputs exist; on CUDA ``max_memory_allocated`` over the
@@ -45,7 +45,7 @@ def worker(path: str, vocab: int, tokens: int, device: str, dtype_name: str, rep
     import torch
     import torch.nn.functional as F
 
-    from hf_distill.signals.chunked import OutputHead, OutputTerms, auto_chunk_size, chunked_head_losses
+    from hf_distill.kernels.chunked import OutputHead, OutputTerms, auto_chunk_size, chunked_head_losses
     from hf_distill.signals.logits import LogitsSignal, logits_divergence
 
     torch.manual_seed(0)
@@ -138,7 +138,7 @@ def machine_section(rows: list[dict], device: str, chunk_size: int | None) -> di
     products (plain: whole, chunked: per chunk), measured after the rows; printed as a table, returned for the JSON."""
     from machine_limits import DTYPES_BY_DEVICE, gflops_shares, job_limit, output_loss_shapes
 
-    from hf_distill.signals.chunked import auto_chunk_size
+    from hf_distill.kernels.chunked import auto_chunk_size
 
     dtypes = DTYPES_BY_DEVICE.get(device, ("float32",))
     print("\n### Machine: achieved GFLOP/s and share of the matmul limit at each row's products (8 N H V FLOPs per "

@@ -16,7 +16,7 @@ The ceiling (issue 21): a cache can at best remove the teacher's forward, so the
 ``1 + t_teacher / t_student``, with ``t_teacher`` the teacher's forward over a step's batch (timed alone, no grad, its
 logits included) and ``t_student = t_live - t_teacher`` (the live step without it). Printed: the ratio and its share of
 that ceiling. --recommended runs both students in the recommended setting (docs/performance.md, section 8): what the
-command line applies on the machine at hand (`hf_distill.performance.apply_speed_defaults`: where bf16 is fast the teacher, which
+command line applies on the machine at hand (`hf_distill.speed.performance.apply_speed_defaults`: where bf16 is fast the teacher, which
 builds the cache too, and the output layers in bf16, bf16 backward products, the compiled output kernel and decoder
 layers; on a CPU without bf16 units float32 with the compiled kernels), and `keep_freed_memory`. The machine
 section: the matmul limit at the live job's shapes (`machine_limits.py`) and each run's share of it.
@@ -51,8 +51,8 @@ from machine_limits import limits_table, machine_limits, share_cells, shares  # 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
 from hf_distill.cli import ModelArguments  # noqa: E402
 from hf_distill.cli.models import prepare_inputs, resolve_source  # noqa: E402
-from hf_distill.data import DataArguments  # noqa: E402
-from hf_distill.teacher_cache import build_teacher_cache, cache_size, load_teacher_cache  # noqa: E402
+from hf_distill.data.loading import DataArguments  # noqa: E402
+from hf_distill.data.teacher_cache import build_teacher_cache, cache_size, load_teacher_cache  # noqa: E402
 
 
 class StepClock(TrainerCallback):
@@ -123,7 +123,7 @@ def main() -> None:
     held_out = data.eval.select(range(min(len(data.eval), options.eval_blocks)))
     teacher_dtype = None
     if options.recommended:
-        from hf_distill.performance import keep_freed_memory, recommended_precision
+        from hf_distill.speed.performance import keep_freed_memory, recommended_precision
 
         keep_freed_memory()
         teacher_dtype = recommended_precision("cpu", None).teacher_dtype
@@ -158,7 +158,7 @@ def main() -> None:
             temperature=options.temperature, task_weight=options.task_weight, logits_weight=options.logits_weight,
         )
         if options.recommended:
-            from hf_distill.performance import apply_speed_defaults
+            from hf_distill.speed.performance import apply_speed_defaults
 
             applied[name] = apply_speed_defaults(args, "cpu", "causal-lm")
         clock = StepClock(options.warmup)
@@ -217,7 +217,7 @@ def main() -> None:
     settings = {k: v for k, v in vars(options).items() if k not in ("output", "cache_dir")}
     info = machine("cpu")
     if not options.no_machine:
-        from hf_distill.signals.chunked import auto_chunk_size
+        from hf_distill.kernels.chunked import auto_chunk_size
 
         student_spec = str(resolve_source(options.student)) if options.student else options.student_layers
         limits = machine_limits(resolve_source(options.teacher), student_spec, options.batch_size,

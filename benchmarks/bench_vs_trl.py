@@ -17,18 +17,18 @@ What runs: the same logit-distillation job in up to five ways, each for --warmup
   `benchmarks/precision_gradients.py` shows why).
 - ``ours-bf16-backward``: ``ours-bf16-head`` with ``linear_backward_dtype="bfloat16"``, the student's `nn.Linear`
   layers computing their forward in float32 and both backward products (``dL/dx``, ``dL/dW``) in bf16
-  (`hf_distill.linear_backward`; one step's gradient within about 1% of float32's, against 16% for a bf16 forward);
+  (`hf_distill.kernels.linear_backward`; one step's gradient within about 1% of float32's, against 16% for a bf16 forward);
   the recommended setting before ``output_kernel="compiled"``.
 - ``ours-compiled``: ``ours-bf16-backward`` with ``output_kernel="compiled"``, the chunk's closed-form loss and
-  gradient as one `torch.compile` kernel (`hf_distill.signals.compiled`; its compile falls in the warm-up steps,
+  gradient as one `torch.compile` kernel (`hf_distill.kernels.compiled`; its compile falls in the warm-up steps,
   ``setup_to_first_step_s`` in the JSON); the recommended setting before ``compile_student_layers``.
 - ``ours-recommended``: ours in its recommended setting on *this* machine: the `DistillationConfig` of ``ours`` with
-  `hf_distill.performance.apply_speed_defaults` applied, exactly what the command line does by default (where bf16 is
+  `hf_distill.speed.performance.apply_speed_defaults` applied, exactly what the command line does by default (where bf16 is
   fast and `torch.compile` can build, the same as ``ours-layers``; on a CPU without bf16 units float32 throughout with
   the compiled output kernel and decoder layers). What it applied is in the JSON (``speed_defaults``).
 - ``ours-layers``: the recommended setting where bf16 is fast, spelled out: ``ours-compiled`` with
   ``compile_student_layers=True``, each decoder layer of the student through `torch.compile` in training steps
-  (`hf_distill.layer_compile`; one graph for all layers, compiled in the first warm-up step).
+  (`hf_distill.speed.layer_compile`; one graph for all layers, compiled in the first warm-up step).
 - ``ours-liger``: ``ours-fast`` with the output terms through Liger's fused kernel (``output_kernel="liger"``; needs
   liger-kernel; compiled on CUDA, eager elsewhere).
 - ``ours-plain``: the same as ``ours`` with ``logits_chunk_size=0`` (our full-logits path). Both ``logits_chunk_size``
@@ -73,7 +73,7 @@ this machine offers (bf16 where it has bf16 units, else float32); the held-out l
 
 Rows that multiply in bf16 whatever the machine (``trl-bf16``, ``ours-fast``, ``ours-bf16-*``, ``ours-compiled``,
 ``ours-layers``, ``ours-liger``, every row with --bf16) are skipped with a message on a CPU without fast bf16
-(`hf_distill.performance.fast_bf16`: no AVX512-BF16 / AMX), where torch's bf16 matmul runs a scalar loop about 100x
+(`hf_distill.speed.performance.fast_bf16`: no AVX512-BF16 / AMX), where torch's bf16 matmul runs a scalar loop about 100x
 slower than float32; TRL's fastest row is then ``trl``. --force_slow_bf16 runs them anyway.
 
 On-policy mode (``--on_policy``): every step the student completes --batch_size prompts (the TREC questions as user
@@ -120,7 +120,7 @@ TRAINERS = ("trl", "trl-bf16", "ours", "ours-plain", "ours-fast", "ours-bf16-hea
 #: Rows that run their student step under bf16 autocast whatever --bf16 says (``TrainingArguments(bf16=True)``).
 BF16_ROWS = ("trl-bf16", "ours-fast", "ours-liger")
 #: Rows that multiply bf16 matrices whatever the machine (autocast, a bf16 teacher, bf16 output layers or backward):
-#: on a CPU without bf16 units (`hf_distill.performance.fast_bf16` False) they run ~100x slower and are skipped.
+#: on a CPU without bf16 units (`hf_distill.speed.performance.fast_bf16` False) they run ~100x slower and are skipped.
 HALF_PRECISION_ROWS = BF16_ROWS + ("ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-layers")
 #: Marks the worker's result line on stdout (libraries may print there too).
 RESULT_MARK = "BENCH_VS_TRL_RESULT "
@@ -172,7 +172,7 @@ def on_policy_data(which: str, tokenizer, count: int):
     collator needs; lmbda=1 never trains on it), the stable trainer `prompt`, ours prompt-only rows."""
     import datasets
 
-    from hf_distill.assets import fetch
+    from hf_distill.data.assets import fetch
 
     with open(fetch("trec"), newline="") as f:
         questions = list(dict.fromkeys(r["text"].strip() for r in csv.DictReader(f)))[:count]
@@ -181,7 +181,7 @@ def on_policy_data(which: str, tokenizer, count: int):
         return datasets.Dataset.from_dict({"messages": [[*t, {"role": "assistant", "content": "OK"}] for t in turns]}), None
     if which == "trl-stable":
         return datasets.Dataset.from_dict({"prompt": turns}), None
-    from hf_distill.chat import prepare_chat_dataset
+    from hf_distill.data.chat import prepare_chat_dataset
 
     return prepare_chat_dataset(datasets.Dataset.from_dict({"prompt": turns}), tokenizer, prompts=True)
 
@@ -192,7 +192,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, TrainerCallback
 
-    from hf_distill.assets import fetch
+    from hf_distill.data.assets import fetch
     from hf_distill.students import shrink_model
 
     if opts.threads:
@@ -220,7 +220,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         eval_ids = torch.tensor(every["input_ids"][total_steps * opts.batch_size:])
     if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-layers",
                  "ours-liger", "ours-recommended"):  # (section 8)
-        from hf_distill.performance import keep_freed_memory
+        from hf_distill.speed.performance import keep_freed_memory
 
         keep_freed_memory()
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -283,7 +283,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
             extra["output_kernel"] = "liger"
         if which in ("ours-fast", "ours-bf16-head", "ours-bf16-backward", "ours-compiled", "ours-layers",
                      "ours-liger"):
-            from hf_distill.performance import recommended_precision
+            from hf_distill.speed.performance import recommended_precision
 
             extra["teacher_dtype"] = recommended_precision(opts.device, None).teacher_dtype
         if opts.on_policy:
@@ -293,7 +293,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
             temperature=opts.temperature, **extra,
         )
         if which == "ours-recommended":  # what the command line applies on this machine, whatever it is
-            from hf_distill.performance import apply_speed_defaults
+            from hf_distill.speed.performance import apply_speed_defaults
 
             speed_defaults = apply_speed_defaults(args, opts.device, "causal-lm")
         base = DistillationTrainer
@@ -613,7 +613,7 @@ def main() -> None:
         print(RESULT_MARK + json.dumps(worker(opts.worker, opts)), flush=True)
         return
 
-    from hf_distill.performance import fast_bf16
+    from hf_distill.speed.performance import fast_bf16
 
     if not fast_bf16(opts.device) and not opts.force_slow_bf16:
         slow = list(opts.trainers) if opts.bf16 else [w for w in opts.trainers if w in HALF_PRECISION_ROWS]
@@ -651,8 +651,8 @@ def main() -> None:
     if not opts.no_machine and not opts.on_policy:  # measured after the rows, on the quiet machine
         from machine_limits import limits_table, machine_limits, shares
 
-        from hf_distill.assets import fetch
-        from hf_distill.signals.chunked import auto_chunk_size
+        from hf_distill.data.assets import fetch
+        from hf_distill.kernels.chunked import auto_chunk_size
 
         chunk = opts.chunk_size or auto_chunk_size(49_152)
         info["limits"] = machine_limits(str(fetch("smollm2-135m")), opts.student_layers, opts.batch_size,

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_distill import DistillationConfig, DistillationTrainer  # noqa: E402
-from hf_distill.hub import CardInfo  # noqa: E402
+from hf_distill.storage.hub import CardInfo  # noqa: E402
 from tests.conftest import lm_dataset  # noqa: E402
 
 

@@ -2,10 +2,10 @@
 
 `matmul_rate` times ``torch.mm`` of one shape in one dtype (median of a few runs of at least --seconds each, after a
 warm-up; a product above `MAX_TIMED_PRODUCT` multiply-adds on fewer columns). `job_limit` takes the products one step
-of a job runs (`hf_distill.flops.matmul_shapes`: every linear
+of a job runs (`hf_distill.speed.flops.matmul_shapes`: every linear
 layer, the chunked output layer, attention) and returns the rate at which those products alone would run here:
 ``sum_i flops_i / sum_i (flops_i / rate_i)``, each product at its own measured rate. A row's achieved FLOP/s is its
-tokens/s times `hf_distill.flops.distillation_flops_per_token`; its share is that over the limit.
+tokens/s times `hf_distill.speed.flops.distillation_flops_per_token`; its share is that over the limit.
 
     python benchmarks/machine_limits.py                 # the SmolLM2 job of bench_vs_trl.py at 4 x 256, fp32 and bf16
 """
@@ -113,7 +113,7 @@ def distillation_job(teacher_dir: str, student_layers: int | str, batch: int, se
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hf_distill.flops import distillation_flops_per_token, matmul_shapes
+    from hf_distill.speed.flops import distillation_flops_per_token, matmul_shapes
 
     config = AutoConfig.from_pretrained(teacher_dir)
     student_config = (AutoConfig.from_pretrained(student_layers) if isinstance(student_layers, str)
@@ -168,7 +168,7 @@ def output_loss_shapes(rows: int, hidden: int, vocab: int, chunk: int | None, te
     V]`` (forward only) and the student's (forward, input gradient ``[rows, V] @ [V, H]``, weight gradient ``[H,
     rows] @ [rows, V]``), `chunk` rows at a time when given: ``2 * rows * H * V`` FLOPs each, 8 in all with a
     teacher."""
-    from hf_distill.flops import MatmulShape
+    from hf_distill.speed.flops import MatmulShape
 
     full, rest = divmod(rows, chunk) if chunk else (1, 0)
     pieces = ([(chunk or rows, full)] if full else []) + ([(rest, 1)] if rest else [])
@@ -186,7 +186,7 @@ def decode_shapes(model, batch: int):
     """The products of one decoding step of `model` at `batch` sequences: every linear layer ``[batch, in] @ [in,
     out]``, the output layer included (the attention over the cache, a matrix-vector product per head, is left out:
     under 3% of a 135M model's FLOPs at a few hundred positions)."""
-    from hf_distill.flops import matmul_shapes
+    from hf_distill.speed.flops import matmul_shapes
 
     return [s for s in matmul_shapes(model, batch, 1, batch) if not s.part.endswith("attention")]
 
@@ -223,8 +223,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.2)
     parser.add_argument("--output", default=None)
     opts = parser.parse_args()
-    from hf_distill.assets import fetch
-    from hf_distill.signals.chunked import auto_chunk_size
+    from hf_distill.data.assets import fetch
+    from hf_distill.kernels.chunked import auto_chunk_size
 
     teacher_dir = str(fetch("smollm2-135m"))
     chunk = opts.chunk_size or auto_chunk_size(49_152)

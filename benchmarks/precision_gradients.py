@@ -16,7 +16,7 @@ autocast, the output layers as ``bf16-head``): ``bf16-linear-fp32-weight-grad`` 
 ``dL/dx = bf16(g) @ bf16(W)`` in bf16, ``dL/dW = g^T @ x`` in float32) and ``bf16-forward-fp32-backward`` (the forward
 products in bf16, both backward products in float32 from float32 inputs): which of the three products carries the
 error; ``fp32-forward-bf16-backward``: the forward products in float32, both backward products in bf16 (the package's
-``linear_backward_dtype="bfloat16"``, `hf_distill.linear_backward`, on every `nn.Linear` of the student but its output
+``linear_backward_dtype="bfloat16"``, `hf_distill.kernels.linear_backward`, on every `nn.Linear` of the student but its output
 layer).
 
     python benchmarks/precision_gradients.py --batch_size 4 --seq_len 256
@@ -169,7 +169,7 @@ def main() -> None:
     import datasets
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
-    from hf_distill.assets import fetch
+    from hf_distill.data.assets import fetch
 
     model_dir = str(fetch("smollm2-135m"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -63,7 +63,7 @@ def build(opts: argparse.Namespace):
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
 
     from hf_distill import DistillationConfig, DistillationTrainer
-    from hf_distill.assets import fetch
+    from hf_distill.data.assets import fetch
     from hf_distill.students import shrink_model
 
     transformers.set_seed(0)
@@ -112,7 +112,7 @@ def main() -> None:
                              "compile falls in the warm-up steps)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--optim", default="adamw_torch", choices=["adamw_torch", "adamw_torch_fused"])
-    parser.add_argument("--keep_freed_memory", action="store_true", help="hf_distill.performance.keep_freed_memory()")
+    parser.add_argument("--keep_freed_memory", action="store_true", help="hf_distill.speed.performance.keep_freed_memory()")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--output", default=None)
     opts = parser.parse_args()
@@ -121,7 +121,7 @@ def main() -> None:
     from transformers import TrainerCallback
 
     if opts.keep_freed_memory:
-        from hf_distill.performance import keep_freed_memory
+        from hf_distill.speed.performance import keep_freed_memory
 
         print("keep_freed_memory:", keep_freed_memory())
     trainer = build(opts)

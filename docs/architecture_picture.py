@@ -12,18 +12,18 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 BOXES = {  # name: (x, y, width, height, title, body, colour)
     "cli": (0.2, 8.6, 4.4, 1.1, "cli/  (hf-distill COMMAND)", "arguments · jobs · models · report\nbuilds config, models, data, trainer", "#e8e0f5"),
-    "data": (5.2, 8.6, 4.2, 1.1, "data.py  (public)", "load, split, tokenise, label mapping\n+ the collator", "#e3f0e3"),
+    "data": (5.2, 8.6, 4.2, 1.1, "data/  (public)", "load, split, tokenise, label mapping,\nchat rows, generations, teacher cache", "#e3f0e3"),
     "config": (10.0, 8.6, 4.6, 1.1, "config.py  DistillationConfig", "every field; checks iterate the\nsignal registry", "#f5efe0"),
     "trainer": (0.2, 6.5, 14.4, 1.3, "trainer.py  DistillationTrainer (HF hooks only)",
                 "__init__ wiring · get_batch_samples · compute_loss · optimizer groups · _get_grad_norm (NonFiniteGuard)\n"
-                "_save / checkpoints (signal_modules.py) · log (TermLog) · prediction_step / evaluation_loop (EvalTotals)",
+                "_save / checkpoints (signals/modules.py) · log (TermLog) · prediction_step / evaluation_loop (EvalTotals)",
                 "#dde8f5"),
     "prepare": (0.2, 4.2, 3.3, 1.4, "1  source.prepare_batch", "teachers/: may rewrite the\nsequences (samples, generations)", "#fbe3d6"),
-    "count": (3.9, 4.2, 3.3, 1.4, "2  accounting.count_step", "accounting.py: what counts in\nthe whole step (gathered)", "#fff3c4"),
-    "batch": (7.6, 4.2, 7.0, 1.4, "3  BatchPath.terms  (batch.py: the one path)",
+    "count": (3.9, 4.2, 3.3, 1.4, "2  accounting.count_step", "loss/accounting.py: what counts\nin the whole step (gathered)", "#fff3c4"),
+    "batch": (7.6, 4.2, 7.0, 1.4, "3  BatchPath.terms  (loss/batch.py: the one path)",
               "measure → student forward → teacher source outputs →\noutput strategy → every other signal → BatchTerms\nloss = Σ_k w_k · S_k / N_k → the Trainer's backward and step", "#dde8f5"),
-    "strategy": (7.6, 1.9, 3.3, 1.6, "output strategy", "outputs.py: FullLogits\nor HeadChunks (chunked.py),\nchosen once per run", "#e3f0e3"),
-    "signals": (11.3, 1.9, 3.3, 1.6, "signals/  (registry)", "one class per signal, declares its\nweight field, options, needs;\n@register_signal adds yours", "#f5efe0"),
+    "strategy": (7.6, 1.9, 3.3, 1.6, "output strategy", "loss/outputs.py: FullLogits or\nHeadChunks (kernels/), chosen\nonce; = loss/reference.py", "#e3f0e3"),
+    "signals": (11.3, 1.9, 3.3, 1.6, "signals/  (registry)", "one class per signal, declares its\nweight field, options, needs;\nthe output term: OutputSignal", "#f5efe0"),
     "sources": (0.2, 1.9, 7.0, 1.6, "teachers/  TeacherSource", "LiveTeachers (one, ensemble) · RouteTeachers (RCO) · SelfDistillation\n"
                 "(PEFT, adapters off) · CachedTeacher (top-k cache) · NoTeacher\nwrapping one: SampledCompletions · "
                 "CrossTokenizerTeacher\nyour own: DistillationTrainer(teacher_source=...)", "#fbe3d6"),

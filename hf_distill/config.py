@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .linear_backward import BACKWARD_DTYPES as LINEAR_BACKWARD_DTYPES
-from .options import check_choice, check_finite_settings, check_sampling_settings, parse_chunk_size
+from .checks.options import check_choice, check_finite_settings, check_sampling_settings, parse_chunk_size
+from .kernels.linear_backward import BACKWARD_DTYPES as LINEAR_BACKWARD_DTYPES
 from .signals import registered_signals, signal_weight_fields
 from .signals.hidden import HIDDEN_LOSSES, HIDDEN_PROJECTIONS
 from .signals.logits import LOGITS_LOSSES
@@ -16,7 +16,7 @@ ENSEMBLE_MODES = ("mean_probs", "mean_logits")
 
 TEACHER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 OUTPUT_LAYER_DTYPES = ("bfloat16", "float16")
-#: How the chunked output terms are computed: our closed-form chunks, or Liger's fused kernel (`hf_distill.liger`).
+#: How the chunked output terms are computed: our closed-form chunks, or Liger's fused kernel (`hf_distill.kernels.liger`).
 OUTPUT_KERNELS = ("chunked", "compiled", "liger")
 VOCAB_MISMATCH_MODES = ("error", "truncate")
 #: What a training step whose loss or gradient norm is not finite does (`on_nonfinite`).
@@ -60,7 +60,8 @@ class DistillationConfig(TrainingArguments):
             vocabulary; `"always"` aligns even when they share one (the cross-tokenizer path on one tokenizer).
         jsd_beta (`float`, defaults to 0.5):
             Interpolation of the generalized JSD, in [0, 1]: 0 gives forward KL, 1 reverse KL (same convention as
-            TRL's `GKDTrainer.generalized_jsd_loss`). Only used with `logits_loss="jsd"`.
+            TRL's `GKDTrainer.generalized_jsd_loss`). Only used with `logits_loss="jsd"`. On the command line and in
+            recipes also `--beta` / ``beta:``, TRL's `GKDConfig` name.
         scale_by_temperature_squared (`bool`, defaults to `True`):
             Multiply the soft (temperature-dependent) term by T^2 so its gradients keep their scale across
             temperatures (Hinton et al. 2015). `"mse"` ignores T and is never scaled.
@@ -158,7 +159,7 @@ class DistillationConfig(TrainingArguments):
             With a list of teachers: soft targets are the mean of their temperature-softened probabilities
             (`"mean_probs"`) or of their logits (`"mean_logits"`; also what `logits_loss="mse"` always uses). Other
             signals read the first teacher.
-        logits_chunk_size (`str` or `int`, defaults to `"auto"`):
+        logits_chunk_size (`int` or `"auto"`, defaults to `"auto"`):
             Causal LMs: compute the logits term and the task cross-entropy from the final hidden states and the output
             layer, this many counted tokens at a time, so no full ``[tokens, vocab]`` logits tensor exists (same loss
             and gradients as the plain path). `"auto"`: chunks of ``2**24 // vocab`` tokens where the models allow it
@@ -236,7 +237,8 @@ class DistillationConfig(TrainingArguments):
                   "choices": ["auto", "always"]},
     )
     jsd_beta: float = field(
-        default=0.5, metadata={"help": "Generalized JSD interpolation in [0, 1]: 0 = forward KL, 1 = reverse KL."}
+        default=0.5, metadata={"help": "Generalized JSD interpolation in [0, 1]: 0 = forward KL, 1 = reverse KL "
+                                       "(--beta, TRL's name, is the same flag).", "aliases": ["--beta"]}
     )
     scale_by_temperature_squared: bool = field(
         default=True, metadata={"help": "Multiply the soft term by T^2 (Hinton) so gradient scale is kept across T."}
@@ -283,7 +285,7 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "A teacher with another tokenizer: match hidden states as means over aligned spans ('mean').",
                   "choices": ["mean"]},
     )
-    layer_map: str = field(
+    layer_map: str | list[list[int]] = field(
         default="auto",
         metadata={"help": "'auto', 'last', or student:teacher hidden_states index pairs, e.g. '1:2,2:4' or '[[1,2],[2,4]]'."},
     )
@@ -326,7 +328,7 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "How a list of teachers is combined.", "choices": list(ENSEMBLE_MODES)},
     )
 
-    logits_chunk_size: str = field(
+    logits_chunk_size: int | str = field(
         default="auto",
         metadata={"help": "Causal LMs: tokens per chunk of the chunked logits/CE loss; 'auto', or 0 for full logits."},
     )

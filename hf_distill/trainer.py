@@ -16,31 +16,36 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
-from .accounting import Accounting, EvalTotals, TermLog, infer_position_unit
-from .batch import BatchPath
-from .checks import check_declared_sizes, check_labels_available
-from .config import DistillationConfig
-from .hub import CardInfo, write_model_card
-from .modeling import check_no_attention_dropout, config_use_cache, output_logits, use_eager_attention
-from .output_dir import API_WORDS, prepare_output_dir
-from .outputs import checked_kernel, output_precision, plan_output
-from .performance import warn_slow_half_precision
-from .provenance import RunRecordCallback, check_resume
-from .safety import (
+from .checks.before_training import check_declared_sizes, check_labels_available, checked_trainer_config
+from .checks.safety import (
     NonFiniteGuard,
     check_finite_weights,
     check_label_values,
-    check_one_run,
     classification_labels,
     drop_gradients,
 )
-from .samples import samples_callbacks
-from .signal_modules import ATTACHED_NAME, SignalModules, load_signal_state, save_signal_state
-from .signals import fields_where, label_weights
+from .config import DistillationConfig
+from .evaluation.samples import samples_callbacks
+from .loss.accounting import Accounting, EvalTotals, TermLog, infer_position_unit
+from .loss.batch import BatchPath
+from .loss.outputs import checked_kernel, output_precision, plan_output
+from .modeling import config_use_cache, output_logits
+from .signals import label_weights
 from .signals.build import build_signals
-from .student_modes import student_mode_callbacks
-from .teachers import TeacherSource, cross_tokenizer_source, on_policy_source
-from .teachers import teacher_source as pick_teacher_source
+from .signals.modules import (
+    ATTACHED_NAME,
+    SignalModules,
+    attach_signal_modules,
+    load_signal_state,
+    prepare_student_for_signals,
+    save_signal_state,
+)
+from .speed.performance import warn_slow_half_precision
+from .speed.student_modes import student_mode_callbacks
+from .storage.hub import CardInfo, write_model_card
+from .storage.output_dir import API_WORDS, prepare_output_dir
+from .storage.provenance import RunRecordCallback, check_resume
+from .teachers import TeacherSource, checked_source, run_teacher_source
 
 logger = logging.get_logger(__name__)
 
@@ -93,29 +98,18 @@ class DistillationTrainer(Trainer):
         teacher_processing_class: Any | None = None,
         **kwargs: Any,
     ) -> None:
-        if args is None:
-            args = DistillationConfig(output_dir="tmp_trainer")
-        if not isinstance(args, DistillationConfig):
-            raise TypeError(
-                f"DistillationTrainer needs a DistillationConfig, got {type(args).__name__}. Build one with "
-                "DistillationConfig(output_dir=..., temperature=..., task_weight=..., logits_weight=...)."
-            )
-        if model is None:
-            raise ValueError("DistillationTrainer needs a student `model`.")
-        check_one_run(args)
+        args = checked_trainer_config(args, model)
         if peft_config is not None:
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-        teacher_terms = fields_where(args, needs_teacher=True)
-        source = teacher_source or pick_teacher_source(
-            args, model, teacher_model, route_loader, kwargs.get("train_dataset"), teacher_terms)
-        source = cross_tokenizer_source(args, source, model, kwargs.get("processing_class"), teacher_processing_class)
-        source = on_policy_source(args, source, model, kwargs.get("processing_class"), kwargs.get("train_dataset"))
-        source.check_run(args, teacher_terms, kwargs.get("processing_class"))
+        tokenizer, train_dataset = kwargs.get("processing_class"), kwargs.get("train_dataset")
+        source = checked_source(args, model, teacher_source, train_dataset, tokenizer, teacher_processing_class) \
+            if teacher_source is not None else run_teacher_source(args, model, teacher_model, route_loader,
+                                                                   train_dataset, tokenizer, teacher_processing_class)
         sizes = {n for n in map(classification_labels, (model, *source.models)) if n is not None}
         if label_weights(args) and len(sizes) <= 1:  # (else: the size check says it)
-            check_label_values(kwargs.get("train_dataset"), model, ("labels",))  # before the Trainer writes anything
+            check_label_values(train_dataset, model, ("labels",))  # before the Trainer writes anything
         self.student_use_cache = getattr(getattr(model, "config", None), "use_cache", None)  # (written on save)
         super().__init__(model=model, args=args, **kwargs)
         warn_slow_half_precision(args, self.args.device.type, logger)  # (bf16 on a CPU without bf16 units: ~100x)
@@ -125,22 +119,10 @@ class DistillationTrainer(Trainer):
         # Per term (the task and each signal): its weight and the unit it is counted in; fixed for the run.
         self._term_weights = {"task": args.task_weight, **{signal.name: weight for signal, weight in self.signals}}
         self._term_units = {"task": "labelled", **{signal.name: signal.unit for signal, _ in self.signals}}
-        for need, reason in (("needs_attentions", "attention_maps"), ("differentiates_twice", "double_backward")):
-            fields = [signal.weight_field for signal, _ in self.signals if getattr(signal, need)]
-            if fields and need == "needs_attentions":
-                check_no_attention_dropout(model)
-            if fields:
-                use_eager_attention(model, "student", reason, fields)
+        prepare_student_for_signals(model, self.signals)
         self.signal_modules = SignalModules.from_signals(signal for signal, _ in self.signals).to(self.args.device)
-        #: DeepSpeed trains, reduces, clips and checkpoints only the parameters of the module it wraps: there the signal
-        #: modules ride inside the student (under `ATTACHED_NAME`) and are dropped again from every exported student.
-        self._modules_in_student = bool(len(self.signal_modules)) and self.is_deepspeed_enabled
-        if self._modules_in_student:
-            model.add_module(ATTACHED_NAME, self.signal_modules)
-        if len(self.signal_modules) and self.optimizer is not None:
-            raise ValueError(f"The active signals learn modules of their own ({', '.join(self.signal_modules.keys())}), "
-                             "which a user-built optimizer does not hold. Let the trainer build the optimizer (args.optim, "
-                             "or optimizer_cls_and_kwargs=...) instead of passing optimizers=(...).")
+        self._modules_in_student = attach_signal_modules(model, self.signal_modules, self.is_deepspeed_enabled,
+                                                         self.optimizer)
         modes = student_mode_callbacks(model, args, self.signals, self.accelerator)  # (RunRecord: what a resume checks)
         for callback in (_AfterOptimizerStep(self), RunRecordCallback(self), *modes, *samples_callbacks(self)):
             self.add_callback(callback)
@@ -158,6 +140,14 @@ class DistillationTrainer(Trainer):
         self.term_log = TermLog(self.accelerator.gather)
         self._eval_totals = EvalTotals()
         self.data_collator = source.wrap_collator(self.data_collator)
+        self._build_loss_path(source, model_unit, check_sizes)
+
+    # ---- set-up ----------------------------------------------------------------------------------------------------
+
+    def _build_loss_path(self, source: TeacherSource, model_unit: Any, check_sizes: Callable[[], None]) -> None:
+        """The output strategy (full logits, or chunks of the output layer), the run's last checks of sizes and
+        labels, the non-finite guard, the accounting of counted positions, and the one batch path that uses them."""
+        args = self.args
         self.output_strategy = plan_output(  # the output terms: from full logits, or chunks of the output layer
             args.logits_chunk_size, model_unit, self.model, source.models, self.signals,
             self.accelerator.distributed_type.value, tuple(self.label_names), kernel=checked_kernel(args, source, self.signals),
@@ -168,14 +158,11 @@ class DistillationTrainer(Trainer):
                                self.label_names, label_weights(args))
         self.nonfinite_guard = NonFiniteGuard(  # stops (or skips) a step whose loss, terms or grad norm are not finite
             self._term_weights, args.on_nonfinite, self.accelerator.gather)
-        units = set(self._term_units.values())
-        self.accounting = Accounting(units, model_unit, self.label_name, self.accelerator.gather,
-                                     args.world_size > 1 and args.average_tokens_across_devices,
+        self.accounting = Accounting(set(self._term_units.values()), model_unit, self.label_name,
+                                     self.accelerator.gather, args.world_size > 1 and args.average_tokens_across_devices,
                                      self.accelerator.num_processes)
         self.batch_path = BatchPath(self.signals, self._term_weights, self._term_units, source, self.output_strategy,
                                     self.accounting, tuple(self.label_names), args.feature_layer, args.vocab_mismatch)
-
-    # ---- set-up ----------------------------------------------------------------------------------------------------
 
     @property
     def label_name(self) -> str:

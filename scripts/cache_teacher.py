@@ -6,7 +6,7 @@
 
 Takes the model / data flags of scripts/distill.py, tokenises the training split the same way (same --seed for the
 held-out split), and writes shards plus a manifest to --output_dir; rerun the same command to resume an interrupted
-build. Distil from it by loading `hf_distill.teacher_cache.load_teacher_cache(dir)` as the training set.
+build. Distil from it by loading `hf_distill.data.teacher_cache.load_teacher_cache(dir)` as the training set.
 """
 
 from hf_distill.cli import clear_errors

@@ -121,7 +121,7 @@ def kl_rows(p_t, p_s):
 @pytest.fixture
 def compiling(monkeypatch):
     """torch.compile on (this file turns it off for the rest of the suite), a compiler or skip."""
-    from hf_distill import performance
+    from hf_distill.speed import performance
 
     monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
     reason = performance.compile_obstacle("cpu")

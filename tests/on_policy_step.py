@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_distill import DistillationConfig, DistillationTrainer  # noqa: E402
-from hf_distill.chat import prepare_chat_dataset  # noqa: E402
+from hf_distill.data.chat import prepare_chat_dataset  # noqa: E402
 from tests.conftest import leave, tiny_llama  # noqa: E402
 from tests.test_chat_data import CHATML, chat_tokenizer  # noqa: E402
 from tests.test_on_policy import VOCAB, chat_rows, fixed_completions  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_distill import DistillationConfig, DistillationTrainer  # noqa: E402
-from hf_distill.safety import NonFiniteLossError  # noqa: E402
+from hf_distill.checks.safety import NonFiniteLossError  # noqa: E402
 from tests.conftest import classification_dataset, tiny_bert  # noqa: E402
 
 

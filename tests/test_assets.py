@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_distill import assets
+from hf_distill.data import assets
 
 
 def _fake_wheel(folder: Path) -> None:

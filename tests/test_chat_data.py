@@ -11,7 +11,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from hf_distill import DistillationTrainer
-from hf_distill.chat import conversation_mask, detect_format, prepare_chat_dataset, prompt_completion_mask
+from hf_distill.data.chat import conversation_mask, detect_format, prepare_chat_dataset, prompt_completion_mask
 
 from .conftest import tiny_llama
 
@@ -224,7 +224,7 @@ PROMPTS = [[{"role": "user", "content": w}] for w in ("hello", "how are you", "h
 
 
 def _generation_settings(folder, **overrides):
-    from hf_distill.generate import GenerationArguments
+    from hf_distill.data.generate import GenerationArguments
 
     values = dict(output_dir=str(folder), max_new_tokens=3, temperature=1.0, batch_size=2, shard_size=3, seed=7)
     values.update(overrides)
@@ -243,13 +243,13 @@ def generate_cli(tmp_path, teacher, columns, folder, *flags):
 
 
 def _shards(folder):
-    from hf_distill.generate import load_generations
+    from hf_distill.data.generate import load_generations
 
     return load_generations(folder).to_dict()
 
 
 def test_generate_writes_shards_that_a_killed_run_resumes_to_exactly(tmp_path, monkeypatch):
-    import hf_distill.generate as generate
+    import hf_distill.data.generate as generate
 
     teacher_dir, tokenizer = _chat_teacher(tmp_path)
     from transformers import AutoModelForCausalLM

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel
 
 from hf_distill import DistillationTrainer
-from hf_distill.signals.chunked import OutputHead, OutputTerms, auto_chunk_size, chunked_head_losses
+from hf_distill.kernels.chunked import OutputHead, OutputTerms, auto_chunk_size, chunked_head_losses
 from hf_distill.signals.logits import LOGITS_LOSSES, TOKEN_LOSSES, LogitsSignal, logits_divergence
 
 from .conftest import lm_dataset, tiny_bert, tiny_llama

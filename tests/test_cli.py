@@ -18,8 +18,8 @@ from transformers import AutoModelForSequenceClassification, BertTokenizer, pipe
 
 from hf_distill import DistillationConfig
 from hf_distill.cli import ModelArguments, parse_distill_args
-from hf_distill.data import DataArguments, load_raw, prepare_datasets, split_dataset
-from hf_distill.hub import CardInfo, model_card
+from hf_distill.data.loading import DataArguments, load_raw, prepare_datasets, split_dataset
+from hf_distill.storage.hub import CardInfo, model_card
 
 from .conftest import tiny_bert
 
@@ -56,6 +56,23 @@ def test_flags_override_the_yaml_recipe(tmp_path):
     assert args.hidden_weight == 1.0 and args.output_dir == "from-yaml"
     assert json.loads(args.layer_map) == [[1, 2], [2, 4]]
 
+
+
+def test_union_valued_options_and_trl_names_parse(tmp_path):
+    """A union-valued option takes its word ("auto") or its number from a flag, and pairs from a recipe; TRL's
+    `beta` is the JSD interpolation, as a flag and as a recipe key."""
+    base = ["--teacher", "t", "--output_dir", str(tmp_path / "o"), "--use_cpu", "true"]
+    *_, args = parse_distill_args(base + ["--logits_chunk_size", "512", "--beta", "0.3"])
+    assert args.logits_chunk_size == 512 and isinstance(args.logits_chunk_size, int) and args.jsd_beta == 0.3
+    *_, args = parse_distill_args(base)  # the defaults survive the union handling
+    assert args.logits_chunk_size == "auto" and args.layer_map == "auto" and args.jsd_beta == 0.5
+    *_, args = parse_distill_args(base + ["--layer_map", "1:2,2:4"])
+    assert args.layer_map == "1:2,2:4"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("teacher: t\nbeta: 0.2\nlogits_chunk_size: 0\nuse_cpu: true\n"
+                      f"output_dir: {tmp_path / 'o'}\n")
+    *_, args = parse_distill_args(["--config", str(recipe)])
+    assert args.jsd_beta == 0.2 and args.logits_chunk_size == 0
 
 def test_bad_recipes_and_flags_raise_clear_errors(tmp_path):
     recipe = tmp_path / "recipe.yaml"

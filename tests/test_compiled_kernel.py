@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_distill import outputs, performance
-from hf_distill.signals import compiled
+from hf_distill.kernels import compiled
+from hf_distill.loss import outputs
 from hf_distill.signals.logits import logits_divergence
+from hf_distill.speed import performance
 
 from .conftest import loss_and_grad, tiny_lm_trainer
 

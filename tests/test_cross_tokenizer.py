@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, normalizers
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 from hf_distill import DistillationConfig, DistillationTrainer
-from hf_distill.alignment import VocabularyMap, align_spans, check_coverage, decoded_offsets, teacher_offsets
+from hf_distill.data.alignment import VocabularyMap, align_spans, check_coverage, decoded_offsets, teacher_offsets
 from hf_distill.signals.cross_vocab import (
     AlignedSpans,
     SpanSide,
@@ -370,7 +370,7 @@ def test_distill_command_with_a_student_of_another_tokenizer_saves_a_student_of_
 def test_on_policy_samples_are_decoded_and_aligned_for_a_teacher_of_another_tokenizer(tmp_path):
     """lmbda=1 with a SentencePiece teacher: the student's (fixed) samples are student tokens; the teacher scores
     them after decoding and re-tokenising, so spans count on the completions only, and training runs."""
-    from hf_distill.chat import prepare_chat_dataset
+    from hf_distill.data.chat import prepare_chat_dataset
     from hf_distill.teachers import SampledCompletions
 
     student_tok, teacher_tok = KINDS["byte_bpe"](), KINDS["sentencepiece"]()
@@ -414,8 +414,8 @@ def test_chat_rows_reach_the_teacher_in_its_own_template_and_only_the_answers_ar
     the teacher's own template (`data.with_teacher_prompts`), followed by the teacher's tokens of the student's
     answer text; the spans cover the answers only (no template text is aligned); a conversation with two answers is
     refused."""
-    from hf_distill.chat import prepare_chat_dataset
-    from hf_distill.data import with_teacher_prompts
+    from hf_distill.data.chat import prepare_chat_dataset
+    from hf_distill.data.loading import with_teacher_prompts
 
     from .test_chat_data import CHATML
 

@@ -43,7 +43,7 @@ def test_a_question_column_is_the_user_turn_for_distill_and_generate(ws):
     # the same prompts, rendered the same way, are what `generate` answers
     llm_generate(ws, "gen", dataset=str(ws / "questions.csv"), cache_top_k="0", prompt_column="question",
                  system_prompt="brief")
-    from hf_distill.generate import load_generations
+    from hf_distill.data.generate import load_generations
 
     assert {tuple(r) for r in load_generations(ws / "gen")["prompt_ids"]} == expected
 
@@ -62,7 +62,7 @@ def test_a_completion_column_makes_chat_prompt_completion_rows(ws):
 
 
 def test_generate_and_distill_read_the_same_file_the_same_way(ws):
-    from hf_distill.generate import prompts_of
+    from hf_distill.data.generate import prompts_of
 
     prompts = datasets.Dataset.from_dict({"messages": [TWO_TURNS[:1], TWO_TURNS[:3]]})
     prompts.to_json(str(ws / "prompts.jsonl"))
@@ -80,7 +80,7 @@ def test_generate_and_distill_read_the_same_file_the_same_way(ws):
 
 
 def test_asset_names_work_for_every_data_flag_of_every_command(ws, monkeypatch):
-    import hf_distill.assets as assets
+    import hf_distill.data.assets as assets
 
     files = {"questions": ws / "questions.csv", "reviews": ws / "reviews.csv"}
     datasets.Dataset.from_dict({"sentence": ["hello there", "fine thanks"] * 10, "label": ["a", "b"] * 10}).to_csv(

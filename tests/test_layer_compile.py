@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_distill import DistillationTrainer, layer_compile, performance
+from hf_distill import DistillationTrainer
+from hf_distill.speed import layer_compile, performance
 
 from .conftest import lm_dataset, loss_and_grad, tiny_llama
 

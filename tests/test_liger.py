@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_distill import DistillationTrainer, outputs
+from hf_distill import DistillationTrainer
+from hf_distill.loss import outputs
 
 from .conftest import lm_dataset, loss_and_grad, tiny_llama, tiny_lm_trainer
 

@@ -11,7 +11,7 @@ from peft import LoraConfig, TaskType
 from transformers import TrainerCallback
 
 from hf_distill import DistillationConfig, DistillationTrainer
-from hf_distill.linear_backward import (
+from hf_distill.kernels.linear_backward import (
     LowPrecisionBackwardLinear,
     eligible_linears,
     low_precision_backward,

@@ -14,8 +14,8 @@ import torch
 from transformers import TrainerCallback
 
 from hf_distill import DistillationTrainer
-from hf_distill.safety import NonFiniteLossError
-from hf_distill.signals.chunked import OutputHead, check_head_reproduces_logits, chunked_head_losses
+from hf_distill.checks.safety import NonFiniteLossError
+from hf_distill.kernels.chunked import OutputHead, check_head_reproduces_logits, chunked_head_losses
 
 from .conftest import MLP, classification_dataset, lm_dataset, tiny_bert, tiny_llama
 

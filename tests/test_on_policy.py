@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_distill import DistillationConfig, DistillationTrainer
-from hf_distill.chat import prepare_chat_dataset
+from hf_distill.data.chat import prepare_chat_dataset
 from hf_distill.signals.logits import reverse_kl, sampled_token_kl
 from hf_distill.teachers import SampledCompletions
 from hf_distill.teachers.sampled import sample_completions
@@ -274,7 +274,7 @@ def test_bad_on_policy_settings_are_refused_before_training(tmp_path):
 
 
 def test_an_offline_cache_cannot_score_new_samples(tmp_path):
-    from hf_distill.teacher_cache import build_teacher_cache, load_teacher_cache
+    from hf_distill.data.teacher_cache import build_teacher_cache, load_teacher_cache
 
     tokenizer, rows, collator = setup()
     path = build_teacher_cache(tiny_llama(vocab=VOCAB, seed=1), rows, str(tmp_path / "cache"), tokenizer=tokenizer,

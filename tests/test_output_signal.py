@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill.data.teacher_cache import load_teacher_cache
 from hf_distill.signals import register_signal, unregister_signal
 from hf_distill.signals.output import OutputSignal
-from hf_distill.teacher_cache import load_teacher_cache
 
 from .test_teacher_cache import (
     SHAPES,

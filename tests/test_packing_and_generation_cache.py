@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_distill.chat import (
+from hf_distill.data.chat import (
     CompletionCollator,
     PackedCollator,
     check_packing_supported,
     prepare_chat_dataset,
     tokenize_row,
 )
-from hf_distill.teacher_cache import CACHE_COLUMNS, cache_manifest
+from hf_distill.data.teacher_cache import CACHE_COLUMNS, cache_manifest
 
 from .conftest import tiny_llama
 from .test_chat_data import (
@@ -105,7 +105,7 @@ def test_tokenize_row_keeps_the_cache_entries_of_the_tokens_that_still_count():
 
 
 def test_generation_pass_caches_top_k_of_the_raw_logits_at_every_generated_token(tmp_path):
-    from hf_distill.generate import generate_completions, load_generations
+    from hf_distill.data.generate import generate_completions, load_generations
 
     teacher_dir, tokenizer = _chat_teacher(tmp_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()

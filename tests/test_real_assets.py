@@ -12,7 +12,7 @@ pytestmark = pytest.mark.real_assets
 
 
 def test_minilm_student_learns_the_teachers_outputs_on_rotten_tomatoes(make_args):
-    assets = pytest.importorskip("hf_distill.assets")
+    assets = pytest.importorskip("hf_distill.data.assets")
     try:
         model_dir = str(assets.asset_path("minilm-l6"))
         data = assets.load_rotten_tomatoes(seed=0).select(range(96))
@@ -42,7 +42,7 @@ def test_minilm_student_learns_the_teachers_outputs_on_rotten_tomatoes(make_args
 def test_minilm_shrunk_to_three_layers_learns_the_teachers_hidden_states(make_args):
     """shrink_model on real weights (layers 0, 2, 4 of all-MiniLM-L6-v2), 20 steps of KL + hidden cosine on real
     sentences: the hidden cosine loss on held-out sentences falls."""
-    assets = pytest.importorskip("hf_distill.assets")
+    assets = pytest.importorskip("hf_distill.data.assets")
     try:
         model_dir = str(assets.asset_path("minilm-l6"))
         data = assets.load_rotten_tomatoes(seed=0)
@@ -70,8 +70,8 @@ def test_minilm_shrunk_to_three_layers_learns_the_teachers_hidden_states(make_ar
 
 
 def test_smollm2_chat_template_counts_assistant_content_and_end_of_turn_only():
-    assets = pytest.importorskip("hf_distill.assets")
-    from hf_distill.chat import conversation_mask, end_of_turn_id
+    assets = pytest.importorskip("hf_distill.data.assets")
+    from hf_distill.data.chat import conversation_mask, end_of_turn_id
 
     if not (assets.cache_dir() / "smollm2-135m" / "manifest.json").is_file():  # converted from GGUF (needs gguf)
         pytest.skip("the smollm2-135m asset is not fetched: hf-distill assets fetch smollm2-135m")

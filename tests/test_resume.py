@@ -10,7 +10,7 @@ import torch
 from transformers import BertForSequenceClassification, TrainerCallback
 
 from hf_distill import DistillationTrainer
-from hf_distill.teacher_cache import load_teacher_cache
+from hf_distill.data.teacher_cache import load_teacher_cache
 
 from .conftest import classification_dataset, tiny_bert
 

@@ -14,7 +14,7 @@ import torch
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cli.report import Significant
-from hf_distill.samples import (
+from hf_distill.evaluation.samples import (
     CollapseError,
     EntropyMeter,
     SamplingSettings,
@@ -237,7 +237,7 @@ def test_the_summary_prints_two_significant_figures():
 def test_without_a_teacher_or_answers_the_samples_stand_alone_on_absolute_thresholds(tmp_path):
     """Task-only training (no teacher) with prompt-only held-out rows: no reference column, the student's samples
     judged on the absolute thresholds."""
-    from hf_distill.chat import prepare_chat_dataset
+    from hf_distill.data.chat import prepare_chat_dataset
 
     from .test_on_policy import QUESTIONS
 

@@ -16,17 +16,17 @@ import pytest
 import torch
 from transformers import BertTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hf_distill.accounting import infer_position_unit, position_mask
-from hf_distill.teacher_cache import (
+from hf_distill.data.teacher_cache import (
     CACHE_COLUMNS,
     MANIFEST_MARKER,
-    TeacherCacheCollator,
     build_teacher_cache,
     cache_manifest,
     load_teacher_cache,
     read_cache_manifest,
     tokenizer_hash,
 )
+from hf_distill.loss.accounting import infer_position_unit, position_mask
+from hf_distill.teachers.cached import TeacherCacheCollator
 
 from .conftest import next_token_counted
 
@@ -307,7 +307,7 @@ def _command_line_inputs(tmp_path):
 def test_cache_teacher_command_writes_a_loadable_cache(tmp_path, capsys):
     from hf_distill.cli import main
     from hf_distill.cli.jobs import cache_teacher_main
-    from hf_distill.data import DataArguments, load_raw, prepare_datasets, split_dataset
+    from hf_distill.data.loading import DataArguments, load_raw, prepare_datasets, split_dataset
 
     tokenizer, common = _command_line_inputs(tmp_path)
     argv = [*common, "--top_k", "4", "--temperature", "2.0", "--batch_size", "4", "--shard_size", "5",

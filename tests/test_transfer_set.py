@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_distill import DistillationTrainer
-from hf_distill.data import DataArguments, add_transfer_set
+from hf_distill.data.loading import DataArguments, add_transfer_set
 
 from .conftest import classification_dataset, kl_rows, tiny_bert
 from .test_accumulation import _one_step_update, _relative_difference

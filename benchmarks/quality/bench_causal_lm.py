@@ -35,7 +35,7 @@ from common import machine, merge_quality, perplexity, teacher_perplexity, write
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
 from hf_distill.cli import ModelArguments  # noqa: E402
 from hf_distill.cli.models import prepare_inputs, resolve_source  # noqa: E402
-from hf_distill.data import DataArguments  # noqa: E402
+from hf_distill.data.loading import DataArguments  # noqa: E402
 
 
 def plot(result: dict, path: str) -> None:

@@ -39,9 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import fmt, machine, mean_std, merge_quality, write_json  # noqa: E402
 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
-from hf_distill.assets import fetch  # noqa: E402
-from hf_distill.chat import prepare_chat_dataset  # noqa: E402
-from hf_distill.generate import GenerationArguments, generate_completions, load_generations  # noqa: E402
+from hf_distill.data.assets import fetch  # noqa: E402
+from hf_distill.data.chat import prepare_chat_dataset  # noqa: E402
+from hf_distill.data.generate import GenerationArguments, generate_completions, load_generations  # noqa: E402
 
 
 def prompts(count: int, skip: int = 0, seed: int = 0) -> list[list[dict[str, str]]]:

@@ -20,7 +20,7 @@ numbers; every setting below was fixed a priori or chosen on the dev split.
 Part 2, a small CNN on scikit-learn's ``load_digits`` (1,797 8x8 images; 1,077 train / 360 dev / 360 test, stratified),
 distilled from *cached* teacher outputs. A bigger CNN teacher is trained once (40 epochs, batch 32); its outputs over
 the training set are stored once with the library's own offline teacher cache
-(`hf_distill.teacher_cache.build_teacher_cache`, top-9 of the 10 classes plus the tail mass, i.e. the whole
+(`hf_distill.data.teacher_cache.build_teacher_cache`, top-9 of the 10 classes plus the tail mass, i.e. the whole
 distribution, as ``log softmax(z / T)`` in float16); the teacher is then deleted, and the students train from
 `load_teacher_cache(...)` with ``teacher_model=None``: the teacher never runs during student training. The student
 CNN (one 4-channel 3x3 convolution, 690 parameters) distilled at T = 4 with the same 0.1 / 0.9 weighting is compared
@@ -68,8 +68,8 @@ import datasets  # noqa: E402
 import transformers  # noqa: E402
 
 from hf_distill import DistillationConfig, DistillationTrainer  # noqa: E402
-from hf_distill.assets import fetch  # noqa: E402
-from hf_distill.teacher_cache import build_teacher_cache, load_teacher_cache  # noqa: E402
+from hf_distill.data.assets import fetch  # noqa: E402
+from hf_distill.data.teacher_cache import build_teacher_cache, load_teacher_cache  # noqa: E402
 
 TEMPERATURES = (1.0, 2.5, 4.0, 7.0, 10.0)
 DEFAULT_OUTPUT = os.path.join(ROOT, "docs", "results", "quality_classic.json")
@@ -429,7 +429,7 @@ def run_digits(settings: Settings, seeds: Sequence[int], workdir: str) -> dict[s
     results["cached"]["vs_scratch_test"] = paired_tests(runs["cached"]["test"], runs["scratch"]["test"])
     results["cached"]["vs_scratch_dev"] = paired_tests(runs["cached"]["dev"], runs["scratch"]["dev"])
     return {"teacher": teacher_result, "student_parameters": parameter_count(StudentCNN(settings.cnn_student_channels)),
-            "cache": {"mechanism": "hf_distill.teacher_cache.build_teacher_cache / load_teacher_cache (native)",
+            "cache": {"mechanism": "hf_distill.data.teacher_cache.build_teacher_cache / load_teacher_cache (native)",
                       "top_k": settings.cache_top_k, "temperature": settings.cnn_temperature,
                       "seconds_to_build": round(cache_seconds, 2), "bytes_on_disk": cache_bytes,
                       "max_abs_error_vs_teacher_logprobs": cache_max_abs_error,

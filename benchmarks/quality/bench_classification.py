@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from classification import load_splits, train_student, train_teacher  # noqa: E402
 from common import fmt, machine, mean_std, merge_quality, write_json  # noqa: E402
 
-from hf_distill.assets import fetch  # noqa: E402
+from hf_distill.data.assets import fetch  # noqa: E402
 
 #: Per dataset: rows per split, truncation length, teacher and student epochs.
 SIZES = {

@@ -70,7 +70,7 @@ def record(step: str, payload: dict) -> None:
 def prompts(options) -> None:
     from code_prompts import build
 
-    from hf_distill.code_eval import humaneval_messages
+    from hf_distill.evaluation.code_eval import humaneval_messages
 
     built = build(options.prompts, options.held_out)
     os.makedirs(WORK, exist_ok=True)
@@ -234,7 +234,7 @@ def _solved(name: str) -> set[str] | None:
 
 def _paired(before: str, after: str) -> dict | None:
     """Problems `after` solved and `before` did not (gained), the reverse (lost), and the exact McNemar p-value."""
-    from hf_distill.evaluation import mcnemar_exact
+    from hf_distill.evaluation.heldout import mcnemar_exact
 
     old, new = _solved(before), _solved(after)
     if old is None or new is None:
@@ -270,7 +270,7 @@ def quote_answers(arm_name: str, count: int) -> None:
 
 
 def _code(answer: str, lines: int = 25) -> str:
-    from hf_distill.code_eval import extract_code
+    from hf_distill.evaluation.code_eval import extract_code
 
     code = extract_code(answer).strip("\n").splitlines()
     return "\n".join(code[:lines] + ([f"# ... ({len(code) - lines} more lines)"] if len(code) > lines else []))

@@ -40,7 +40,7 @@ from common import machine, mean_std, merge_quality, write_json  # noqa: E402
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
 from hf_distill.cli import ModelArguments  # noqa: E402
 from hf_distill.cli.models import prepare_inputs, resolve_source  # noqa: E402
-from hf_distill.data import DataArguments  # noqa: E402
+from hf_distill.data.loading import DataArguments  # noqa: E402
 
 ARMS = {"ce_only": {"task_weight": 1.0, "logits_weight": 0.0},
         "uld": {"task_weight": 1.0, "logits_loss": "uld"},

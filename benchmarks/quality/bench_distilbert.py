@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from classification import load_splits, train_student, train_teacher  # noqa: E402
 from common import machine, merge_quality, write_json  # noqa: E402
 
-from hf_distill.assets import fetch  # noqa: E402
+from hf_distill.data.assets import fetch  # noqa: E402
 
 
 def latency(model: torch.nn.Module, tokenizer, texts: list[str], batch_size: int, repeats: int) -> float:

@@ -36,8 +36,8 @@ from bench_chat import answer, prompts  # noqa: E402
 from common import fmt, machine, mean_std, merge_quality, write_json  # noqa: E402
 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
-from hf_distill.assets import fetch  # noqa: E402
-from hf_distill.chat import prepare_chat_dataset, prompt_ids, stop_ids  # noqa: E402
+from hf_distill.data.assets import fetch  # noqa: E402
+from hf_distill.data.chat import prepare_chat_dataset, prompt_ids, stop_ids  # noqa: E402
 from hf_distill.teachers.sampled import SamplingSettings, sample_completions  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def evaluate(student, teacher, tokenizer, test_prompts, collator, workdir: str, 
 def train(student, teacher, tokenizer, rows, collator, workdir: str, steps: int, seed: int, options, held_out=None,
           **settings):
     """`steps` optimizer steps; with `held_out` (prompt-only rows), the library's held-out samples (teacher beside
-    student, collapse flagged: `hf_distill.samples`) are logged at the end."""
+    student, collapse flagged: `hf_distill.evaluation.samples`) are logged at the end."""
     args = DistillationConfig(
         output_dir=workdir, report_to=[], use_cpu=True, seed=seed, max_steps=steps,
         per_device_train_batch_size=options.batch_size, learning_rate=options.learning_rate,

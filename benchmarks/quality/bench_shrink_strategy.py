@@ -29,7 +29,7 @@ from common import machine, perplexity, teacher_perplexity, write_json  # noqa: 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model  # noqa: E402
 from hf_distill.cli import ModelArguments  # noqa: E402
 from hf_distill.cli.models import prepare_inputs, resolve_source  # noqa: E402
-from hf_distill.data import DataArguments  # noqa: E402
+from hf_distill.data.loading import DataArguments  # noqa: E402
 from hf_distill.students import SHRINK_STRATEGIES, select_layers  # noqa: E402
 
 

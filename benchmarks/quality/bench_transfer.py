@@ -27,7 +27,7 @@ from bench_classification import SIZES, soft  # noqa: E402
 from classification import Splits, load_splits, load_transfer, train_student, train_teacher  # noqa: E402
 from common import fmt, machine, mean_std, merge_quality, write_json  # noqa: E402
 
-from hf_distill.assets import fetch  # noqa: E402
+from hf_distill.data.assets import fetch  # noqa: E402
 
 #: The configuration benchmark 1 chose on dev (attempt 2, docs/results.md) per dataset.
 CHOSEN = {"rotten_tomatoes": ("c_kl_T4_hidden", 4.0), "trec": ("c_kl_T2_hidden", 2.0)}

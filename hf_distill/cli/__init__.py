@@ -85,6 +85,6 @@ def _run_command(command: str, rest: list[str]) -> None:
 
         evaluate_main(rest)
     else:
-        from ..assets import assets_main
+        from ..data.assets import assets_main
 
         assets_main(rest)

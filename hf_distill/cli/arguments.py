@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,7 +14,7 @@ from typing import Any, Sequence
 from transformers import HfArgumentParser
 
 from ..config import DistillationConfig
-from ..data import TASKS, DataArguments
+from ..data.loading import TASKS, DataArguments
 from ..students import SHRINK_STRATEGIES
 
 
@@ -22,7 +24,7 @@ class ModelArguments:
 
     teacher: str | None = field(
         default=None,
-        metadata={"help": "Teacher: a Hub id, a local folder, or asset:NAME (hf_distill.assets). Required."},
+        metadata={"help": "Teacher: a Hub id, a local folder, or asset:NAME (hf_distill.data.assets). Required."},
     )
     teacher_gguf_file: str | None = field(
         default=None, metadata={"help": "GGUF file inside --teacher to load (dequantised to float32)."}
@@ -131,8 +133,17 @@ class CacheArguments:
 
 
 def _option_names(dataclass_types: Sequence[type]) -> dict[str, str]:
-    """Every option's name -> its declared type, as text (e.g. ``"bool"``, ``"IntervalStrategy | str"``)."""
-    return {f.name: getattr(f.type, "__name__", str(f.type)) for cls in dataclass_types for f in fields(cls) if f.init}
+    """Every option's name (and alias, e.g. ``beta``) -> its declared type, as text (e.g. ``"bool"``,
+    ``"IntervalStrategy | str"``), or ``"text"`` for a union-valued option that takes one word (`_text_unions`)."""
+    known = {}
+    for cls in dataclass_types:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.init:
+                kind = "text" if _union_with_text(hints[f.name]) else getattr(f.type, "__name__", str(f.type))
+                for name in (f.name, *(alias.lstrip("-") for alias in f.metadata.get("aliases", ()))):
+                    known[name] = kind
+    return known
 
 
 def _is_boolean(type_text: str) -> bool:
@@ -141,7 +152,7 @@ def _is_boolean(type_text: str) -> bool:
 
 def config_file_arguments(path: str, known: dict[str, str]) -> list[str]:
     """The flags a YAML (or JSON) recipe stands for: ``key: value`` -> ``--key value`` (lists -> several values;
-    `layer_map` pairs and dicts -> JSON). YAML reads an unquoted ``no`` / ``off`` as false: for an option that is not
+    a union-valued option's pairs (`layer_map`) and dicts -> JSON). YAML reads an unquoted ``no`` / ``off`` as false: for an option that is not
     a boolean (``save_strategy: no``) that means the choice "no"; an unquoted ``yes`` / ``on`` there is refused."""
     import yaml
 
@@ -166,7 +177,7 @@ def config_file_arguments(path: str, known: dict[str, str]) -> list[str]:
                     f"Quote the value, e.g. {key}: \"yes\"."
                 )
             value = "no"  # `save_strategy: no` unquoted: YAML's false
-        if key == "layer_map" and not isinstance(value, str) or isinstance(value, dict):
+        if isinstance(value, dict) or (isinstance(value, (list, tuple)) and known[key] == "text"):
             argv += [f"--{key}", json.dumps(value)]
         elif isinstance(value, (list, tuple)):
             argv += [f"--{key}", *[str(v) for v in value]]
@@ -184,6 +195,23 @@ HELP_GROUPS = {
     CacheArguments: "teacher cache",
     DistillationConfig: "distillation (DistillationConfig)",
 }
+
+
+def _union_with_text(annotation: Any) -> bool:
+    """Whether a field's type is a union of text and another kind that is not just optional (``int | str``: "auto"
+    or a count; ``str | list[list[int]]``: a name or pairs)."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return str in members and len([m for m in members if m not in (str, type(None))]) > 0
+
+
+def _text_unions(parser: HfArgumentParser, dataclass_types: Sequence[type]) -> None:
+    """A union-valued option takes one word on the command line, which its dataclass's validation reads
+    (`HfArgumentParser` would keep only the non-text member: ``--logits_chunk_size auto`` would fail as an int)."""
+    defaults = {f.name: f.default for cls in dataclass_types for f in fields(cls)
+                if f.init and _union_with_text(typing.get_type_hints(cls)[f.name])}
+    for action in parser._actions:
+        if action.dest in defaults:  # (its list member would also have dropped the default)
+            action.type, action.nargs, action.default = str, None, defaults[action.dest]
 
 
 def _group_help(parser: HfArgumentParser, dataclass_types: Sequence[type]) -> None:
@@ -232,6 +260,7 @@ def parse_distill_args(
     parser = HfArgumentParser(tuple(dataclass_types), prog=prog,
                               usage=f"{prog} [--config FILE.yaml] [--OPTION VALUE ...]")
     parser.add_argument("--config", default=None, help="YAML recipe; flags override it.")
+    _text_unions(parser, dataclass_types)
     _group_help(parser, dataclass_types)
     parsed = parser.parse_args_into_dataclasses(args=file_argv + argv)
     return tuple(parsed[: len(dataclass_types)])  # the last item is the namespace holding --config

@@ -1,6 +1,6 @@
 """What a command-line job checks before its models load or its training starts: the model flags and the output
 folder, the tokenizer the teacher reads, row lengths against both models' context, packing, transfer sets, and what a
-teacher cache was made from (`hf_distill.provenance`). Each refusal is one message naming the problem and the fix."""
+teacher cache was made from (`hf_distill.storage.provenance`). Each refusal is one message naming the problem and the fix."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from typing import Any
 import numpy as np
 from transformers import AutoConfig, AutoTokenizer
 
-from ..chat import PROBE, check_packing_supported, conversation_mask
 from ..config import DistillationConfig
-from ..data import PreparedData
-from ..generate import is_generations
+from ..data.chat import PROBE, check_packing_supported, conversation_mask
+from ..data.generate import is_generations
+from ..data.loading import PreparedData
+from ..data.teacher_cache import cache_manifest, load_teacher_cache
 from ..modeling import context_length, text_config, unwrap, weights_fingerprint
-from ..provenance import (
+from ..signals import fields_where
+from ..storage.provenance import (
     DATA_FIELDS,
     FOLDER_KINDS,
     SOURCE_FIELDS,
@@ -27,8 +29,6 @@ from ..provenance import (
     id_batches,
     template_record,
 )
-from ..signals import fields_where
-from ..teacher_cache import cache_manifest, load_teacher_cache
 from .arguments import ModelArguments
 from .models import load_tokenizer, resolve_source, student_tokenizer_of
 

@@ -1,5 +1,5 @@
 """``hf-distill evaluate``: a student (with its teacher, and the student before distillation) on held-out data and,
-optionally, HumanEval; a table, a report and the student's model card (`hf_distill.evaluation`)."""
+optionally, HumanEval; a table, a report and the student's model card (`hf_distill.evaluation.heldout`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
-from ..chat import pad_id, stop_ids
-from ..code_eval import (
+from ..data.chat import pad_id, stop_ids
+from ..data.loading import TASKS, DataArguments
+from ..evaluation.code_eval import (
     ALLOW_FLAG,
     CodeBlockEnd,
     Sandbox,
@@ -26,8 +27,7 @@ from ..code_eval import (
     score_answers,
     write_answers,
 )
-from ..data import TASKS, DataArguments
-from ..evaluation import (
+from ..evaluation.heldout import (
     assisted_generation,
     draft_acceptance,
     greedy_answers,
@@ -35,9 +35,7 @@ from ..evaluation import (
     mcnemar_exact,
     teacher_nll,
 )
-from ..hub import update_card_evaluation
-from ..modeling import weights_fingerprint
-from ..samples import (
+from ..evaluation.samples import (
     SamplingSettings,
     collapse_reasons,
     completion_stats,
@@ -45,6 +43,8 @@ from ..samples import (
     sample_completions,
     samples_markdown,
 )
+from ..modeling import weights_fingerprint
+from ..storage.hub import update_card_evaluation
 from .arguments import ModelArguments
 from .models import collator_for, load_model, prepare_inputs, resolve_source
 from .report import SIGNIFICANT, folder_size, parameters, throughput
@@ -84,7 +84,7 @@ class EvaluateArguments:
     sampling_temperature: float = field(default=0.8, metadata={"help": "Temperature with --num_samples > 1."})
     allow_code_execution: bool = field(default=False, metadata={"help": "Run model-written programs (each in its "
                                                                         "own subprocess, as an unprivileged user, "
-                                                                        "with limits; see hf_distill.code_eval)."})
+                                                                        "with limits; see hf_distill.evaluation.code_eval)."})
     answers_dir: str | None = field(default=None, metadata={"help": "Where generated answers are kept, one file per "
                                                                     "model weights, prompts and settings (default: "
                                                                     "--output_dir); a folder shared by several "

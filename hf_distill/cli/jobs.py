@@ -13,32 +13,32 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from ..chat import chat_generation_config
+from ..checks.options import check_choice
+from ..checks.safety import check_one_run
 from ..config import TEACHER_DTYPES, DistillationConfig
-from ..data import (
+from ..data.chat import chat_generation_config
+from ..data.generate import GenerationArguments, check_not_a_cache, generate_completions, holds_teacher_cache
+from ..data.loading import (
     DataArguments,
     as_turns,
     caches_outside,
     load_raw,
 )
-from ..generate import GenerationArguments, check_not_a_cache, generate_completions, holds_teacher_cache
-from ..hub import CardInfo, describe_method, hub_errors, library_versions, training_record
-from ..modeling import config_use_cache, unwrap
-from ..options import check_choice
-from ..output_dir import check_output_dir, move_aside_on_main
-from ..performance import apply_speed_defaults, keep_freed_memory, recommended_precision
-from ..provenance import data_record, template_record
-from ..safety import check_one_run
-from ..samples import samples_history
-from ..signals import label_weights
-from ..students import model_depth, pick_layers, shrink_model
-from ..teacher_cache import (
+from ..data.teacher_cache import (
     build_teacher_cache,
     cache_manifest,
     cache_size,
     check_not_generations,
     load_teacher_cache,
 )
+from ..evaluation.samples import samples_history
+from ..modeling import config_use_cache, unwrap
+from ..signals import label_weights
+from ..speed.performance import apply_speed_defaults, keep_freed_memory, recommended_precision
+from ..storage.hub import CardInfo, describe_method, hub_errors, library_versions, training_record
+from ..storage.output_dir import check_output_dir, move_aside_on_main
+from ..storage.provenance import data_record, template_record
+from ..students import model_depth, pick_layers, shrink_model
 from ..trainer import DistillationTrainer
 from .arguments import CacheArguments, ModelArguments, parse_distill_args
 from .checks import (
@@ -113,92 +113,38 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     if model_args.fast_defaults:
         for line in apply_speed_defaults(args, args.device.type, model_args.task):
             logger.warning(f"Speed default (--fast_defaults false to turn off): {line}.")
-    labelled = bool(label_weights(args))
     pair = cross_tokenizers(model_args, args)  # a student with another tokenizer: (its tokenizer, the teacher's)
-    tokenizer, data = prepare_inputs(model_args, data_args, args, require_labels=labelled,
+    tokenizer, data = prepare_inputs(model_args, data_args, args, require_labels=bool(label_weights(args)),
                                      tokenizer=pair[0] if pair else None, teacher_tokenizer=pair[1] if pair else None)
-    task = model_args.task
     if data_args.packing:
-        check_packing_data(data, task)
+        check_packing_data(data, model_args.task)
     cached = teacher_cache_for(model_args.teacher_cache, tokenizer, data.train, data_record(data_args, args.seed)) \
         if model_args.teacher_cache else None
     check_row_lengths(data, model_args)
-    teacher = load_model(model_args.teacher, task, data, model_args.teacher_gguf_file, model_args.trust_remote_code)
+    teacher = load_model(model_args.teacher, model_args.task, data, model_args.teacher_gguf_file,
+                         model_args.trust_remote_code)
     if cached is not None:
         check_cache_teacher(cached, teacher, model_args.teacher)
     peft_config = lora_config(model_args) if model_args.use_peft else None
-    if model_args.student:
-        student = load_model(model_args.student, task, data, trust_remote_code=model_args.trust_remote_code,
-                             flag="--student")
-        if pair is None:
-            check_same_vocabulary(tokenizer, model_args.student, model_args.trust_remote_code,
-                                  chat=data.data_format == "messages")
-    elif model_args.student_layers:
-        num_layers, layers, strategy = model_args.student_cut()
-        if layers is None:
-            layers, strategy = pick_layers(model_depth(teacher.config), num_layers, strategy)
-        student = shrink_model(teacher, layers=layers)
-        logger.warning("Student: %d of the teacher's %d layers, keeping teacher layers %s (%s).", num_layers,
-                       model_depth(teacher.config), layers,
-                       "--student_layers" if strategy == "explicit" else f"--shrink_strategy {strategy}")
-    elif model_args.use_peft:  # self-distillation: LoRA on the teacher, whose adapter-free base teaches
-        student, teacher = teacher, None
-    else:
-        raise ValueError("Give the student: --student (Hub id / folder), --student_layers N (cut from the teacher), "
-                         "or --use_peft alone (LoRA self-distillation).")
-    if args.ddp_find_unused_parameters is None and (task == "causal-lm" or not model_args.student):
+    student, teacher = load_student(model_args, teacher, tokenizer, data, same_tokenizer=pair is None)
+    if args.ddp_find_unused_parameters is None and (model_args.task == "causal-lm" or not model_args.student):
         args.ddp_find_unused_parameters = False  # (a causal LM or a cut of the teacher uses every parameter)
     cache_top_k = (cache_manifest(cached) or {}).get("top_k") if cached is not None else None
     method = describe_method(args, cache_top_k, (model_args.teacher_tokenizer or model_args.teacher) if pair else None)
     logger.warning("Method: %s.", method)
-    # prompt-only data (on-policy) has no answers to evaluate on: the report then shows sizes and speed only
-    prompts_only = data.data_format == "prompt_only"
-    eval_labelled = ("labels" in data.eval.column_names or task in ("causal-lm", "masked-lm")) and not prompts_only
     if move_earlier:
         move_aside_on_main(args)
-    with hub_errors(args):
-        trainer = DistillationTrainer(
-            model=student, teacher_model=teacher if cached is None and not args.teacher_route else None, args=args,
-            peft_config=peft_config, train_dataset=data.train if cached is None else cached, eval_dataset=data.eval,
-            processing_class=tokenizer, data_collator=collator_for(task, tokenizer, args.seed, data),
-            teacher_processing_class=pair[1] if pair else None,
-            route_loader=(lambda path: load_model(path, task, data, trust_remote_code=model_args.trust_remote_code,
-                                                  flag="--teacher_route")) if args.teacher_route else None,
-            compute_metrics={"sequence-classification": accuracy_metrics,
-                             "regression": regression_metrics}.get(task) if eval_labelled else None,
-        )
+    live = cached is None and not args.teacher_route  # (else the teacher runs only for the final comparison)
+    trainer = build_trainer(model_args, args, student, teacher if live else None, cached, pair, tokenizer, data,
+                            peft_config)
     if data_args.packing:
         check_packing(trainer.signals, [("student", trainer.model), ("teacher", trainer.teacher_model)])
-    student = trainer.model
-    if cached is None and not args.teacher_route:
-        teacher = trainer.teacher_model
-    trainer.card_info = CardInfo(
-        teacher=model_args.teacher, student_source=model_args.student,
-        kept_layers=getattr(student.config, "distilled_from_layers", None) if not model_args.student else None,
-        teacher_layers=model_depth(teacher.config), student_layers=model_depth(student.config), task=task,
-        dataset=data_args.dataset, loss_weights=args.loss_weights, temperature=args.temperature,
-        logits_loss=args.logits_loss, parameters={"teacher": parameters(teacher), "student": parameters(student)},
-        labels=data.labels.described if data.labels is not None else None,
-        labels_note=data.labels.warning if data.labels is not None else None, method=method,
-        versions=library_versions(peft_config is not None),
-    )
+    teacher = trainer.teacher_model if live else teacher
+    trainer.card_info = card_info(model_args, data_args, args, trainer.model, teacher, data, method, peft_config)
     trainer.train(resume_from_checkpoint=resume)
     trainer.card_info.training = training_record(args, trainer.state.global_step, trainer.accelerator.num_processes)
     trainer.card_info.collapse = collapse_record(trainer)
-    if not prompts_only:
-        logger.warning("Evaluating the student's distillation terms and teacher agreement on %d held-out rows.",
-                       len(data.eval))
-    student_eval = trainer.evaluate() if not prompts_only else {}
-    if cached is not None or args.teacher_route:  # the teacher only now runs: for the comparison
-        teacher = teacher.to(args.device).eval()
-    student_scores = evaluate_model(trainer.model, trainer, task, "student") if eval_labelled else {}
-    # across tokenizers the held-out tokens are the student's: the teacher is not scored on them
-    teacher_scores = (evaluate_model(teacher, trainer, task, "teacher") if pair is None
-                      else dict.fromkeys(student_scores)) if eval_labelled else {}
-    trainer.card_info.metrics = {k: {"teacher": teacher_scores[k], "student": student_scores[k]} for k in teacher_scores}
-    if "eval_teacher_agreement" in student_eval:
-        trainer.card_info.metrics["teacher agreement"] = {"teacher": 1.0,
-                                                          "student": student_eval["eval_teacher_agreement"]}
+    scores = held_out_comparison(trainer, teacher, data, model_args.task, same_tokenizer=pair is None, live=live)
     chat = data.data_format == "messages" or (data.data_format in ("prompt_only", "prompt_completion")
                                               and getattr(tokenizer, "chat_template", None))
     if chat:  # the student answers a conversation and stops at the end of its turn
@@ -207,15 +153,117 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     trainer.card_info.model_id = ((trainer.hub_model_id or args.hub_model_id) if args.push_to_hub else None) \
         or os.path.abspath(args.output_dir)
     trainer.save_model(args.output_dir, _internal_call=True)  # the push comes last, once
+    summary = report_table(trainer, teacher, model_args, args, scores, same_tokenizer=pair is None)
+    if model_args.merge_adapters and hasattr(trainer.model, "merge_and_unload") and trainer.is_world_process_zero():
+        summary["merged"] = save_merged(trainer, tokenizer, os.path.join(args.output_dir, "merged"))
+    if args.push_to_hub:
+        with hub_errors(args, pushing=True):
+            trainer.push_to_hub()
+    return summary
 
+
+def load_student(model_args: ModelArguments, teacher: torch.nn.Module, tokenizer: Any, data: Any,
+                 same_tokenizer: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The student and the teacher the trainer gets: a model of its own (`--student`), a cut of the teacher's layers
+    (`--student_layers`), or the teacher itself under LoRA (`--use_peft` alone: its adapter-free base teaches, so the
+    returned teacher is None)."""
+    if model_args.student:
+        student = load_model(model_args.student, model_args.task, data, trust_remote_code=model_args.trust_remote_code,
+                             flag="--student")
+        if same_tokenizer:
+            check_same_vocabulary(tokenizer, model_args.student, model_args.trust_remote_code,
+                                  chat=data.data_format == "messages")
+        return student, teacher
+    if model_args.student_layers:
+        num_layers, layers, strategy = model_args.student_cut()
+        if layers is None:
+            layers, strategy = pick_layers(model_depth(teacher.config), num_layers, strategy)
+        logger.warning("Student: %d of the teacher's %d layers, keeping teacher layers %s (%s).", num_layers,
+                       model_depth(teacher.config), layers,
+                       "--student_layers" if strategy == "explicit" else f"--shrink_strategy {strategy}")
+        return shrink_model(teacher, layers=layers), teacher
+    if model_args.use_peft:  # self-distillation: LoRA on the teacher, whose adapter-free base teaches
+        return teacher, None
+    raise ValueError("Give the student: --student (Hub id / folder), --student_layers N (cut from the teacher), "
+                     "or --use_peft alone (LoRA self-distillation).")
+
+
+def build_trainer(model_args: ModelArguments, args: DistillationConfig, student: torch.nn.Module,
+                  teacher: torch.nn.Module | None, cached: Any, pair: tuple | None, tokenizer: Any, data: Any,
+                  peft_config: Any) -> DistillationTrainer:
+    """The `DistillationTrainer` of the job: a live `teacher` (None for a cache, a route or self-distillation), the
+    cached training set in place of the tokenised one, and held-out metrics where the held-out rows have labels."""
+    task = model_args.task
+    with hub_errors(args):
+        return DistillationTrainer(
+            model=student, teacher_model=teacher, args=args, peft_config=peft_config,
+            train_dataset=data.train if cached is None else cached, eval_dataset=data.eval,
+            processing_class=tokenizer, data_collator=collator_for(task, tokenizer, args.seed, data),
+            teacher_processing_class=pair[1] if pair else None,
+            route_loader=(lambda path: load_model(path, task, data, trust_remote_code=model_args.trust_remote_code,
+                                                  flag="--teacher_route")) if args.teacher_route else None,
+            compute_metrics={"sequence-classification": accuracy_metrics,
+                             "regression": regression_metrics}.get(task) if evaluates_labels(data, task) else None,
+        )
+
+
+def evaluates_labels(data: Any, task: str) -> bool:
+    """Whether the held-out rows have answers to score (prompt-only data, on-policy, has none: the report then shows
+    sizes and speed only)."""
+    return ("labels" in data.eval.column_names or task in ("causal-lm", "masked-lm")) \
+        and data.data_format != "prompt_only"
+
+
+def card_info(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig,
+              student: torch.nn.Module, teacher: torch.nn.Module, data: Any, method: str,
+              peft_config: Any) -> CardInfo:
+    """What the model card says of the run before it trains: models, data, loss weights, method, versions."""
+    return CardInfo(
+        teacher=model_args.teacher, student_source=model_args.student,
+        kept_layers=getattr(student.config, "distilled_from_layers", None) if not model_args.student else None,
+        teacher_layers=model_depth(teacher.config), student_layers=model_depth(student.config), task=model_args.task,
+        dataset=data_args.dataset, loss_weights=args.loss_weights, temperature=args.temperature,
+        logits_loss=args.logits_loss, parameters={"teacher": parameters(teacher), "student": parameters(student)},
+        labels=data.labels.described if data.labels is not None else None,
+        labels_note=data.labels.warning if data.labels is not None else None, method=method,
+        versions=library_versions(peft_config is not None),
+    )
+
+
+def held_out_comparison(trainer: DistillationTrainer, teacher: torch.nn.Module, data: Any, task: str,
+                        same_tokenizer: bool, live: bool) -> dict[str, dict]:
+    """The trained student's held-out distillation terms (`trainer.evaluate`) and the task metrics of student and
+    teacher (into the card); across tokenizers the held-out tokens are the student's, so the teacher is not scored."""
+    prompts_only = data.data_format == "prompt_only"
+    if not prompts_only:
+        logger.warning("Evaluating the student's distillation terms and teacher agreement on %d held-out rows.",
+                       len(data.eval))
+    student_eval = trainer.evaluate() if not prompts_only else {}
+    if not live:  # the teacher only now runs: for the comparison
+        teacher.to(trainer.args.device).eval()
+    labelled = evaluates_labels(data, task)
+    student_scores = evaluate_model(trainer.model, trainer, task, "student") if labelled else {}
+    teacher_scores = (evaluate_model(teacher, trainer, task, "teacher") if same_tokenizer
+                      else dict.fromkeys(student_scores)) if labelled else {}
+    trainer.card_info.metrics = {k: {"teacher": teacher_scores[k], "student": student_scores[k]} for k in teacher_scores}
+    if "eval_teacher_agreement" in student_eval:
+        trainer.card_info.metrics["teacher agreement"] = {"teacher": 1.0,
+                                                          "student": student_eval["eval_teacher_agreement"]}
+    return {"teacher": teacher_scores, "student": student_scores, "eval": student_eval}
+
+
+def report_table(trainer: DistillationTrainer, teacher: torch.nn.Module, model_args: ModelArguments,
+                 args: DistillationConfig, scores: dict[str, dict], same_tokenizer: bool) -> dict[str, Any]:
+    """The teacher-against-student table (sizes, held-out scores, agreement, dtype, speed), printed and written to
+    the run's ``_report`` folder (which the Hub upload skips) by the main process; returns the job's summary."""
+    student = trainer.model
     batch = next(iter(trainer.get_eval_dataloader()))
     batch = {k: v.to(args.device) for k, v in batch.items() if k != "labels" and torch.is_tensor(v)}
-    speed = {"teacher": throughput(teacher, batch) if pair is None else None,
-             "student": throughput(trainer.model, batch)}
+    speed = {"teacher": throughput(teacher, batch) if same_tokenizer else None, "student": throughput(student, batch)}
     teacher_size = folder_size(resolve_source(model_args.teacher) if not model_args.teacher_gguf_file else None)
-    student_size = folder_size(args.output_dir)
-    device = args.device.type
-    megabytes = {k: v / 1e6 if v else None for k, v in (("teacher", teacher_size), ("student", student_size))}
+    megabytes = {k: v / 1e6 if v else None for k, v in (("teacher", teacher_size),
+                                                           ("student", folder_size(args.output_dir)))}
+    teacher_scores, student_scores, student_eval = scores["teacher"], scores["student"], scores["eval"]
     rows: list[Row] = [
         ("layers", model_depth(teacher.config), model_depth(student.config), "{:d}"),
         ("parameters", parameters(teacher) / 1e6, parameters(student) / 1e6, "{:.1f}M"),
@@ -225,7 +273,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
     if "eval_teacher_agreement" in student_eval:
         rows.append(("teacher agreement", 1.0, student_eval["eval_teacher_agreement"], "{:.4f}"))
     rows.append(("weights dtype", weights_dtype(teacher), weights_dtype(student), "{}"))
-    rows.append((f"{device.upper()} examples/s (batch {len(next(iter(batch.values())))})",
+    rows.append((f"{args.device.type.upper()} examples/s (batch {len(next(iter(batch.values())))})",
                  speed["teacher"], speed["student"], SIGNIFICANT))
     shown = displayed(rows)
     summary = {"rows": shown, "teacher": teacher_scores, "student": student_scores, "eval": student_eval}
@@ -233,22 +281,20 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, args:
         table = ["", f"| {'':<30} | {'teacher':>10} | {'student':>10} |", f"|{'-' * 32}|{'-' * 12}|{'-' * 12}|"]
         table += [f"| {n:<30} | {t:>10} | {s:>10} |" for n, t, s in shown]
         print("\n".join(table))
-        # the report sits in `_report`, which the Hub upload skips (only student files are pushed)
         summary["report"] = write_report(os.path.join(args.output_dir, "_report"), rows, trainer.state.log_history,
                                          samples_history(trainer))
         print(f"\nstudent, tokenizer and model card in {args.output_dir}; report in {summary['report'][0]}")
-    if model_args.merge_adapters and hasattr(trainer.model, "merge_and_unload") and trainer.is_world_process_zero():
-        merged_dir = os.path.join(args.output_dir, "merged")
-        merged = trainer.model.merge_and_unload()
-        with config_use_cache(merged, trainer.student_use_cache):
-            merged.save_pretrained(merged_dir)
-        tokenizer.save_pretrained(merged_dir)
-        summary["merged"] = merged_dir
-        print(f"student with merged adapters (a plain model) in {merged_dir}")
-    if args.push_to_hub:
-        with hub_errors(args, pushing=True):
-            trainer.push_to_hub()
     return summary
+
+
+def save_merged(trainer: DistillationTrainer, tokenizer: Any, merged_dir: str) -> str:
+    """The LoRA student with its adapters merged into the weights, saved as a plain model beside the adapters."""
+    merged = trainer.model.merge_and_unload()
+    with config_use_cache(merged, trainer.student_use_cache):
+        merged.save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
+    print(f"student with merged adapters (a plain model) in {merged_dir}")
+    return merged_dir
 
 
 def collapse_record(trainer: DistillationTrainer) -> list[str]:

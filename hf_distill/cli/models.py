@@ -20,7 +20,9 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from ..data import (
+from ..data.generate import check_generations_tokenizer, is_generations
+from ..data.labels import named_labels
+from ..data.loading import (
     DataArguments,
     PreparedData,
     add_transfer_set,
@@ -29,8 +31,6 @@ from ..data import (
     prepare_datasets,
     split_dataset,
 )
-from ..generate import check_generations_tokenizer, is_generations
-from ..labels import named_labels
 from ..signals.cross_vocab import CROSS_LOSSES
 from .arguments import CacheArguments, ModelArguments
 
@@ -50,7 +50,7 @@ def resolve_source(source: str, flag: str = "--teacher") -> str:
     id (``name`` or ``owner/name``) unchanged. Something that can only be a path (``./x``, ``/x``, ``a/b/c``) and does
     not exist is refused naming `flag`."""
     if source.startswith("asset:"):
-        from ..assets import fetch
+        from ..data.assets import fetch
 
         try:
             return str(fetch(source.split(":", 1)[1]))
@@ -161,7 +161,7 @@ def prepare_inputs(model_args: ModelArguments, data_args: DataArguments, args: T
                    teacher_tokenizer: Any = None, prompts: bool = False):
     """Tokenizer and tokenised splits for a job (the teacher's tokenizer); `args` gives the seed of the held-out
     split (and, for training jobs, `main_process_first`). Classification labels become the teacher's class ids
-    (`hf_distill.data.label_plan`); `teacher_head_trained`: the teacher's number of classes bounds the labels (not
+    (`hf_distill.data.loading.label_plan`); `teacher_head_trained`: the teacher's number of classes bounds the labels (not
     for `train-teacher`, which trains the head); `prompts`: prompt-only rows are welcome (evaluation, on-policy)."""
     if model_args.teacher is None:
         raise ValueError("--teacher is required: a Hub id, a local folder, or asset:NAME.")

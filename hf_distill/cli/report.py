@@ -16,8 +16,8 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from ..samples import samples_markdown
-from ..signal_modules import ATTACHED_NAME
+from ..evaluation.samples import samples_markdown
+from ..signals.modules import ATTACHED_NAME
 from ..teachers import AdapterDisabledTeacher
 
 logger = logging.get_logger(__name__)
@@ -173,13 +173,21 @@ def write_report(folder: str, rows: list[Row], log_history: list[dict[str, Any]]
         text += f"\n## Held-out samples at step {entry['step']} (greedy)\n\n{samples_markdown(entry)}\n"
     written = [os.path.join(folder, "report.md")]
     Path(written[0]).write_text(text)
+    picture = _report_figure(rows, log_history, terms, logged, evals, os.path.join(folder, "report.png"))
+    return written + ([picture] if picture else [])
+
+
+def _report_figure(rows: list[Row], log_history: list[dict[str, Any]], terms: list[str], logged: list[str],
+                   evals: list[tuple[int, float]], path: str) -> str | None:
+    """``report.png``: the loss components with the evaluation loss, counters and shares on their own axes, and one
+    teacher-vs-student bar pair per numeric row (log scale where they differ 20x); None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return written
+        return None
     panels = [("training loss components", ["loss", *terms], "linear")]
     panels += [(title, keys, scale) for title, keys, scale in (
         ("counters", [k for k in COUNTER_LOGS if k in logged], "log"),
@@ -212,7 +220,6 @@ def write_report(folder: str, rows: list[Row], log_history: list[dict[str, Any]]
             if low > 0 and high / low > 20:  # (perplexity 2.3 vs 2,900: a linear axis would hide the teacher)
                 axis.set_yscale("log"), axis.set_ylim(low / 4, high * 3)
     figure.tight_layout()
-    written.append(os.path.join(folder, "report.png"))
-    figure.savefig(written[-1], dpi=100)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
-    return written
+    return path

@@ -8,8 +8,8 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import nn
 
-from ..accounting import align_labels, token_mask
-from ..options import check_choice
+from ..checks.options import check_choice
+from ..loss.accounting import align_labels, token_mask
 
 
 def upcast_half(tensor: torch.Tensor) -> torch.Tensor:

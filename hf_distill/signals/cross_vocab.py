@@ -1,4 +1,4 @@
-"""Output losses between two vocabularies, over aligned spans (`hf_distill.alignment`).
+"""Output losses between two vocabularies, over aligned spans (`hf_distill.data.alignment`).
 
 For a span whose tokens y_1..y_k are predicted at positions p_1..p_k, a model's span distribution is the chain rule
 ``P(v) = p(v | prefix, y_<k) * prod_{j<k} p(y_j | prefix, y_<j)`` (its last position's distribution times the
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..alignment import VocabularyMap
+from ..data.alignment import VocabularyMap
 from .base import upcast_half
 from .divergences import jsd_from_log_probs
 

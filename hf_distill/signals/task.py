@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..accounting import PositionUnit, align_labels
+from ..loss.accounting import PositionUnit, align_labels
 
 
 def task_loss_sum(

@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 from torch import nn
 from transformers.utils import logging
 
-from ..teacher_cache import cache_manifest
+from ..data.teacher_cache import cache_manifest
+from ..signals import fields_where
 from .adapter import AdapterDisabledTeacher, SelfDistillation
 from .base import NoTeacher, TeacherOutputs, TeacherRequest, TeacherSource
 from .cached import CachedTeacher
@@ -53,8 +54,10 @@ __all__ = [
     "combine_teacher_logits",
     "cross_tokenizer_source",
     "load_checkpoint_model",
+    "checked_source",
     "on_policy_source",
     "route_boundaries",
+    "run_teacher_source",
     "teacher_source",
 ]
 
@@ -102,3 +105,22 @@ def teacher_source(
             "it needs a teacher: pass teacher_model=..., or set it to 0 to train on the task loss alone."
         )
     return NoTeacher()
+
+
+def run_teacher_source(args: Any, student: nn.Module, teacher_model: Any, route_loader: Callable[[str], nn.Module] | None,
+                       train_dataset: Any, tokenizer: Any, teacher_tokenizer: Any) -> TeacherSource:
+    """The whole source of a run: `teacher_source`'s pick, wrapped for a teacher with another tokenizer
+    (`cross_tokenizer_source`) and for the student's own samples (`on_policy_source`), checked against the run."""
+    teacher_terms = fields_where(args, needs_teacher=True)
+    source = teacher_source(args, student, teacher_model, route_loader, train_dataset, teacher_terms)
+    return checked_source(args, student, source, train_dataset, tokenizer, teacher_tokenizer)
+
+
+def checked_source(args: Any, student: nn.Module, source: TeacherSource, train_dataset: Any, tokenizer: Any,
+                   teacher_tokenizer: Any) -> TeacherSource:
+    """`source` (picked, or the caller's own) wrapped across tokenizers and for on-policy sampling as the arguments
+    ask, and checked against the active teacher terms before the Trainer writes anything."""
+    source = cross_tokenizer_source(args, source, student, tokenizer, teacher_tokenizer)
+    source = on_policy_source(args, source, student, tokenizer, train_dataset)
+    source.check_run(args, fields_where(args, needs_teacher=True), tokenizer)
+    return source

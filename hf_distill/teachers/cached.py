@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import torch
 from transformers.utils import logging
 
+from ..data.teacher_cache import CACHE_COLUMNS, tokenizer_hash
 from ..signals import fields_where
 from ..signals.logits import check_cacheable
 from ..signals.output import CachedTargets
-from ..teacher_cache import CACHE_COLUMNS, TeacherCacheCollator, tokenizer_hash
 from .base import TeacherOutputs, TeacherRequest, TeacherSource
 
 logger = logging.get_logger(__name__)
@@ -80,3 +81,33 @@ class CachedTeacher(TeacherSource):
                 "Training from a teacher cache without processing_class: the cache's tokenizer cannot be checked "
                 "against the student's. Pass processing_class=tokenizer to check it."
             )
+
+
+class TeacherCacheCollator:
+    """Collates cache rows: `base_collator` on the rest of each row, plus the cache columns of the batch concatenated
+    in example order, ``teacher_topk_ids`` long ``[N, k]``, ``teacher_topk_logprobs`` float32 ``[N, k]`` and
+    ``teacher_tail_logprob`` float32 ``[N]`` (N = the batch's counted positions). Rows without them pass through."""
+
+    def __init__(self, base_collator: Callable[[list[dict[str, Any]]], Any]):
+        self.base_collator = base_collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        if not features or CACHE_COLUMNS[0] not in features[0]:
+            return self.base_collator(features)
+        rest = [{k: v for k, v in feature.items() if k not in CACHE_COLUMNS} for feature in features]
+        batch = self.base_collator(rest)
+        ids = [torch.as_tensor(f[CACHE_COLUMNS[0]], dtype=torch.long).reshape(-1) for f in features]
+        log_probs = [torch.as_tensor(f[CACHE_COLUMNS[1]], dtype=torch.float32).reshape(-1) for f in features]
+        tails = [torch.as_tensor(f[CACHE_COLUMNS[2]], dtype=torch.float32).reshape(-1) for f in features]
+        total = sum(len(t) for t in tails)
+        k = sum(len(i) for i in ids) // total if total else 0
+        for i, (a, b, c) in enumerate(zip(ids, log_probs, tails)):
+            if len(a) != k * len(c) or len(b) != len(a):
+                raise ValueError(
+                    f"Teacher-cache row {i} of the batch holds {len(a)} ids and {len(b)} log-probabilities for "
+                    f"{len(c)} positions (expected {k} each): the cache is damaged; rebuild it."
+                )
+        batch[CACHE_COLUMNS[0]] = torch.cat(ids).reshape(total, k)
+        batch[CACHE_COLUMNS[1]] = torch.cat(log_probs).reshape(total, k)
+        batch[CACHE_COLUMNS[2]] = torch.cat(tails)
+        return batch

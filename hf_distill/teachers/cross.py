@@ -1,6 +1,6 @@
 """A teacher with another tokenizer (cross-tokenizer distillation): `CrossTokenizerTeacher` wraps a live source and,
 for each batch of student tokens, decodes every row to its text, tokenises that text for the teacher, aligns the two
-token sequences into spans that cover the same characters (`hf_distill.alignment`), runs the teacher on its own
+token sequences into spans that cover the same characters (`hf_distill.data.alignment`), runs the teacher on its own
 tokens, and hands the output term the counted spans (`signals.cross_vocab.AlignedSpans`).
 
 - Works for every batch of student tokens: the dataset's, and the student's own samples on-policy (decoded and
@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..accounting import PositionUnit, infer_position_unit
-from ..alignment import Offsets, VocabularyMap, align_spans, check_fast, decoded_offsets, teacher_offsets
-from ..chat import TEACHER_PROMPTS
-from ..signals.chunked import auto_chunk_size, chunking_obstacle, output_head
+from ..data.alignment import Offsets, VocabularyMap, align_spans, check_fast, decoded_offsets, teacher_offsets
+from ..data.chat import TEACHER_PROMPTS
+from ..kernels.chunked import auto_chunk_size, chunking_obstacle, output_head
+from ..loss.accounting import PositionUnit, infer_position_unit
 from ..signals.cross_vocab import CROSS_LOSSES, AlignedSpans, SpanPooling, SpanSide, describe_vocab
 from ..signals.registry import registered_signals
 from .base import TeacherOutputs, TeacherRequest, TeacherSource

@@ -8,16 +8,16 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..checks.options import check_choice
 from ..config import ENSEMBLE_MODES
 from ..engines import prepare_frozen_teacher
+from ..kernels.chunked import FinalHiddenTap, HeadCheck, output_head
 from ..modeling import (
     forward_parameter_names,
     model_inputs,
     output_logits,
     use_eager_attention,
 )
-from ..options import check_choice
-from ..signals.chunked import FinalHiddenTap, HeadCheck, output_head
 from ..signals.gradients import FeatureTap
 from .base import TeacherOutputs, TeacherRequest, TeacherSource
 

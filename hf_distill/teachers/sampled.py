@@ -24,10 +24,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..accounting import IGNORE_INDEX
-from ..chat import TEACHER_PROMPTS, stop_ids
+from ..data.chat import TEACHER_PROMPTS, stop_ids
+from ..evaluation.samples import CompletionLog, SamplingSettings, gathered_for_generation, sample_completions, writer
+from ..loss.accounting import IGNORE_INDEX
 from ..modeling import context_length, unwrap
-from ..samples import CompletionLog, SamplingSettings, gathered_for_generation, sample_completions, writer
 from .base import TeacherSource
 
 __all__ = ["SampledCompletions", "SamplingSettings", "sample_completions", "on_policy_source", "prompt_rows"]
@@ -268,7 +268,7 @@ def on_policy_source(args: Any, source: TeacherSource, student: nn.Module, proce
     """`source` wrapped in `SampledCompletions` when the run samples (lmbda > 0 or seq_kd), after refusing what
     cannot work: a student that is not a causal LM, a teacher that cannot score new sequences (an offline cache, no
     teacher), a missing tokenizer or pad token, data without prompts, completions that overflow the context."""
-    from ..accounting import PositionUnit, infer_position_unit
+    from ..loss.accounting import PositionUnit, infer_position_unit
 
     sampling = args.lmbda > 0 or args.seq_kd
     if args.logits_loss == "sampled_token" and args.logits_weight > 0 and (

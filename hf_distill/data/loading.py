@@ -10,6 +10,8 @@ from typing import Any, Iterator
 import datasets
 from transformers.utils import logging
 
+from ..checks.options import check_choice
+from ..storage.provenance import FOLDER_KINDS, folder_kind
 from .chat import (
     DATA_FORMATS,
     IGNORE_INDEX,
@@ -21,8 +23,6 @@ from .chat import (
 )
 from .generate import is_generations, load_generations
 from .labels import LabelPlan, check_label_values, label_plan
-from .options import check_choice
-from .provenance import FOLDER_KINDS, folder_kind
 from .row_filters import drop_empty_answers
 
 logger = logging.get_logger(__name__)
@@ -270,28 +270,42 @@ def prepare_datasets(
         _require_columns(split, text_columns + ([data.label_column] if labelled else []), flags)
 
     if task in ("causal-lm", "masked-lm"):
-        def tokenize(batch):
-            return tokenizer(batch[data.text_column], truncation=task == "masked-lm", max_length=data.max_length)
+        return _language_model_splits(task, train, held_out, tokenizer, data)
+    return _labelled_splits(task, train, held_out, tokenizer, data, text_columns, teacher_labels, teacher_num_labels)
 
-        def pack(batch):
-            ids = [token for row in batch["input_ids"] for token in row]
-            usable = len(ids) // data.block_size * data.block_size
-            blocks = [ids[i: i + data.block_size] for i in range(0, usable, data.block_size)]
-            return {"input_ids": blocks, "attention_mask": [[1] * data.block_size for _ in blocks]}
 
-        out = []
-        for split in (train, held_out):
-            split = split.filter(lambda row: bool(row[data.text_column] and str(row[data.text_column]).strip()))
-            tokenized = split.map(tokenize, batched=True, remove_columns=split.column_names)
-            if task == "causal-lm":
-                tokenized = tokenized.map(pack, batched=True, remove_columns=tokenized.column_names)
-            out.append(tokenized)
-        if task == "causal-lm" and (len(out[0]) == 0 or len(out[1]) == 0):
-            raise ValueError(
-                f"Packing into --block_size {data.block_size} left no block in a split: lower --block_size or add text."
-            )
-        return PreparedData(out[0], out[1], data_format="text" if task == "causal-lm" else None)
+def _language_model_splits(task: str, train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any,
+                           data: DataArguments) -> PreparedData:
+    """Plain-text LM splits: causal-LM text concatenated and cut into `block_size` blocks, masked-LM text truncated
+    (the collators make the labels); blank rows dropped."""
+    def tokenize(batch):
+        return tokenizer(batch[data.text_column], truncation=task == "masked-lm", max_length=data.max_length)
 
+    def pack(batch):
+        ids = [token for row in batch["input_ids"] for token in row]
+        usable = len(ids) // data.block_size * data.block_size
+        blocks = [ids[i: i + data.block_size] for i in range(0, usable, data.block_size)]
+        return {"input_ids": blocks, "attention_mask": [[1] * data.block_size for _ in blocks]}
+
+    out = []
+    for split in (train, held_out):
+        split = split.filter(lambda row: bool(row[data.text_column] and str(row[data.text_column]).strip()))
+        tokenized = split.map(tokenize, batched=True, remove_columns=split.column_names)
+        if task == "causal-lm":
+            tokenized = tokenized.map(pack, batched=True, remove_columns=tokenized.column_names)
+        out.append(tokenized)
+    if task == "causal-lm" and (len(out[0]) == 0 or len(out[1]) == 0):
+        raise ValueError(
+            f"Packing into --block_size {data.block_size} left no block in a split: lower --block_size or add text."
+        )
+    return PreparedData(out[0], out[1], data_format="text" if task == "causal-lm" else None)
+
+
+def _labelled_splits(task: str, train: datasets.Dataset, held_out: datasets.Dataset, tokenizer: Any,
+                     data: DataArguments, text_columns: list[str], teacher_labels: dict[int, str] | None,
+                     teacher_num_labels: int | None) -> PreparedData:
+    """Classification and regression splits: one text or a pair, labels as the teacher's class ids (`label_plan`) or
+    floats; a split without labels (unlabelled transfer data) keeps the teacher's label names."""
     num_labels, id2label, plan = None, None, None
     has_labels = data.label_column in train.column_names
     for name, split in (("training", train), ("held-out", held_out)):

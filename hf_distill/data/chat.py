@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import torch
 from transformers.utils import logging
 
-from .accounting import IGNORE_INDEX
-from .options import check_choice
+from ..checks.options import check_choice
+from ..loss.accounting import IGNORE_INDEX
 from .row_filters import drop_empty_answers
 from .teacher_cache import CACHE_COLUMNS, MANIFEST_MARKER
 

@@ -14,11 +14,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..signals import Signal, SignalView
+from ..signals.gradients import FeatureTap
+from ..teachers import TeacherRequest, TeacherSource
 from .accounting import Accounting, Measure
 from .outputs import FullLogits, HeadChunks, OutputContext
-from .signals import Signal, SignalView
-from .signals.gradients import FeatureTap
-from .teachers import TeacherRequest, TeacherSource
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .modeling import text_config
+from ..modeling import text_config
 
 
 @dataclass(frozen=True)

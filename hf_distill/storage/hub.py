@@ -120,14 +120,37 @@ def model_card(info: CardInfo) -> str:
 
     lines = [f"# Student distilled from `{info.teacher}`", ""]
     if info.collapse:
-        lines += ["**Warning: the run flagged this student's samples as degenerate** (`hf_distill.samples`; read them "
-                  "in the run's `_report/report.md` before using it):", "", *[f"- {c}" for c in info.collapse], ""]
+        lines += ["**Warning: the run flagged this student's samples as degenerate** (`hf_distill.evaluation.samples`; "
+                  "read them in the run's `_report/report.md` before using it):", "",
+                  *[f"- {c}" for c in info.collapse], ""]
     lines.append(
         "Trained with hf_distill's `DistillationTrainer`: the student learns from the teacher's "
         "outputs (and, where listed, its hidden states or gradients) as well as from the labels."
     )
-    lines += ["", "## Distillation", "", f"- teacher: `{info.teacher}`" + (
-        f" ({info.teacher_layers} layers)" if info.teacher_layers else "")]
+    lines += ["", "## Distillation", "", *_distillation_lines(info)]
+    if info.training:
+        lines += ["", "## Training", ""] + [f"- {k}: {v}" for k, v in info.training.items()]
+    if info.versions:
+        lines.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()))
+    if info.metrics:
+        lines += ["", "## Evaluation", "", "| metric | teacher | student |", "|---|---|---|"]
+        for name, values in info.metrics.items():
+            lines.append(f"| {name} | {_fmt(values.get('teacher'))} | {_fmt(values.get('student'))} |")
+    where = info.model_id or "path/or/hub-id"
+    lines += ["", "## Use", "", "```python", "from transformers import pipeline", "",
+              f'pipe = pipeline("{pipeline_tag or "text-classification"}", model="{where}")']
+    if info.chat:
+        lines += ['messages = [{"role": "user", "content": "What is distillation?"}]',
+                  'print(pipe(messages, max_new_tokens=64)[0]["generated_text"][-1]["content"])']
+    elif pipeline_tag == "text-generation":
+        lines.append('print(pipe("Distillation is", max_new_tokens=32)[0]["generated_text"])')
+    lines += ["```", ""]
+    return header + "\n" + "\n".join(lines)
+
+
+def _distillation_lines(info: CardInfo) -> list[str]:
+    """The card's "Distillation" list: teacher, student, task, data, labels, loss, method, resume, parameters."""
+    lines = [f"- teacher: `{info.teacher}`" + (f" ({info.teacher_layers} layers)" if info.teacher_layers else "")]
     if info.kept_layers is not None:
         plural = "s" if len(info.kept_layers) != 1 else ""
         lines.append(f"- student: {len(info.kept_layers)} layer{plural} cut from the teacher, keeping teacher layers "
@@ -154,24 +177,7 @@ def model_card(info: CardInfo) -> str:
                      "settings)")
     if info.parameters:
         lines.append("- parameters: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in info.parameters.items()))
-    if info.training:
-        lines += ["", "## Training", ""] + [f"- {k}: {v}" for k, v in info.training.items()]
-    if info.versions:
-        lines.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()))
-    if info.metrics:
-        lines += ["", "## Evaluation", "", "| metric | teacher | student |", "|---|---|---|"]
-        for name, values in info.metrics.items():
-            lines.append(f"| {name} | {_fmt(values.get('teacher'))} | {_fmt(values.get('student'))} |")
-    where = info.model_id or "path/or/hub-id"
-    lines += ["", "## Use", "", "```python", "from transformers import pipeline", "",
-              f'pipe = pipeline("{pipeline_tag or "text-classification"}", model="{where}")']
-    if info.chat:
-        lines += ['messages = [{"role": "user", "content": "What is distillation?"}]',
-                  'print(pipe(messages, max_new_tokens=64)[0]["generated_text"][-1]["content"])']
-    elif pipeline_tag == "text-generation":
-        lines.append('print(pipe("Distillation is", max_new_tokens=32)[0]["generated_text"])')
-    lines += ["```", ""]
-    return header + "\n" + "\n".join(lines)
+    return lines
 
 
 #: Where `hf-distill evaluate` writes its section of a card (replaced on the next evaluation, nothing else touched).

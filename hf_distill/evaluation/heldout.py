@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .chat import IGNORE_INDEX, left_padded
+from ..data.chat import IGNORE_INDEX, left_padded
 from .samples import SamplingSettings, TokenTicker, sample_completions
 
 #: Most logits (rows x positions x classes) one scoring forward pass holds, ~0.5 GB in float32: batches are cut into

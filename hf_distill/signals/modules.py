@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import logging
 
-from .engines import average_gradients
-from .files import atomic_path
-from .signals.base import Signal
+from ..engines import average_gradients
+from ..modeling import check_no_attention_dropout, use_eager_attention
+from ..storage.files import atomic_path
+from .base import Signal
 
 logger = logging.get_logger(__name__)
 
@@ -30,6 +31,17 @@ MODULES_FILE = "hf_distill_modules.safetensors"
 #: checkpoints only the parameters of the module it wraps); the exported student never holds them.
 ATTACHED_NAME = "hf_distill_signal_modules"
 
+
+
+def prepare_student_for_signals(model: nn.Module, signals: list[tuple[Signal, float]]) -> None:
+    """What the active signals need of the student before it trains: eager attention (attention maps, or a second
+    differentiation that fused kernels do not support), and no attention dropout where maps are compared."""
+    for need, reason in (("needs_attentions", "attention_maps"), ("differentiates_twice", "double_backward")):
+        fields = [signal.weight_field for signal, _ in signals if getattr(signal, need)]
+        if fields and need == "needs_attentions":
+            check_no_attention_dropout(model)
+        if fields:
+            use_eager_attention(model, "student", reason, fields)
 
 class SignalModules(nn.ModuleDict):
     """All trainable signal modules, by ``<signal>.<module>`` name."""
@@ -119,3 +131,17 @@ def load_signal_state(signals: Iterable[Signal], folder: str, device: Any) -> No
     states = torch.load(path, map_location=device, weights_only=True)
     for signal in stateful:
         signal.load_checkpoint_state(states.get(signal.name, {}))
+
+
+def attach_signal_modules(model: nn.Module, modules: SignalModules, deepspeed: bool, optimizer: Any) -> bool:
+    """Under DeepSpeed, which trains, reduces, clips and checkpoints only the parameters of the module it wraps, the
+    signal modules ride inside the student (under `ATTACHED_NAME`; dropped again from every exported student);
+    returns whether they do. A user-built optimizer, which cannot hold them, is refused."""
+    if len(modules) and optimizer is not None:
+        raise ValueError(f"The active signals learn modules of their own ({', '.join(modules.keys())}), which a "
+                         "user-built optimizer does not hold. Let the trainer build the optimizer (args.optim, or "
+                         "optimizer_cls_and_kwargs=...) instead of passing optimizers=(...).")
+    inside = bool(len(modules)) and deepspeed
+    if inside:
+        model.add_module(ATTACHED_NAME, modules)
+    return inside

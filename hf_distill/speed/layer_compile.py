@@ -24,7 +24,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .modeling import patch_forward, unpatch_forward
+from ..modeling import patch_forward, unpatch_forward
 from .performance import compile_obstacle
 
 logger = logging.get_logger(__name__)

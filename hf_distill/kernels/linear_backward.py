@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .modeling import patch_forward, unpatch_forward
+from ..modeling import patch_forward, unpatch_forward
 
 logger = logging.get_logger(__name__)
 

@@ -22,7 +22,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from .signals.registry import fields_where
+from ..signals.registry import fields_where
 
 #: glibc's `mallopt` parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4

@@ -25,9 +25,8 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from .accounting import infer_position_unit, position_mask
-from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
-from .modeling import (
+from ..loss.accounting import infer_position_unit, position_mask
+from ..modeling import (
     accepts_input,
     declared_output_size,
     model_inputs,
@@ -35,6 +34,7 @@ from .modeling import (
     unwrap,
     weights_fingerprint,
 )
+from ..storage.files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 
 #: The columns a cache adds to each row: top-k ids, their log-probabilities, the log of the remaining mass.
 CACHE_COLUMNS: tuple[str, str, str] = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
@@ -118,8 +118,8 @@ def _device_of(model: nn.Module) -> torch.device:
 def _batch_targets(teacher_model: nn.Module, batch: Mapping[str, Any], label_name: str, top_k: int,
                    temperature: float, device: torch.device
                    ) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-example counted-position numbers and the top-k targets of one collated batch, rows in ``logits[mask]``
-    order (example by example, positions increasing)."""
+    """Per-example counted-position numbers and the top-k targets (log-probabilities in float16, as stored) of one
+    collated batch, rows in ``logits[mask]`` order (example by example, positions increasing)."""
     unit = infer_position_unit(teacher_model, batch, label_name)
     mask = position_mask(batch, unit, label_name)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -132,7 +132,7 @@ def _batch_targets(teacher_model: nn.Module, batch: Mapping[str, Any], label_nam
         )
     counts = mask.reshape(mask.shape[0], -1).sum(dim=1).tolist()
     ids, log_probs, tail = topk_targets(logits[mask], top_k, temperature)
-    return counts, ids.cpu(), log_probs.cpu(), tail.cpu()
+    return counts, ids.cpu(), log_probs.to(torch.float16).cpu(), tail.cpu()  # (stored as float16)
 
 
 def _output_width(teacher_model: nn.Module, first_batch: Mapping[str, Any], label_name: str,
@@ -235,35 +235,74 @@ def build_teacher_cache(
     targets (the command line's data flags and chat template), which the run that reads the cache compares.
     """
     from tqdm.auto import tqdm
+
+    _check_cache_settings(top_k, temperature, batch_size, shard_size, len(dataset))
+    output = Path(output_dir)
+    device = _device_of(teacher_model)
+    collate = _row_collator(dataset, data_collator, tokenizer, _collatable(teacher_model, label_name))
+    vocab_size = _output_width(teacher_model, collate(0, min(batch_size, len(dataset))), label_name, device)
+    manifest = _new_manifest(teacher_model, teacher_id, tokenizer, dataset, vocab_size, top_k, temperature, shard_size,
+                             provenance)
+    if _resume_or_start(output, manifest):
+        return str(output)
+
+    done = sum(int(shard["num_examples"]) for shard in manifest["shards"])
+    teacher_was_training = teacher_model.training
+    teacher_model.eval()
+    bar = tqdm(total=len(dataset), initial=done, disable=not progress, desc="caching teacher", unit="ex")
+    try:
+        while done < len(dataset):
+            start, end = done, min(done + shard_size, len(dataset))
+            counts, columns = [], ([], [], [])  # (per row: counted positions; per batch: ids, log-probs, tails)
+            for batch_start in range(start, end, batch_size):
+                batch_end = min(batch_start + batch_size, end)
+                c, *targets = _batch_targets(teacher_model, collate(batch_start, batch_end), label_name, top_k,
+                                             temperature, device)
+                counts += c
+                for column, values in zip(columns, targets):
+                    column.append(values.reshape(-1).numpy())
+                bar.update(batch_end - batch_start)
+            name = f"shard-{len(manifest['shards']):05d}"
+            _save_shard(dataset, start, end, columns, counts, top_k, output / name)
+            manifest["shards"].append({"name": name, "num_examples": end - start, "num_positions": sum(counts)})
+            manifest["counted_positions"] += sum(counts)
+            done = end
+            manifest["complete"] = done == len(dataset)
+            _write_json(output / MANIFEST_FILE, manifest)
+    finally:
+        bar.close()
+        teacher_model.train(teacher_was_training)
+    return str(output)
+
+
+def _row_collator(dataset: datasets.Dataset, data_collator: Callable | None, tokenizer: Any,
+                  select: Callable[[Mapping[str, Any]], dict[str, Any]]) -> Callable[[int, int], dict[str, Any]]:
+    """``collate(start, end)``: rows ``start:end`` of `dataset` as the Trainer's dataloader gives them (python rows,
+    the model's columns), through `data_collator` (default: causal-LM padding with `tokenizer`, else stacking)."""
     from transformers import DataCollatorForLanguageModeling, default_data_collator
 
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}: pass e.g. top_k=32.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}: pass the distillation temperature, e.g. 1.0.")
-    if batch_size < 1 or shard_size < 1:
-        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}.")
-    if len(dataset) == 0:
-        raise ValueError("The dataset is empty: there is nothing to cache.")
     if data_collator is None:
         data_collator = (DataCollatorForLanguageModeling(tokenizer, mlm=False) if tokenizer is not None
                          else default_data_collator)
-    output = Path(output_dir)
-    device = _device_of(teacher_model)
-    select = _collatable(teacher_model, label_name)
-    rows = dataset.with_format(None)  # python rows for the collator, as the Trainer's dataloader gives them
+    rows = dataset.with_format(None)
 
     def collate(start: int, end: int) -> dict[str, Any]:
         columns = rows[start:end]
         return data_collator([select(dict(zip(columns, values))) for values in zip(*columns.values())])
 
-    vocab_size = _output_width(teacher_model, collate(0, min(batch_size, len(dataset))), label_name, device)
+    return collate
+
+
+def _new_manifest(teacher_model: nn.Module, teacher_id: str | None, tokenizer: Any, dataset: datasets.Dataset,
+                  vocab_size: int, top_k: int, temperature: float, shard_size: int,
+                  provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest of a cache about to be built (no shard yet); `top_k` checked against the teacher's width."""
     if top_k >= vocab_size:
         raise ValueError(
             f"top_k={top_k} must be smaller than the teacher's {vocab_size} outputs (the tail is the mass outside the "
             f"top k): pass a smaller top_k, e.g. {min(32, max(1, vocab_size - 1))}."
         )
-    manifest: dict[str, Any] = {
+    return {
         **cache_settings(_teacher_id(teacher_model, teacher_id),
                          tokenizer_hash(tokenizer) if tokenizer is not None else None, vocab_size, top_k, temperature),
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
@@ -275,6 +314,24 @@ def build_teacher_cache(
         "complete": False,
         "counted_positions": 0,
     }
+
+
+def _check_cache_settings(top_k: int, temperature: float, batch_size: int, shard_size: int, rows: int) -> None:
+    """The settings of `build_teacher_cache`, checked before the teacher runs."""
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}: pass e.g. top_k=32.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}: pass the distillation temperature, e.g. 1.0.")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}.")
+    if rows == 0:
+        raise ValueError("The dataset is empty: there is nothing to cache.")
+
+
+def _resume_or_start(output: Path, manifest: dict[str, Any]) -> bool:
+    """Open the cache folder: an earlier build with the same settings lends its whole shards to `manifest` (its
+    half-written or unrecorded shards are removed), a foreign non-empty folder is refused, a new one is made; the
+    manifest is written. Returns whether the cache is already complete."""
     manifest_file = output / MANIFEST_FILE
     if manifest_file.is_file():
         check_not_generations(output)
@@ -288,7 +345,7 @@ def build_teacher_cache(
                     "damaged; build it again into a new output_dir."
                 )
         if existing.get("complete"):
-            return str(output)
+            return True
         listed = {shard["name"] for shard in manifest["shards"]}
         for leftover in output.iterdir():  # half-written shards, and whole ones the manifest did not record yet
             if leftover.name.endswith(PARTIAL_SUFFIX) or (leftover.name.startswith("shard-") and
@@ -302,46 +359,24 @@ def build_teacher_cache(
     output.mkdir(parents=True, exist_ok=True)
     manifest["counted_positions"] = sum(int(shard["num_positions"]) for shard in manifest["shards"])
     _write_json(manifest_file, manifest)
+    return False
 
-    done = sum(int(shard["num_examples"]) for shard in manifest["shards"])
-    teacher_was_training = teacher_model.training
-    teacher_model.eval()
-    bar = tqdm(total=len(dataset), initial=done, disable=not progress, desc="caching teacher", unit="ex")
-    try:
-        while done < len(dataset):
-            start, end = done, min(done + shard_size, len(dataset))
-            counts: list[int] = []
-            ids, log_probs, tails = [], [], []
-            for batch_start in range(start, end, batch_size):
-                batch_end = min(batch_start + batch_size, end)
-                c, i, p, t = _batch_targets(teacher_model, collate(batch_start, batch_end), label_name, top_k,
-                                            temperature, device)
-                counts += c
-                ids.append(i.reshape(-1).numpy())
-                log_probs.append(p.to(torch.float16).reshape(-1).numpy())
-                tails.append(t.numpy())
-                bar.update(batch_end - batch_start)
-            table = dataset.with_format("arrow")[start:end]
-            lengths = [n * top_k for n in counts]
-            for column, values, sizes, arrow_type in (
-                (CACHE_COLUMNS[0], ids, lengths, pa.int32()), (CACHE_COLUMNS[1], log_probs, lengths, pa.float16()),
-                (CACHE_COLUMNS[2], tails, counts, pa.float32()),
-            ):
-                table = table.append_column(column, _list_column(np.concatenate(values), sizes, arrow_type))
-            features = datasets.Features({**dataset.features, **CACHE_FEATURES})
-            shard = datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))
-            name = f"shard-{len(manifest['shards']):05d}"
-            with _quiet_datasets(), atomic_path(output / name) as partial:
-                shard.save_to_disk(partial)
-            manifest["shards"].append({"name": name, "num_examples": end - start, "num_positions": sum(counts)})
-            manifest["counted_positions"] += sum(counts)
-            done = end
-            manifest["complete"] = done == len(dataset)
-            _write_json(manifest_file, manifest)
-    finally:
-        bar.close()
-        teacher_model.train(teacher_was_training)
-    return str(output)
+
+def _save_shard(dataset: datasets.Dataset, start: int, end: int, columns: tuple[list, list, list], counts: list[int],
+                top_k: int, path: Path) -> None:
+    """Rows ``start:end`` of `dataset` with their top-k ids, log-probabilities and tails (flat per batch, `counts`
+    positions a row), saved whole under `path` (written beside, then renamed)."""
+    table = dataset.with_format("arrow")[start:end]
+    lengths = [n * top_k for n in counts]
+    for column, values, sizes, arrow_type in (
+        (CACHE_COLUMNS[0], columns[0], lengths, pa.int32()), (CACHE_COLUMNS[1], columns[1], lengths, pa.float16()),
+        (CACHE_COLUMNS[2], columns[2], counts, pa.float32()),
+    ):
+        table = table.append_column(column, _list_column(np.concatenate(values), sizes, arrow_type))
+    features = datasets.Features({**dataset.features, **CACHE_FEATURES})
+    shard = datasets.Dataset(datasets.table.InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+    with _quiet_datasets(), atomic_path(path) as partial:
+        shard.save_to_disk(partial)
 
 
 def load_teacher_cache(path: str | os.PathLike, tokenizer: Any = None) -> datasets.Dataset:
@@ -405,32 +440,3 @@ def cache_manifest(dataset: Any) -> dict[str, Any] | None:
         return None
     return json.loads(description[len(MANIFEST_MARKER):])
 
-
-class TeacherCacheCollator:
-    """Collates cache rows: `base_collator` on the rest of each row, plus the cache columns of the batch concatenated
-    in example order, ``teacher_topk_ids`` long ``[N, k]``, ``teacher_topk_logprobs`` float32 ``[N, k]`` and
-    ``teacher_tail_logprob`` float32 ``[N]`` (N = the batch's counted positions). Rows without them pass through."""
-
-    def __init__(self, base_collator: Callable[[list[dict[str, Any]]], Any]):
-        self.base_collator = base_collator
-
-    def __call__(self, features: list[dict[str, Any]]) -> Any:
-        if not features or CACHE_COLUMNS[0] not in features[0]:
-            return self.base_collator(features)
-        rest = [{k: v for k, v in feature.items() if k not in CACHE_COLUMNS} for feature in features]
-        batch = self.base_collator(rest)
-        ids = [torch.as_tensor(f[CACHE_COLUMNS[0]], dtype=torch.long).reshape(-1) for f in features]
-        log_probs = [torch.as_tensor(f[CACHE_COLUMNS[1]], dtype=torch.float32).reshape(-1) for f in features]
-        tails = [torch.as_tensor(f[CACHE_COLUMNS[2]], dtype=torch.float32).reshape(-1) for f in features]
-        total = sum(len(t) for t in tails)
-        k = sum(len(i) for i in ids) // total if total else 0
-        for i, (a, b, c) in enumerate(zip(ids, log_probs, tails)):
-            if len(a) != k * len(c) or len(b) != len(a):
-                raise ValueError(
-                    f"Teacher-cache row {i} of the batch holds {len(a)} ids and {len(b)} log-probabilities for "
-                    f"{len(c)} positions (expected {k} each): the cache is damaged; rebuild it."
-                )
-        batch[CACHE_COLUMNS[0]] = torch.cat(ids).reshape(total, k)
-        batch[CACHE_COLUMNS[1]] = torch.cat(log_probs).reshape(total, k)
-        batch[CACHE_COLUMNS[2]] = torch.cat(tails)
-        return batch

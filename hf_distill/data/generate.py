@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList, set_seed
 from transformers.utils import logging
 
+from ..evaluation.samples import CAPPED_WARN, TokenTicker, check_collapse, completion_stats
+from ..modeling import context_length, weights_fingerprint
+from ..storage.files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
+from ..storage.provenance import folder_kind, template_record
 from .chat import detect_rows_format, end_completion, left_padded, prompt_ids, stop_ids
-from .files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
-from .modeling import context_length, weights_fingerprint
-from .provenance import folder_kind, template_record
-from .samples import CAPPED_WARN, TokenTicker, check_collapse, completion_stats
 from .teacher_cache import (
     CACHE_COLUMNS,
     CACHE_FEATURES,
@@ -163,33 +163,8 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
     prompts = prompts_of(prompts_dataset)
     conversational = not isinstance(prompts[0], str)
     folder = Path(output_dir)
-    expected = {
-        "kind": KIND, "teacher": teacher_id or getattr(model.config, "_name_or_path", None),
-        "tokenizer_hash": tokenizer_hash(tokenizer), "settings": settings.settings(), "num_prompts": len(prompts),
-        "prompts_fingerprint": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
-        "shards": [], "complete": False,
-    }
-    if conversational:  # the rows are rendered with this template; a run with another one is refused
-        expected.update(template_record(tokenizer))
-    if settings.cache_top_k:
-        expected["vocab_size"] = _vocab_size(model)
-        expected["teacher_weights"] = weights_fingerprint(model)
-        if settings.cache_top_k >= expected["vocab_size"]:
-            raise ValueError(f"--cache_top_k {settings.cache_top_k} must be smaller than the teacher's "
-                             f"{expected['vocab_size']} outputs (the tail is the mass outside the top k).")
-    check_fits_context(model, tokenizer, prompts, settings.max_new_tokens)
+    manifest = _open_generations(model, tokenizer, prompts, folder, settings, teacher_id, conversational)
     manifest_file = folder / MANIFEST_FILE
-    check_not_a_cache(folder)
-    if manifest_file.is_file():
-        manifest = json.loads(manifest_file.read_text())
-        _check_manifest(manifest, expected, folder)
-    elif folder.exists() and any(folder.iterdir()):
-        raise ValueError(f"{folder} is not empty and holds no generations: give a new --output_dir.")
-    else:
-        manifest = expected
-    folder.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.glob(f"*{PARTIAL_SUFFIX}"):
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()  # a shard a killed run left half-written
     stops, pad = stop_ids(tokenizer, conversational), tokenizer.pad_token_id
     pad = pad if pad is not None else stops[0]
     model.eval()
@@ -226,6 +201,41 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
     if written:
         check_answers(written, stops, settings.max_new_tokens)
     return folder
+
+
+def _open_generations(model: Any, tokenizer: Any, prompts: list[Any], folder: Path, settings: GenerationArguments,
+                      teacher_id: str | None, conversational: bool) -> dict[str, Any]:
+    """The manifest of the generations in `folder`: an earlier run's, checked to be the same teacher, tokenizer,
+    template, settings and prompts (its whole shards are kept, half-written ones removed), or a new one for an empty
+    folder; a non-empty folder without generations is refused."""
+    expected = {
+        "kind": KIND, "teacher": teacher_id or getattr(model.config, "_name_or_path", None),
+        "tokenizer_hash": tokenizer_hash(tokenizer), "settings": settings.settings(), "num_prompts": len(prompts),
+        "prompts_fingerprint": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
+        "shards": [], "complete": False,
+    }
+    if conversational:  # the rows are rendered with this template; a run with another one is refused
+        expected.update(template_record(tokenizer))
+    if settings.cache_top_k:
+        expected["vocab_size"] = _vocab_size(model)
+        expected["teacher_weights"] = weights_fingerprint(model)
+        if settings.cache_top_k >= expected["vocab_size"]:
+            raise ValueError(f"--cache_top_k {settings.cache_top_k} must be smaller than the teacher's "
+                             f"{expected['vocab_size']} outputs (the tail is the mass outside the top k).")
+    check_fits_context(model, tokenizer, prompts, settings.max_new_tokens)
+    manifest_file = folder / MANIFEST_FILE
+    check_not_a_cache(folder)
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text())
+        _check_manifest(manifest, expected, folder)
+    elif folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty and holds no generations: give a new --output_dir.")
+    else:
+        manifest = expected
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob(f"*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()  # a shard a killed run left half-written
+    return manifest
 
 
 def check_answers(answers: list[list[int]], stops: list[int], max_new_tokens: int) -> dict[str, float]:

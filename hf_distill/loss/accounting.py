@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .modeling import unwrap
+from ..modeling import unwrap
 
 #: The label of a position that does not count (transformers' and PyTorch's ``ignore_index``).
 IGNORE_INDEX = -100

@@ -18,13 +18,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .accounting import Measure, PositionUnit, align_labels
-from .checks import check_output_sizes
-from .liger import liger_head_losses, liger_obstacle
-from .modeling import accepts_input, describe, model_inputs, output_logits, output_loss
-from .performance import compile_obstacle
-from .signals import Signal, task_loss_sum
-from .signals.chunked import (
+from ..checks.before_training import check_output_sizes
+from ..kernels.chunked import (
     FinalHiddenTap,
     HeadCheck,
     OutputHead,
@@ -34,8 +29,13 @@ from .signals.chunked import (
     chunking_obstacle,
     output_head,
 )
-from .signals.compiled import CompiledTerms
-from .teachers import CachedTeacher, TeacherOutputs
+from ..kernels.compiled import CompiledTerms
+from ..kernels.liger import liger_head_losses, liger_obstacle
+from ..modeling import accepts_input, describe, model_inputs, output_logits, output_loss
+from ..signals import Signal, task_loss_sum
+from ..speed.performance import compile_obstacle
+from ..teachers import CachedTeacher, TeacherOutputs
+from .accounting import Measure, PositionUnit, align_labels
 
 logger = logging.get_logger(__name__)
 
@@ -191,7 +191,7 @@ class HeadChunks:
 
 class LigerChunks(HeadChunks):
     """`HeadChunks` whose training steps compute the output terms with Liger's fused linear JSD
-    (`output_kernel="liger"`, `hf_distill.liger`); evaluation (top-1 agreement) and a truncated shared vocabulary
+    (`output_kernel="liger"`, `hf_distill.kernels.liger`); evaluation (top-1 agreement) and a truncated shared vocabulary
     (``vocab_mismatch="truncate"``) stay on ours."""
 
     def fused_kernel(self, rows: torch.Tensor, head: OutputHead, terms: OutputTerms, coefficients: dict[str, Any],

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import TrainerCallback
 
+from ..kernels.linear_backward import LinearBackwardPrecision
 from .layer_compile import StudentLayerCompile
-from .linear_backward import LinearBackwardPrecision
 
 
 def student_mode_callbacks(model: nn.Module, args, signals, accelerator) -> list[TrainerCallback]:

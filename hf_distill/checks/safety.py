@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .modeling import unwrap
+from ..modeling import unwrap
 
 logger = logging.get_logger(__name__)
 

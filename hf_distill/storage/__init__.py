@@ -1,0 +1,1 @@
+"""What a run writes: atomic files, output folders, provenance records, model cards."""
