@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.signals import Signal, register_signal, unregister_signal
 from hf_distill.storage.hub import CardInfo, model_card
-from hf_distill.teachers import TeacherOutputs, TeacherSource
+from hf_distill.teachers import TeacherLogits, TeacherOutputs, TeacherSource
 
 from .conftest import MLP, lm_dataset, tiny_llama
 
@@ -172,7 +172,7 @@ class ReversingSource(TeacherSource):
         assert any(torch.equal(inputs["input_ids"].cpu(), b["input_ids"]) for b in self.rewritten)
         with torch.no_grad():
             outputs = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        return TeacherOutputs(logits=outputs.logits, outputs=outputs, model=self.teacher)
+        return TeacherOutputs(TeacherLogits(outputs.logits), outputs=outputs, model=self.teacher)
 
 
 def test_a_source_that_rewrites_batches_is_trained_on_the_rewrite_with_counts_following_it(make_args):

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from ..signals import Signal, SignalView
+from ..signals.cross_vocab import AlignedSpans
 from ..signals.gradients import FeatureTap
+from ..signals.output import CachedTargets
 from ..teachers import TeacherRequest, TeacherSource
 from .accounting import Accounting, Measure
 from .outputs import FullLogits, HeadChunks, OutputContext
@@ -28,7 +30,6 @@ class BatchTerms:
     sums: dict[str, torch.Tensor]
     measure: Measure
     student_outputs: Any
-    view: SignalView
     scales: dict[str, torch.Tensor]  # 1 / denominator per unit (`Accounting.scales`)
     #: the chunked path: ``sum_k w_k * S_k * scale_k`` over `fused_terms`, carrying their gradient (their entries in
     #: `sums` are detached, for logs)
@@ -116,13 +117,12 @@ class BatchPath:
             teacher.outputs if teacher is not None else None,
             student_model=model, teacher_model=self.source.first_model, labels=labels, unit=measure.unit,
             training=training, label_names=self.label_names, cache=cache,
-            cached_targets=teacher.cached if teacher is not None else None, _token_mask=measure.tokens,
-            aligned=teacher.aligned if teacher is not None else None,
+            teacher_targets=teacher.form((CachedTargets, AlignedSpans)) if teacher is not None else None,
+            token_positions=measure.tokens,
         )
         sums = result.sums
         for signal in self.signals:
             if strategy.fuses(signal) or (signal.needs_teacher and teacher is None):
                 continue  # computed by the output strategy / an evaluation batch without teacher outputs
             sums[signal.name] = signal.loss_sum(view)
-        return BatchTerms(sums, measure, student_outputs, view, scales, result.fused, result.fused_terms,
-                          result.agreement)
+        return BatchTerms(sums, measure, student_outputs, scales, result.fused, result.fused_terms, result.agreement)

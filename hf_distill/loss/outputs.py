@@ -33,8 +33,9 @@ from ..kernels.compiled import CompiledTerms
 from ..kernels.liger import liger_head_losses, liger_obstacle
 from ..modeling import accepts_input, describe, model_inputs, output_logits, output_loss
 from ..signals import Signal, task_loss_sum
+from ..signals.output import CachedTargets
 from ..speed.performance import compile_obstacle
-from ..teachers import CachedTeacher, TeacherOutputs
+from ..teachers import CachedTeacher, TeacherHeads, TeacherLogits, TeacherOutputs
 from .accounting import Measure, PositionUnit, align_labels
 
 logger = logging.get_logger(__name__)
@@ -104,13 +105,15 @@ class FullLogits:
             model_loss = output_loss(outputs) if pass_labels else None
             sums["task"] = task_loss_sum(student_logits, context.labels, measure.labelled, measure.unit,
                                          model_loss=model_loss)
-        teacher_logits = teacher.logits if teacher is not None else None
+        full = teacher.form(TeacherLogits) if teacher is not None else None
+        cached = teacher.form(CachedTargets) if teacher is not None else None
+        teacher_logits = full.logits if full is not None else None
         if teacher_logits is not None:
             student_logits, teacher_logits = shared_vocabulary(student_logits, teacher_logits, measure.unit, context)
         agreement = None
         if not context.training and student_logits.shape[-1] > 1:
-            if teacher is not None and teacher.cached is not None:
-                agreement = (student_logits[measure.mask].argmax(dim=-1) == teacher.cached.ids[:, 0]).sum()
+            if cached is not None:
+                agreement = (student_logits[measure.mask].argmax(dim=-1) == cached.ids[:, 0]).sum()
             elif teacher_logits is not None:
                 mask = measure.mask
                 agreement = (student_logits[mask].argmax(-1) == teacher_logits[mask].argmax(-1)).sum()
@@ -146,7 +149,8 @@ class HeadChunks:
 
     def terms(self, context: OutputContext, outputs: Any, student: tuple[OutputHead, torch.Tensor]) -> OutputResult:
         measure, teacher, (head, rows) = context.measure, context.teacher, student
-        heads = teacher.heads if teacher is not None else ()
+        layers = teacher.form(TeacherHeads) if teacher is not None else None
+        heads = layers.heads if layers is not None else ()
         shared = None
         if heads:
             sizes = {head.vocab_size, *(h.vocab_size for h in heads)}
@@ -159,9 +163,9 @@ class HeadChunks:
             labels=None if context.labels is None else align_labels(context.labels, measure.unit)[measure.mask],
             signal=signal,
             teacher_heads=tuple(heads),
-            teacher_hidden=tuple(teacher.hidden) if teacher is not None else (),
-            combine=teacher.combine if teacher is not None else None,
-            cached=teacher.cached if teacher is not None else None,
+            teacher_hidden=layers.hidden if layers is not None else (),
+            combine=layers.combine if layers is not None else None,
+            cached=teacher.form(CachedTargets) if teacher is not None else None,
             shared_vocab=shared,
             agreement=teacher is not None and not context.training,
             precision=self.precision,

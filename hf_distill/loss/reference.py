@@ -16,6 +16,7 @@ from torch import nn
 from ..signals.output import OutputSignal
 from .accounting import IGNORE_INDEX
 
+
 def reference_loss(student: nn.Module, teacher: nn.Module, batch: Mapping[str, torch.Tensor], output: OutputSignal,
                    task_weight: float, output_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L = task_weight * CE(z_s, y) + output_weight * s * D(p_s, p_t)``, each a mean over the counted positions

@@ -34,10 +34,11 @@ class SignalView:
             student is training (signals keep graphs for the student's update only then).
         label_names: batch keys that are targets (dropped from extra forward passes).
         cache: per-batch results that several signals share (e.g. input gradients for Sobolev and GREAT).
-        cached_targets: an offline teacher's top-k targets for the counted positions (a `CachedTargets`), when the
-            teacher comes from a cache instead of a live model.
-        aligned: a teacher with another tokenizer: the batch's counted aligned spans (`cross_vocab.AlignedSpans`;
-            `teacher_logits` is then None).
+        teacher_targets: the teacher's output distribution when it is not logits of the student's shape: an offline
+            cache's top-k targets for the counted positions (`output.CachedTargets`), or the counted aligned spans
+            of a teacher with another tokenizer (`cross_vocab.AlignedSpans`); `teacher_logits` is then None.
+        token_positions: bool ``[B, T]``, the tokens that count for token-level signals (the accounting's, measured
+            once per micro-batch); None: `token_mask` computes it from the inputs.
     """
 
     student_logits: torch.Tensor
@@ -53,10 +54,9 @@ class SignalView:
     training: bool = True
     label_names: tuple[str, ...] = ("labels",)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
-    cached_targets: Any = None
-    aligned: Any = None
+    teacher_targets: Any = None
+    token_positions: torch.Tensor | None = field(default=None, repr=False)
     _counted: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    _token_mask: torch.Tensor | None = field(default=None, repr=False)
 
     def counted_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher logits at the counted positions only, each ``[N, V]`` (computed once per batch)."""
@@ -76,9 +76,9 @@ class SignalView:
     def token_mask(self) -> torch.Tensor:
         """Bool ``[B, T]`` mask of the tokens that count for token-level signals (hidden states, attention maps):
         the attention mask, or every token when the batch has none. Padding never counts."""
-        if self._token_mask is None:
-            self._token_mask = token_mask(self.inputs)
-        return self._token_mask
+        if self.token_positions is None:
+            self.token_positions = token_mask(self.inputs)
+        return self.token_positions
 
 
 @dataclass

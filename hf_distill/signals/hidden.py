@@ -15,6 +15,7 @@ from torch import nn
 
 from ..modeling import unwrap
 from .base import BuildContext, Signal, SignalView, upcast_half
+from .cross_vocab import AlignedSpans
 from .geometry import layer_geometry
 from .registry import register_signal
 
@@ -202,8 +203,8 @@ class HiddenStateSignal(Signal):
     def loss_sum(self, view: SignalView) -> torch.Tensor:
         student_states = output_field(view.student_outputs, "hidden_states", "student")
         teacher_states = output_field(view.teacher_outputs, "hidden_states", "teacher")
-        if view.aligned is not None:  # a teacher with another tokenizer: span means (`hidden_span_pooling`)
-            return self.span_loss_sum(student_states, teacher_states, view.aligned.pooling)
+        if isinstance(view.teacher_targets, AlignedSpans):  # another tokenizer: span means (`hidden_span_pooling`)
+            return self.span_loss_sum(student_states, teacher_states, view.teacher_targets.pooling)
         mask = view.token_mask()
         distance = cosine_distance if self.kind == "cosine" else feature_mse
         total = None

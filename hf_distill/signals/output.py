@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..kernels.closed_form import divergence_and_grad
 from .base import Signal, SignalView, upcast_half
+from .cross_vocab import AlignedSpans, span_divergence_sum
 
 
 @dataclass
@@ -139,12 +140,10 @@ class OutputSignal(Signal):
 
     def loss_sum(self, view: SignalView) -> torch.Tensor:
         """The term over the batch's counted rows, in the form the teacher's outputs came in."""
-        if view.aligned is not None:  # a teacher with another tokenizer: over the batch's aligned spans
-            from .cross_vocab import span_divergence_sum
-
-            return span_divergence_sum(view.student_logits, view.aligned, self)
-        if view.cached_targets is not None:
-            return self.top_k_rows(view.student_logits[view.mask], view.cached_targets).sum()
+        if isinstance(view.teacher_targets, AlignedSpans):  # another tokenizer: over the batch's aligned spans
+            return span_divergence_sum(view.student_logits, view.teacher_targets, self)
+        if isinstance(view.teacher_targets, CachedTargets):
+            return self.top_k_rows(view.student_logits[view.mask], view.teacher_targets).sum()
         student, teacher = view.counted_logits()
         if self.soft and student.shape[-1] == 1:
             raise ValueError(

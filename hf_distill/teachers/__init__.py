@@ -21,7 +21,7 @@ from transformers.utils import logging
 from ..data.teacher_cache import cache_manifest
 from ..signals import fields_where
 from .adapter import AdapterDisabledTeacher, SelfDistillation
-from .base import NoTeacher, TeacherOutputs, TeacherRequest, TeacherSource
+from .base import NoTeacher, TeacherHeads, TeacherLogits, TeacherOutputs, TeacherRequest, TeacherSource
 from .cached import CachedTeacher
 from .cross import CrossTokenizerTeacher, cross_tokenizer_source
 from .live import LiveTeachers, combine_teacher_logits
@@ -46,6 +46,8 @@ __all__ = [
     "SampledCompletions",
     "SamplingSettings",
     "SelfDistillation",
+    "TeacherHeads",
+    "TeacherLogits",
     "TeacherOutputs",
     "TeacherRequest",
     "TeacherRoute",

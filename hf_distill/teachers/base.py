@@ -1,8 +1,9 @@
 """The `TeacherSource` interface: where a run's teacher outputs come from, and how a batch's sequences are made.
 
-Given a batch and a `TeacherRequest` (what the active signals asked for), a source returns `TeacherOutputs`: full
-logits, or output heads plus final hidden states for the chunked output path, the first teacher's raw outputs
-(hidden states, attentions), its feature, or an offline cache's top-k targets. `prepare_batch` may rewrite a
+Given a batch and a `TeacherRequest` (what the active signals asked for), a source returns `TeacherOutputs`: the
+teacher's output distribution in one of its forms (full logits, output layers and hidden states for the chunked
+path, an offline cache's top-k with the tail, aligned spans of another tokenizer), and the first teacher's raw
+outputs (hidden states, attentions) and feature. `prepare_batch` may rewrite a
 training batch before anything is counted (teacher generations, the student's own samples, another tokenizer); the
 counted positions follow the rewritten batch. The trainer never asks which kind of source it holds.
 """
@@ -41,18 +42,39 @@ class TeacherRequest:
 
 
 @dataclass
-class TeacherOutputs:
-    """What a source returns for one batch (fields it does not provide stay None / empty)."""
+class TeacherLogits:
+    """The teacher's full logits ``[..., V]`` (an ensemble's combined), detached."""
 
-    logits: torch.Tensor | None = None  #: full logits ``[..., V]`` (an ensemble's combined), detached
+    logits: torch.Tensor
+
+
+@dataclass
+class TeacherHeads:
+    """The chunked output path: each teacher's output layer (`OutputHead`) and final hidden states at the counted
+    positions; `combine` makes one set of logits of the teachers' chunks (an ensemble), so no ``[N, V]`` tensor of
+    the teacher's exists."""
+
+    heads: tuple[Any, ...]
+    hidden: tuple[torch.Tensor, ...]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+
+
+@dataclass
+class TeacherOutputs:
+    """What a source returns for one batch: the teacher's output distribution in one of its forms — full logits
+    (`TeacherLogits`), output layers and hidden states to chunk (`TeacherHeads`), an offline cache's top-k
+    log-probabilities with the tail's mass (`signals.output.CachedTargets`), or the aligned spans of a teacher with
+    another tokenizer (`signals.cross_vocab.AlignedSpans`) — and what the other signals read of the first teacher.
+    A signal reads the form it can serve (`form`); a source returns the one it has."""
+
+    distribution: Any = None  #: `TeacherLogits` | `TeacherHeads` | `CachedTargets` | `AlignedSpans` | None
     outputs: Any = None  #: the first teacher's raw outputs (hidden states, attentions)
     model: nn.Module | None = None  #: the first teacher itself (gradient signals run extra passes through it)
-    heads: tuple[Any, ...] = ()  #: head_only: each teacher's `OutputHead`
-    hidden: tuple[torch.Tensor, ...] = ()  #: head_only: each teacher's final hidden states at the counted positions
-    combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None  #: head_only: combines chunks' logits
-    features: torch.Tensor | None = None  #: the first teacher's feature
-    cached: Any = None  #: an offline teacher's `CachedTargets` for the counted positions
-    aligned: Any = None  #: a teacher with another tokenizer: the batch's counted aligned spans (`AlignedSpans`)
+    features: torch.Tensor | None = None  #: the first teacher's feature (`FeatureTap`)
+
+    def form(self, kind: type | tuple[type, ...]) -> Any:
+        """The distribution when it comes in the form `kind` (or one of them), else None."""
+        return self.distribution if isinstance(self.distribution, kind) else None
 
 
 class TeacherSource:

@@ -35,7 +35,7 @@ class CachedTeacher(TeacherSource):
                 "cache was built from other data, labels or collation. Rebuild it with `hf-distill cache-teacher` on "
                 "the training data as tokenised for this run."
             )
-        return TeacherOutputs(cached=CachedTargets(ids.long(), log_probs, tail))
+        return TeacherOutputs(CachedTargets(ids.long(), log_probs, tail))
 
     def input_columns(self) -> list[str]:
         return list(CACHE_COLUMNS)

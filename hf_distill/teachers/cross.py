@@ -27,7 +27,7 @@ from ..kernels.chunked import auto_chunk_size, chunking_obstacle, output_head
 from ..loss.accounting import PositionUnit, infer_position_unit
 from ..signals.cross_vocab import CROSS_LOSSES, AlignedSpans, SpanPooling, SpanSide, describe_vocab
 from ..signals.registry import registered_signals
-from .base import TeacherOutputs, TeacherRequest, TeacherSource
+from .base import TeacherHeads, TeacherLogits, TeacherOutputs, TeacherRequest, TeacherSource
 
 logger = logging.get_logger(__name__)
 
@@ -158,7 +158,7 @@ class CrossTokenizerTeacher(TeacherSource):
             _side(s_rows, s_tokens, s_sizes, device), _side(list(range(len(t_tokens))), t_tokens, t_sizes, device),
             self._teacher_logits(result, needed, head_only), self.vocab, self._chunk_rows(), pooling,
         )
-        return TeacherOutputs(model=self.first_model, outputs=result.outputs, aligned=aligned)
+        return TeacherOutputs(aligned, outputs=result.outputs, model=self.first_model)
 
     def _row(self, positions: list[int], row_ids: list[int], counted: list[bool],
              teacher_prompt: list[int] | None) -> tuple[list[int], Offsets, Offsets]:
@@ -198,15 +198,15 @@ class CrossTokenizerTeacher(TeacherSource):
                         head_only: bool) -> Callable[[slice], torch.Tensor]:
         """Teacher logits of any of the needed rows (in span order), from its output layer chunk by chunk."""
         if not head_only:
-            logits = result.logits[needed]
+            logits = result.form(TeacherLogits).logits[needed]
             logger.info_once("The teacher's full logits are kept for the batch (its output layer cannot be chunked).")
             return lambda rows: logits[rows].float()
-        heads, hidden, combine = result.heads, result.hidden, result.combine
+        layers = result.form(TeacherHeads)
 
         def rows_logits(rows: slice) -> torch.Tensor:
             with torch.no_grad(), self.precision():
-                each = [head.logits(h[rows]).float() for head, h in zip(heads, hidden)]
-            return combine(each) if combine is not None else each[0]
+                each = [head.logits(h[rows]).float() for head, h in zip(layers.heads, layers.hidden)]
+            return layers.combine(each) if layers.combine is not None else each[0]
 
         return rows_logits
 

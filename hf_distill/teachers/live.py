@@ -19,7 +19,7 @@ from ..modeling import (
     use_eager_attention,
 )
 from ..signals.gradients import FeatureTap
-from .base import TeacherOutputs, TeacherRequest, TeacherSource
+from .base import TeacherHeads, TeacherLogits, TeacherOutputs, TeacherRequest, TeacherSource
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -104,10 +104,8 @@ class LiveTeachers(TeacherSource):
             else:
                 each_logits.append(output_logits(outputs).detach())
         combine = self.combiner(request.soft)
-        if request.head_only:
-            result.heads, result.hidden, result.combine = tuple(heads), tuple(hidden), combine
-        else:
-            result.logits = combine(each_logits)
+        result.distribution = TeacherHeads(tuple(heads), tuple(hidden), combine) if request.head_only \
+            else TeacherLogits(combine(each_logits))
         return result
 
     def combiner(self, soft: bool) -> Callable[[list[torch.Tensor]], torch.Tensor]:
