@@ -7,7 +7,7 @@ What runs, per (vocabulary, logits dtype, loss): one chunk of student and teache
 
 - eager: the logits cast to float32, `closed_form.cross_entropy_and_grad` + `divergence_and_grad`, the gradient cast
   back (what ``"chunked"`` does);
-- compiled: `signals.compiled.CompiledChunkTerms` (one `torch.compile` kernel; its compile time is printed apart).
+- compiled: `signals.compiled.CompiledKernel` (one `torch.compile` kernel; its compile time is printed apart).
 
 Time: median of --repeats calls after two warm-ups, `keep_freed_memory()` on (as the command line). The gradient's
 relative difference ``||g_c - g_e|| / ||g_e||`` and the loss's are printed (both read the same logits). No matmul
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def measure(vocab: int, dtype_name: str, loss: str, repeats: int, device: str) -> dict:
     import torch
 
-    from hf_distill.kernels.compiled import CompiledChunkTerms, chunk_terms
+    from hf_distill.kernels.compiled import CompiledKernel, chunk_terms
 
     dtype = getattr(torch, dtype_name)
     rows = 2**24 // vocab
@@ -43,7 +43,7 @@ def measure(vocab: int, dtype_name: str, loss: str, repeats: int, device: str) -
     labels = torch.randint(0, vocab, (rows,), generator=g).to(device)
     half = torch.tensor(0.5, device=device)
     args = (half, half, loss, 2.0, 0.5, 4.0, dtype)
-    kernel = CompiledChunkTerms()
+    kernel = CompiledKernel()
 
     def timed(fn) -> float:
         fn(), fn()

@@ -3,8 +3,7 @@
 ``L = task_weight * L_task + sum_k weight_k * L_k``. Each term is a sum over the positions (or tokens) that count in a
 micro-batch, divided by the number that count in the whole optimizer step (all accumulated micro-batches, all
 processes), so gradient accumulation and data parallelism give the same update as one big batch. This module wires
-the HF hooks; the batch path is `batch.BatchPath`, the counts `accounting`, the teachers `teachers/`.
-"""
+the HF hooks; the micro-batch is `loss/` (`loss/reference.py` in one function), the teachers `teachers/`."""
 
 from __future__ import annotations
 
@@ -16,20 +15,23 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
-from .checks.before_training import check_declared_sizes, check_labels_available, checked_trainer_config
+from .checks.before_training import check_declared_sizes, check_labels_available
 from .checks.safety import (
     NonFiniteGuard,
     check_finite_weights,
     check_label_values,
+    check_one_run,
     classification_labels,
     drop_gradients,
 )
 from .config import DistillationConfig
-from .evaluation.samples import samples_callbacks
-from .loss.accounting import Accounting, EvalTotals, TermLog, infer_position_unit
-from .loss.batch import BatchPath
+from .data.provenance import RunRecordCallback, check_resume
+from .data.samples import samples_callbacks
+from .loss.accounting import Accounting, EvalTotals, TermLog
+from .loss.batch import MicroBatchLoss
 from .loss.outputs import checked_kernel, output_precision, plan_output
 from .modeling import config_use_cache, output_logits
+from .positions import infer_position_unit
 from .signals import label_weights
 from .signals.build import build_signals
 from .signals.modules import (
@@ -44,10 +46,22 @@ from .speed.performance import warn_slow_half_precision
 from .speed.student_modes import student_mode_callbacks
 from .storage.hub import CardInfo, write_model_card
 from .storage.output_dir import API_WORDS, prepare_output_dir
-from .storage.provenance import RunRecordCallback, check_resume
 from .teachers import TeacherSource, checked_source, run_teacher_source
 
 logger = logging.get_logger(__name__)
+
+
+def _checked_config(args: DistillationConfig | None, model: nn.Module | None) -> DistillationConfig:
+    """The trainer's config (default: one writing to tmp_trainer), refused when it is not a `DistillationConfig`,
+    without a student, or when the processes are not one run (`check_one_run`)."""
+    args = DistillationConfig(output_dir="tmp_trainer") if args is None else args
+    if not isinstance(args, DistillationConfig):
+        raise TypeError(f"DistillationTrainer needs a DistillationConfig, got {type(args).__name__}. Build one with "
+                        "DistillationConfig(output_dir=..., temperature=..., task_weight=..., logits_weight=...).")
+    if model is None:
+        raise ValueError("DistillationTrainer needs a student `model`.")
+    check_one_run(args)
+    return args
 
 
 class DistillationTrainer(Trainer):
@@ -84,8 +98,7 @@ class DistillationTrainer(Trainer):
     on counted positions). Causal LMs: held-out samples, teacher beside student (`samples.SamplesCallback`).
     """
 
-    # compute_loss divides by the positions counted over the whole accumulated batch: the Trainer must not divide again.
-    loss_is_scaled_for_ga = True
+    loss_is_scaled_for_ga = True  # (compute_loss divides by the whole accumulated step's count: the Trainer must not)
 
     def __init__(
         self,
@@ -98,7 +111,7 @@ class DistillationTrainer(Trainer):
         teacher_processing_class: Any | None = None,
         **kwargs: Any,
     ) -> None:
-        args = checked_trainer_config(args, model)
+        args = _checked_config(args, model)
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -161,7 +174,7 @@ class DistillationTrainer(Trainer):
         self.accounting = Accounting(set(self._term_units.values()), model_unit, self.label_name,
                                      self.accelerator.gather, args.world_size > 1 and args.average_tokens_across_devices,
                                      self.accelerator.num_processes)
-        self.batch_path = BatchPath(self.signals, self._term_weights, self._term_units, source, self.output_strategy,
+        self.batch_path = MicroBatchLoss(self.signals, self._term_weights, self._term_units, source, self.output_strategy,
                                     self.accounting, tuple(self.label_names), args.feature_layer, args.vocab_mismatch)
 
     @property
@@ -225,7 +238,7 @@ class DistillationTrainer(Trainer):
         loss = terms.total(self._term_weights, self._term_units)
         if model.training:
             self.nonfinite_guard.record(loss, terms.sums)
-            self.term_log.add(terms.sums, terms.scales, self._term_units)
+            self.term_log.add(terms.sums, terms.inverse_counts, self._term_units)
         return (loss, terms.student_outputs) if return_outputs else loss
 
     # ---- the step: optimizer, gradients, checkpoints ---------------------------------------------------------------

@@ -262,3 +262,35 @@ def test_no_function_over_sixty_lines():
                 if lines > 60:
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.name} ({lines} lines)")
     assert not long, long
+
+
+def test_the_folders_import_one_way():
+    """The folders (and root modules) follow the flow: no two of them import each other, directly or around a circle
+    (a stricter check than the modules' own: a folder is one room of the picture in docs/architecture.md)."""
+    files = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in PACKAGE.rglob("*.py")}
+
+    def room(module: str) -> str:
+        return module.split(".")[1] if module.count(".") else module
+
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        for target in _module_imports(path):
+            if target in files and room(target) != room(name):
+                graph.setdefault(room(name), set()).add(room(target))
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, f"folders import each other: {' -> '.join(trail[trail.index(nxt):] + [nxt])}"
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+        order.append(node)
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert {"data", "loss", "kernels", "signals", "teachers", "checks", "speed", "storage", "evaluation"} <= set(order)

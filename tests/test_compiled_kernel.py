@@ -42,7 +42,7 @@ def test_compiled_chunk_terms_equal_autograd_on_bf16_logits(compiling):
     teacher = (torch.randn(23, 64, generator=g) * 3).bfloat16()
     labels = torch.randint(0, 64, (23,), generator=g)
     labels[[2, 9]] = -100  # (ignored rows count zero)
-    kernel = compiled.CompiledChunkTerms()
+    kernel = compiled.CompiledKernel()
     for rows in (23, 11):  # a second chunk size: the row count is dynamic, no failure, no fallback
         task, logits, grad = kernel(z[:rows], teacher[:rows], labels[:rows], torch.tensor(0.4), torch.tensor(0.6),
                                     "jsd", 2.0, 0.3, 4.0, torch.bfloat16)
@@ -73,14 +73,14 @@ def _trainer(make_args, **overrides):
 
 def test_compiled_kernel_gives_our_chunked_loss_and_gradient_in_training(make_args, compiling, monkeypatch):
     calls = []
-    real = compiled.COMPILED_CHUNK_TERMS.__call__
-    monkeypatch.setattr(compiled.CompiledChunkTerms, "__call__", lambda self, *a: calls.append(1) or real(*a))
+    real = compiled.COMPILED_KERNEL.__call__
+    monkeypatch.setattr(compiled.CompiledKernel, "__call__", lambda self, *a: calls.append(1) or real(*a))
     reference_loss, reference_grad = loss_and_grad(_trainer(make_args))
     assert not calls  # (the default is the eager closed form)
     trainer = _trainer(make_args, output_kernel="compiled")
-    assert isinstance(trainer.output_strategy, outputs.CompiledChunks)
+    assert isinstance(trainer.output_strategy, outputs.CompiledHead)
     loss, grad = loss_and_grad(trainer)
-    assert calls and not compiled.COMPILED_CHUNK_TERMS.failed  # the compiled kernel computed it
+    assert calls and not compiled.COMPILED_KERNEL.failed  # the compiled kernel computed it
     assert _compiled_graphs() >= 1
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     assert (grad - reference_grad).norm() <= 5e-3 * reference_grad.norm()  # (bf16 rounding of dL/dz, either order)
@@ -99,7 +99,7 @@ def test_a_failed_compile_falls_back_to_the_same_numbers(monkeypatch):
     warnings = []
     monkeypatch.setattr(compiled.torch, "compile", broken)
     monkeypatch.setattr(compiled.logger, "warning", lambda *a: warnings.append(a[0] % a[1:]))
-    kernel = compiled.CompiledChunkTerms()
+    kernel = compiled.CompiledKernel()
     z, teacher = torch.randn(6, 30), torch.randn(6, 30)
     labels = torch.randint(0, 30, (6,))
     args = (torch.tensor(0.5), torch.tensor(0.5), "reverse_kl", 1.0, 0.5, 1.0, torch.float32)

@@ -13,6 +13,7 @@ import datasets
 import pytest
 import torch
 
+from hf_distill.data.samples import TokenTicker
 from hf_distill.evaluation.code_eval import (
     CodeBlockEnd,
     Sandbox,
@@ -28,7 +29,6 @@ from hf_distill.evaluation.heldout import (
     mcnemar_exact,
     speculative_forwards,
 )
-from hf_distill.evaluation.samples import TokenTicker
 from hf_distill.storage.hub import EVALUATION_START, update_card_evaluation
 
 from .conftest import tiny_llama

@@ -100,7 +100,7 @@ def test_an_output_signal_of_your_own_trains_on_the_live_paths_with_the_hand_los
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, logits_chunk_size=chunk),
                                   train_dataset=ragged_dataset(), data_collator=pad_collator)
     assert [signal.name for signal, _ in trainer.signals] == ["skew_kl"]
-    assert type(trainer.output_strategy).__name__ == ("FullLogits" if chunk == 0 else "HeadChunks")
+    assert type(trainer.output_strategy).__name__ == ("FullLogits" if chunk == 0 else "ChunkedHead")
     trainer.train()
     logged = next(entry for entry in trainer.state.log_history if "skew_kl_loss" in entry)
     assert logged["skew_kl_loss"] == pytest.approx(expected / 0.7, rel=1e-5)

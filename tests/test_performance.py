@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from hf_distill import DistillationTrainer
 from hf_distill.kernels.chunked import OutputHead, OutputTerms, chunked_head_losses
-from hf_distill.kernels.closed_form import cross_entropy_and_grad, divergence_and_grad
+from hf_distill.signals.closed_form import cross_entropy_and_grad, divergence_and_grad
 from hf_distill.signals.logits import LogitsSignal, logits_divergence
 from hf_distill.speed import performance
 from hf_distill.speed.flops import distillation_flops_per_token, forward_flops_per_token, matmul_shapes

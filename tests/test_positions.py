@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_distill.loss.accounting import PositionUnit, align_labels, count_positions, infer_position_unit, position_mask
+from hf_distill.positions import PositionUnit, align_labels, count_positions, infer_position_unit, position_mask
 
 from .conftest import MLP, tiny_bert, tiny_llama
 

@@ -96,8 +96,8 @@ def test_every_live_fast_path_gives_the_reference_loss_and_gradient(tmp_path, pa
     reference_student = copy.deepcopy(student)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=ragged_dataset(),
                                   args=_args(tmp_path, **PATHS[path]), data_collator=pad_collator)
-    strategies = {"full-logits": "FullLogits", "chunked": "HeadChunks", "compiled": "CompiledChunks",
-                  "liger": "LigerChunks"}
+    strategies = {"full-logits": "FullLogits", "chunked": "ChunkedHead", "compiled": "CompiledHead",
+                  "liger": "LigerHead"}
     assert type(trainer.output_strategy).__name__ == strategies[path]
     output = next(signal for signal, _ in trainer.signals if signal.is_output_term)
     batch = _batch()

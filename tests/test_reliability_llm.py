@@ -13,8 +13,8 @@ import datasets
 import pytest
 import torch
 
+from hf_distill.data.provenance import content_fingerprint, differences
 from hf_distill.modeling import context_length, weights_fingerprint
-from hf_distill.storage.provenance import content_fingerprint, differences
 
 from .conftest import tiny_llama
 from .llm_workspace import llm_argv, llm_cache, llm_distill, llm_generate, save_chat_teacher
@@ -177,7 +177,7 @@ def test_content_fingerprint_sees_the_ids_not_their_storage(monkeypatch):
     assert len({content_fingerprint(x) for x in (a, moved, shuffled)}) == 3
     assert content_fingerprint(shuffled.select([1, 0])) == content_fingerprint(a)  # an indices mapping is followed
     assert content_fingerprint(a.to_iterable_dataset()) is None  # streamed data is not fingerprinted
-    import hf_distill.storage.provenance as provenance
+    import hf_distill.data.provenance as provenance
 
     whole = content_fingerprint(a)
     monkeypatch.setattr(provenance, "BATCH_ROWS", 1)  # read a row at a time: the same fingerprint

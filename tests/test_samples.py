@@ -14,7 +14,7 @@ import torch
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cli.report import Significant
-from hf_distill.evaluation.samples import (
+from hf_distill.data.samples import (
     CollapseError,
     EntropyMeter,
     SamplingSettings,

@@ -25,7 +25,7 @@ from hf_distill.data.teacher_cache import (
     read_cache_manifest,
     tokenizer_hash,
 )
-from hf_distill.loss.accounting import infer_position_unit, position_mask
+from hf_distill.positions import infer_position_unit, position_mask
 from hf_distill.teachers.cached import TeacherCacheCollator
 
 from .conftest import next_token_counted

@@ -79,7 +79,7 @@ def evaluate(student, teacher, tokenizer, test_prompts, collator, workdir: str, 
 def train(student, teacher, tokenizer, rows, collator, workdir: str, steps: int, seed: int, options, held_out=None,
           **settings):
     """`steps` optimizer steps; with `held_out` (prompt-only rows), the library's held-out samples (teacher beside
-    student, collapse flagged: `hf_distill.evaluation.samples`) are logged at the end."""
+    student, collapse flagged: `hf_distill.data.samples`) are logged at the end."""
     args = DistillationConfig(
         output_dir=workdir, report_to=[], use_cpu=True, seed=seed, max_steps=steps,
         per_device_train_batch_size=options.batch_size, learning_rate=options.learning_rate,

@@ -1,5 +1,4 @@
-"""Checks a run makes before its first step: the trainer's config, output sizes of teacher and student, labels where a
-term needs them."""
+"""Checks a run makes before its first step: output sizes of teacher and student, labels where a term needs them."""
 
 from __future__ import annotations
 
@@ -11,10 +10,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..config import DistillationConfig
-from ..loss.accounting import PositionUnit
 from ..modeling import declared_output_size, describe
-from .safety import check_one_run
+from ..positions import PositionUnit
 
 logger = logging.get_logger(__name__)
 
@@ -76,7 +73,7 @@ def check_labels_available(dataset: Any, collate: Callable[[list], dict], select
             features = [sample[i] for i in range(n)]
         else:
             features = [dataset[i] for i in range(n)]
-        with preserved_rng():
+        with rng_untouched():
             batch = collate(features)
     except Exception as error:  # a collator that needs the real dataloader: checked at the first step instead
         logger.info("Could not collate a sample batch to check for labels (%s); checking at the first step.", error)
@@ -91,7 +88,7 @@ def check_labels_available(dataset: Any, collate: Callable[[list], dict], select
         )
 
 
-class preserved_rng:
+class rng_untouched:
     """Context manager restoring the Python, NumPy and torch (CPU) random states on exit."""
 
     def __enter__(self) -> None:
@@ -102,19 +99,3 @@ class preserved_rng:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
         torch.set_rng_state(torch_state)
-
-
-def checked_trainer_config(args: DistillationConfig | None, model: nn.Module | None) -> DistillationConfig:
-    """`DistillationTrainer`'s config (a default one for None), refused when it is not a `DistillationConfig`, when there is no
-    student, or when the processes are not one run (`check_one_run`)."""
-    if args is None:
-        args = DistillationConfig(output_dir="tmp_trainer")
-    if not isinstance(args, DistillationConfig):
-        raise TypeError(
-            f"DistillationTrainer needs a DistillationConfig, got {type(args).__name__}. Build one with "
-            "DistillationConfig(output_dir=..., temperature=..., task_weight=..., logits_weight=...)."
-        )
-    if model is None:
-        raise ValueError("DistillationTrainer needs a student `model`.")
-    check_one_run(args)
-    return args

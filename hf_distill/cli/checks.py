@@ -1,6 +1,6 @@
 """What a command-line job checks before its models load or its training starts: the model flags and the output
 folder, the tokenizer the teacher reads, row lengths against both models' context, packing, transfer sets, and what a
-teacher cache was made from (`hf_distill.storage.provenance`). Each refusal is one message naming the problem and the fix."""
+teacher cache was made from (`hf_distill.data.provenance`). Each refusal is one message naming the problem and the fix."""
 
 from __future__ import annotations
 
@@ -15,10 +15,7 @@ from ..config import DistillationConfig
 from ..data.chat import PROBE, check_packing_supported, conversation_mask
 from ..data.generate import is_generations
 from ..data.loading import PreparedData
-from ..data.teacher_cache import cache_manifest, load_teacher_cache
-from ..modeling import context_length, text_config, unwrap, weights_fingerprint
-from ..signals import fields_where
-from ..storage.provenance import (
+from ..data.provenance import (
     DATA_FIELDS,
     FOLDER_KINDS,
     SOURCE_FIELDS,
@@ -29,6 +26,9 @@ from ..storage.provenance import (
     id_batches,
     template_record,
 )
+from ..data.teacher_cache import cache_manifest, load_teacher_cache
+from ..modeling import context_length, text_config, unwrap, weights_fingerprint
+from ..signals import fields_where
 from .arguments import ModelArguments
 from .models import load_tokenizer, resolve_source, student_tokenizer_of
 

@@ -18,6 +18,14 @@ from transformers.utils import logging
 
 from ..data.chat import pad_id, stop_ids
 from ..data.loading import TASKS, DataArguments
+from ..data.samples import (
+    SamplingSettings,
+    collapse_reasons,
+    completion_stats,
+    held_out_prompts,
+    sample_completions,
+    samples_markdown,
+)
 from ..evaluation.code_eval import (
     ALLOW_FLAG,
     CodeBlockEnd,
@@ -34,14 +42,6 @@ from ..evaluation.heldout import (
     held_out_scores,
     mcnemar_exact,
     teacher_nll,
-)
-from ..evaluation.samples import (
-    SamplingSettings,
-    collapse_reasons,
-    completion_stats,
-    held_out_prompts,
-    sample_completions,
-    samples_markdown,
 )
 from ..modeling import weights_fingerprint
 from ..storage.hub import update_card_evaluation

@@ -24,6 +24,8 @@ from ..data.loading import (
     caches_outside,
     load_raw,
 )
+from ..data.provenance import data_record, template_record
+from ..data.samples import samples_history
 from ..data.teacher_cache import (
     build_teacher_cache,
     cache_manifest,
@@ -31,13 +33,11 @@ from ..data.teacher_cache import (
     check_not_generations,
     load_teacher_cache,
 )
-from ..evaluation.samples import samples_history
 from ..modeling import config_use_cache, unwrap
 from ..signals import label_weights
 from ..speed.performance import apply_speed_defaults, keep_freed_memory, recommended_precision
 from ..storage.hub import CardInfo, describe_method, hub_errors, library_versions, training_record
 from ..storage.output_dir import check_output_dir, move_aside_on_main
-from ..storage.provenance import data_record, template_record
 from ..students import model_depth, pick_layers, shrink_model
 from ..trainer import DistillationTrainer
 from .arguments import CacheArguments, ModelArguments, parse_distill_args

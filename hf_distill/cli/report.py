@@ -16,7 +16,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from ..evaluation.samples import samples_markdown
+from ..data.samples import samples_markdown
 from ..signals.modules import ATTACHED_NAME
 from ..teachers import AdapterDisabledTeacher
 

@@ -26,7 +26,7 @@ import torch
 from transformers.utils import logging
 
 from ..checks.options import check_choice
-from ..loss.accounting import IGNORE_INDEX
+from ..positions import IGNORE_INDEX
 from .row_filters import drop_empty_answers
 from .teacher_cache import CACHE_COLUMNS, MANIFEST_MARKER
 

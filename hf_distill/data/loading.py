@@ -11,7 +11,6 @@ import datasets
 from transformers.utils import logging
 
 from ..checks.options import check_choice
-from ..storage.provenance import FOLDER_KINDS, folder_kind
 from .chat import (
     DATA_FORMATS,
     IGNORE_INDEX,
@@ -23,6 +22,7 @@ from .chat import (
 )
 from .generate import is_generations, load_generations
 from .labels import LabelPlan, check_label_values, label_plan
+from .provenance import FOLDER_KINDS, folder_kind
 from .row_filters import drop_empty_answers
 
 logger = logging.get_logger(__name__)

@@ -25,7 +25,6 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ..loss.accounting import infer_position_unit, position_mask
 from ..modeling import (
     accepts_input,
     declared_output_size,
@@ -34,6 +33,7 @@ from ..modeling import (
     unwrap,
     weights_fingerprint,
 )
+from ..positions import infer_position_unit, position_mask
 from ..storage.files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 
 #: The columns a cache adds to each row: top-k ids, their log-probabilities, the log of the remaining mass.

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import accepts_input, output_logits, text_config, unwrap
+from ..signals.closed_form import cross_entropy_and_grad
 from ..signals.output import CachedTargets, OutputSignal
-from .closed_form import cross_entropy_and_grad
 
 #: Elements of one ``[chunk, vocab]`` float32 tensor that "auto" aims at (64 MB): chunk = 2**24 // vocab.
 AUTO_CHUNK_ELEMENTS = 2**24

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
+from ..signals.closed_form import cross_entropy_and_grad, divergence_and_grad
 from .chunked import OutputTerms
-from .closed_form import cross_entropy_and_grad, divergence_and_grad
 
 logger = logging.get_logger(__name__)
 
@@ -49,7 +49,7 @@ def chunk_terms(z: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Ten
     return task, logits, grad.to(grad_dtype)
 
 
-class CompiledChunkTerms:
+class CompiledKernel:
     """`chunk_terms` through `torch.compile`, built on the first call; after a failed compile (a warning, once) the
     eager function. Calls with fewer than two rows run eagerly (dynamo specialises sizes 0 and 1)."""
 
@@ -77,7 +77,7 @@ class CompiledChunkTerms:
 
 
 #: One per process: its compiled graphs serve every run and chunk in it.
-COMPILED_CHUNK_TERMS = CompiledChunkTerms()
+COMPILED_KERNEL = CompiledKernel()
 
 
 def _scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -86,8 +86,8 @@ def _scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @dataclass
-class CompiledTerms(OutputTerms):
-    """`OutputTerms` whose closed form runs as `chunk_terms` through `COMPILED_CHUNK_TERMS`, on the logits in the
+class CompiledOutputTerms(OutputTerms):
+    """`OutputTerms` whose closed form runs as `chunk_terms` through `COMPILED_KERNEL`, on the logits in the
     matmuls' dtype (`takes_raw_logits`); what has no closed form (cached targets, a cut vocabulary, other kinds) and
     evaluation (top-1 agreement) take `OutputTerms`' paths."""
 
@@ -104,7 +104,7 @@ class CompiledTerms(OutputTerms):
         labels = None if self.labels is None else self.labels[start:end]
         teacher = None if signal is None else self.teacher_logits(start, end, raw=True)
         name = signal.name if signal is not None else "logits"
-        task, output, grad = COMPILED_CHUNK_TERMS(
+        task, output, grad = COMPILED_KERNEL(
             z, teacher, labels, _scalar(coefficients.get("task", 0.0), z.device),
             _scalar(coefficients.get(name, 0.0), z.device), form.kind if form else "forward_kl",
             form.temperature if form else 1.0, form.beta if form else 0.5, form.scale if form else 1.0, z.dtype)

@@ -1,127 +1,30 @@
-"""Accounting: which output positions (tokens, examples) count, how many count in a whole optimizer step, and the
-means every logged and evaluated term is divided by.
+"""Accounting: how many positions (`positions`: tokens, examples) count in a micro-batch and in a whole optimizer
+step, and the means every logged and evaluated term is divided by.
 
-A *position* is one row of the output: an example for classification and regression, a token for masked LMs and
-token classification, and for causal LMs the token whose *next* label is supervised (position t predicts t + 1).
 Each term is a sum over what it counts in a micro-batch, divided by the number that count in the whole optimizer
 step (all accumulated micro-batches, all processes with global counts): ``L = sum_k w_k * S_k / N_k``.
 """
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..modeling import unwrap
-
-#: The label of a position that does not count (transformers' and PyTorch's ``ignore_index``).
-IGNORE_INDEX = -100
-
-
-class PositionUnit(str, enum.Enum):
-    """How rows of the output are counted."""
-
-    EXAMPLE = "example"  #: one position per example (sequence classification, regression, plain modules)
-    TOKEN = "token"  #: one per token whose label != -100 (masked LM, token classification)
-    NEXT_TOKEN = "next_token"  #: causal LM: position t counts when label[t + 1] != -100
-
-    @property
-    def is_token_level(self) -> bool:
-        return self is not PositionUnit.EXAMPLE
-
-
-def batch_size_of(inputs: Mapping[str, Any]) -> int:
-    """The leading dimension of the first tensor in the batch."""
-    for value in inputs.values():
-        if torch.is_tensor(value) and value.dim() > 0:
-            return int(value.shape[0])
-    raise ValueError(f"Cannot tell the batch size: the batch has no tensor (keys: {sorted(inputs)}).")
-
-
-def align_labels(labels: torch.Tensor, unit: PositionUnit) -> torch.Tensor:
-    """Labels aligned with output positions: for causal LMs ``aligned[:, t] = labels[:, t + 1]`` (last = -100)."""
-    if unit is not PositionUnit.NEXT_TOKEN:
-        return labels
-    aligned = torch.full_like(labels, IGNORE_INDEX)
-    aligned[:, :-1] = labels[:, 1:]
-    return aligned
-
-
-def _token_grid(inputs: Mapping[str, Any]) -> torch.Tensor:
-    """All-true mask over the token grid when nothing says which tokens are padding."""
-    for key in ("input_ids", "inputs_embeds"):
-        value = inputs.get(key)
-        if torch.is_tensor(value):
-            return torch.ones(value.shape[:2], dtype=torch.bool, device=value.device)
-    raise ValueError(
-        "Token-level distillation needs `labels`, `attention_mask` or `input_ids` in the batch to know which tokens "
-        f"count; got keys {sorted(inputs)}."
-    )
-
-
-def position_mask(inputs: Mapping[str, Any], unit: PositionUnit, label_name: str = "labels") -> torch.Tensor:
-    """Bool mask of the positions that count, shaped like the outputs without their last dimension.
-
-    Examples: all true ``[B]``. Tokens: ``labels != -100`` when labels are present, else the attention mask
-    (else every token). Causal LMs: ``labels[:, t + 1] != -100`` at t (the last position never counts), else the
-    attention mask.
-    """
-    labels = inputs.get(label_name)
-    if unit is PositionUnit.EXAMPLE:
-        size = int(labels.shape[0]) if torch.is_tensor(labels) else batch_size_of(inputs)
-        device = labels.device if torch.is_tensor(labels) else None
-        return torch.ones(size, dtype=torch.bool, device=device)
-    if torch.is_tensor(labels):
-        return align_labels(labels, unit) != IGNORE_INDEX
-    return token_mask(inputs)
-
-
-def token_mask(inputs: Mapping[str, Any]) -> torch.Tensor:
-    """Bool ``[B, T]`` mask of the tokens that count for token-level signals (hidden states, attention maps):
-    ``attention_mask != 0``, else every token of ``input_ids`` / ``inputs_embeds``. Padding never counts."""
-    attention_mask = inputs.get("attention_mask")
-    if torch.is_tensor(attention_mask) and attention_mask.dim() == 2:
-        return attention_mask.bool()
-    return _token_grid(inputs)
-
-
-def count_positions(inputs: Mapping[str, Any], unit: PositionUnit, label_name: str = "labels") -> torch.Tensor:
-    """Number of positions that count in the batch (a 0-dim int64 tensor): ``position_mask(...).sum()``."""
-    return position_mask(inputs, unit, label_name).sum()
-
-
-def infer_position_unit(model: torch.nn.Module | None, inputs: Mapping[str, Any] | None = None,
-                        label_name: str = "labels") -> PositionUnit:
-    """The position unit of a student: causal LMs -> NEXT_TOKEN; masked LM / token classification -> TOKEN;
-    otherwise TOKEN when the batch's labels are integer and per-token (2-D or more), else EXAMPLE."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-        MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
-    )
-
-    if model is not None:
-        base = unwrap(model)
-        name = type(base).__name__
-        if name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or getattr(base, "loss_type", None) == "ForCausalLM":
-            return PositionUnit.NEXT_TOKEN
-        token_models = set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) | set(
-            MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values()
-        )
-        if name in token_models:
-            return PositionUnit.TOKEN
-    labels = inputs.get(label_name) if inputs is not None else None
-    if torch.is_tensor(labels) and labels.dim() >= 2 and not torch.is_floating_point(labels):
-        return PositionUnit.TOKEN
-    return PositionUnit.EXAMPLE
+from ..positions import (
+    IGNORE_INDEX,
+    PositionUnit,
+    batch_size_of,
+    infer_position_unit,
+    position_mask,
+    token_mask,
+)
 
 
 @dataclass
-class Measure:
+class BatchCounts:
     """What counts in one micro-batch: its position unit, the counted positions (``mask``), those of them with a label
     (``labelled``: the task loss's positions), the counted tokens of the token-level signals (``tokens``, when one is
     active) and the count per unit in use."""
@@ -176,7 +79,7 @@ class Accounting:
             return self.model_unit
         return infer_position_unit(None, inputs, self.label_name)
 
-    def measure(self, inputs: Mapping[str, Any]) -> Measure:
+    def measure(self, inputs: Mapping[str, Any]) -> BatchCounts:
         """The counted positions (and tokens) of a batch and what each unit in use counts there."""
         unit = self.position_unit(inputs)
         mask = position_mask(inputs, unit, self.label_name)
@@ -189,7 +92,7 @@ class Accounting:
             counts["tokens"] = tokens.sum()
         if "examples" in self.units:
             counts["examples"] = torch.tensor(batch_size_of(inputs), device=mask.device)
-        return Measure(unit, mask, tokens, counts, labelled)
+        return BatchCounts(unit, mask, tokens, counts, labelled)
 
     def count_step(self, batches: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
         """What counts in all micro-batches of one optimizer step (summed over processes with global counts); kept
@@ -201,7 +104,8 @@ class Accounting:
         self.step_counts = dict(zip(self.units, totals.unbind()))
         return self.step_counts
 
-    def scales(self, counts: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> dict[str, torch.Tensor]:
+    def inverse_counts(self, counts: dict[str, torch.Tensor],
+                       num_items_in_batch: Any = None) -> dict[str, torch.Tensor]:
         """1 / denominator per unit: the whole step's count when the Trainer passes `num_items_in_batch` (ours, from
         `count_step`), else this batch's own count; times the number of processes for global counts."""
         step: dict[str, Any] = {}
@@ -210,15 +114,15 @@ class Accounting:
             step = dict(ours) if ours is not None and ours.get("positions") is num_items_in_batch else {
                 "positions": num_items_in_batch
             }
-        scales = {}
+        inverse = {}
         for unit, local in counts.items():
             denominator = step.get(unit, local)
             denominator = torch.as_tensor(denominator, dtype=torch.float32, device=local.device).clamp_min(1)
             scale = 1.0 / denominator
             if unit in step and self.global_counts:
                 scale = scale * self.num_processes
-            scales[unit] = scale
-        return scales
+            inverse[unit] = scale
+        return inverse
 
 
 class TermLog:
@@ -242,9 +146,9 @@ class TermLog:
             if torch.is_tensor(mask):
                 self.tokens += int(mask.sum()) if "attention_mask" in batch else mask.numel()
 
-    def add(self, sums: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], units: dict[str, str]) -> None:
+    def add(self, sums: dict[str, torch.Tensor], inverse_counts: dict[str, torch.Tensor], units: dict[str, str]) -> None:
         for name, value in sums.items():
-            scaled = (value.detach() * scales[units[name]]).float()
+            scaled = (value.detach() * inverse_counts[units[name]]).float()
             self.sums[name] = self.sums.get(name, 0.0) + scaled
 
     def add_step_values(self, values: dict[str, float]) -> None:

@@ -19,8 +19,8 @@ from ..signals.cross_vocab import AlignedSpans
 from ..signals.gradients import FeatureTap
 from ..signals.output import CachedTargets
 from ..teachers import TeacherRequest, TeacherSource
-from .accounting import Accounting, Measure
-from .outputs import FullLogits, HeadChunks, OutputContext
+from .accounting import Accounting, BatchCounts
+from .outputs import ChunkedHead, FullLogits, OutputContext
 
 
 @dataclass
@@ -28,9 +28,9 @@ class BatchTerms:
     """One forward pass of student (and teacher): per-term sums over counted positions, and what produced them."""
 
     sums: dict[str, torch.Tensor]
-    measure: Measure
+    measure: BatchCounts
     student_outputs: Any
-    scales: dict[str, torch.Tensor]  # 1 / denominator per unit (`Accounting.scales`)
+    inverse_counts: dict[str, torch.Tensor]  # 1 / denominator per unit (`Accounting.inverse_counts`)
     #: the chunked path: ``sum_k w_k * S_k * scale_k`` over `fused_terms`, carrying their gradient (their entries in
     #: `sums` are detached, for logs)
     fused: torch.Tensor | None = None
@@ -44,14 +44,14 @@ class BatchTerms:
     def total(self, weights: dict[str, float], units: dict[str, str]) -> torch.Tensor:
         """The weighted loss of the batch: ``sum_k w_k * S_k * scale[unit_k]`` (+ the fused terms)."""
         total = sum(
-            weights[name] * value * self.scales[units[name]]
+            weights[name] * value * self.inverse_counts[units[name]]
             for name, value in self.sums.items()
             if name not in self.fused_terms
         )
         return total + self.fused if self.fused is not None else total
 
 
-class BatchPath:
+class MicroBatchLoss:
     """Computes `BatchTerms` for the run's signals, teacher source and output strategy (all fixed for the run).
 
     Args:
@@ -61,7 +61,7 @@ class BatchPath:
     """
 
     def __init__(self, signals: list[tuple[Signal, float]], weights: dict[str, float], units: dict[str, str],
-                 source: TeacherSource, output: FullLogits | HeadChunks, accounting: Accounting,
+                 source: TeacherSource, output: FullLogits | ChunkedHead, accounting: Accounting,
                  label_names: tuple[str, ...], feature_layer: str | None, vocab_mismatch: str) -> None:
         self.signals = [signal for signal, _ in signals]
         self.weights, self.units = weights, units
@@ -92,7 +92,7 @@ class BatchPath:
                 f"(keys: {sorted(inputs)}). Add labels to the dataset, or set task_weight=0."
             )
         measure = self.accounting.measure(inputs)
-        scales = self.accounting.scales(measure.counts, num_items_in_batch)
+        inverse_counts = self.accounting.inverse_counts(measure.counts, num_items_in_batch)
         strategy = self.full if full_logits else self.output
         drop = self.source.batch_only_keys()
         with FeatureTap(model, self.feature_layer) if self.want_features else nullcontext() as tap:
@@ -104,7 +104,7 @@ class BatchPath:
             teacher = self.source.outputs(inputs, request)
         context = OutputContext(
             measure, labels if want_task else None, teacher, self.output_signal,
-            lambda name: self.weights[name] * scales[self.units[name]], training, self.vocab_mismatch, model,
+            lambda name: self.weights[name] * inverse_counts[self.units[name]], training, self.vocab_mismatch, model,
             labels if torch.is_tensor(labels) else None,
         )
         result = strategy.terms(context, student_outputs, extra)
@@ -125,4 +125,4 @@ class BatchPath:
             if strategy.fuses(signal) or (signal.needs_teacher and teacher is None):
                 continue  # computed by the output strategy / an evaluation batch without teacher outputs
             sums[signal.name] = signal.loss_sum(view)
-        return BatchTerms(sums, measure, student_outputs, scales, result.fused, result.fused_terms, result.agreement)
+        return BatchTerms(sums, measure, student_outputs, inverse_counts, result.fused, result.fused_terms, result.agreement)

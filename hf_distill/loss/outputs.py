@@ -3,7 +3,7 @@ strategy, chosen once (`plan_output`).
 
 - `FullLogits`: the models return full logits ``[..., V]``; the task loss comes from them (or from the loss the
   student returns), the output term reads them like every other signal.
-- `HeadChunks`: causal LMs; each model returns its final hidden states, and its last position's logits on its first
+- `ChunkedHead`: causal LMs; each model returns its final hidden states, and its last position's logits on its first
   batch only (``logits_to_keep=1``, checked once against our output layer; then an empty index); the task and output terms are computed chunk by chunk
   from those (`signals.chunked.chunked_head_losses`), so no ``[tokens, V]`` tensor exists.
 """
@@ -29,14 +29,15 @@ from ..kernels.chunked import (
     chunking_obstacle,
     output_head,
 )
-from ..kernels.compiled import CompiledTerms
+from ..kernels.compiled import CompiledOutputTerms
 from ..kernels.liger import liger_head_losses, liger_obstacle
 from ..modeling import accepts_input, describe, model_inputs, output_logits, output_loss
+from ..positions import PositionUnit, align_labels
 from ..signals import Signal, task_loss_sum
 from ..signals.output import CachedTargets
 from ..speed.performance import compile_obstacle
 from ..teachers import CachedTeacher, TeacherHeads, TeacherLogits, TeacherOutputs
-from .accounting import Measure, PositionUnit, align_labels
+from .accounting import BatchCounts
 
 logger = logging.get_logger(__name__)
 
@@ -59,7 +60,7 @@ class OutputResult:
 class OutputContext:
     """What a strategy reads to compute the output terms of one batch."""
 
-    measure: Measure
+    measure: BatchCounts
     labels: torch.Tensor | None  # the targets when the task term is on, else None
     teacher: TeacherOutputs | None
     output_signal: Signal | None
@@ -81,7 +82,7 @@ class FullLogits:
     def fuses(self, signal: Signal) -> bool:
         return False
 
-    def forward(self, model: nn.Module, inputs: Mapping[str, Any], measure: Measure, want_task: bool,
+    def forward(self, model: nn.Module, inputs: Mapping[str, Any], measure: BatchCounts, want_task: bool,
                 drop: tuple[str, ...], options: dict[str, bool]) -> tuple[Any, bool]:
         """The student's outputs, and whether it was given the labels (its own loss is then the task loss)."""
         pass_labels = want_task and accepts_input(model, self.label_names[0])
@@ -120,7 +121,7 @@ class FullLogits:
         return OutputResult(sums, student_logits, teacher_logits, agreement=agreement)
 
 
-class HeadChunks:
+class ChunkedHead:
     """The chunked path (causal LMs): the output terms from final hidden states and output layers, `chunk_size`
     counted tokens at a time, in the precision of the models' forwards (`precision`: the accelerator's autocast)."""
 
@@ -136,7 +137,7 @@ class HeadChunks:
     def fuses(self, signal: Signal) -> bool:
         return signal.is_output_term
 
-    def forward(self, model: nn.Module, inputs: Mapping[str, Any], measure: Measure, want_task: bool,
+    def forward(self, model: nn.Module, inputs: Mapping[str, Any], measure: BatchCounts, want_task: bool,
                 drop: tuple[str, ...], options: dict[str, bool]) -> tuple[Any, tuple[OutputHead, torch.Tensor]]:
         """The student's outputs, and its output layer with the final hidden states of the counted positions."""
         drop = (*self.label_names, *drop)  # labels would make the model compute a full-vocabulary loss
@@ -189,12 +190,12 @@ class HeadChunks:
 
     def fused_kernel(self, rows: torch.Tensor, head: OutputHead, terms: OutputTerms, coefficients: dict[str, Any],
                      training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-        """Another implementation of the same ``(sum_k c_k S_k, {k: S_k})`` (`LigerChunks`); None: ours."""
+        """Another implementation of the same ``(sum_k c_k S_k, {k: S_k})`` (`LigerHead`); None: ours."""
         return None
 
 
-class LigerChunks(HeadChunks):
-    """`HeadChunks` whose training steps compute the output terms with Liger's fused linear JSD
+class LigerHead(ChunkedHead):
+    """`ChunkedHead` whose training steps compute the output terms with Liger's fused linear JSD
     (`output_kernel="liger"`, `hf_distill.kernels.liger`); evaluation (top-1 agreement) and a truncated shared vocabulary
     (``vocab_mismatch="truncate"``) stay on ours."""
 
@@ -209,11 +210,11 @@ class LigerChunks(HeadChunks):
                                  terms.signal, coefficients, dtype, self.chunk_size)
 
 
-class CompiledChunks(HeadChunks):
-    """`HeadChunks` whose closed-form chunk terms run as one `torch.compile` kernel (`output_kernel="compiled"`,
+class CompiledHead(ChunkedHead):
+    """`ChunkedHead` whose closed-form chunk terms run as one `torch.compile` kernel (`output_kernel="compiled"`,
     `signals.compiled`): the same values and gradients in fewer passes over each ``[chunk, V]`` tensor."""
 
-    terms_class = CompiledTerms
+    terms_class = CompiledOutputTerms
 
 
 def shared_vocabulary(student_logits: torch.Tensor, teacher_logits: torch.Tensor, unit: PositionUnit,
@@ -263,8 +264,8 @@ def checked_kernel(args: Any, source: Any, signals: list[tuple[Signal, float]] =
 def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module, teachers: list[nn.Module],
                 signals: list[tuple[Signal, float]], distributed_type: str, label_names: tuple[str, ...],
                 precision: Callable[[], Any] = nullcontext, aligned: bool = False,
-                kernel: str = "chunked") -> FullLogits | HeadChunks:
-    """The output strategy of a run (`logits_chunk_size`): `HeadChunks` where the models allow it ("auto", or an
+                kernel: str = "chunked") -> FullLogits | ChunkedHead:
+    """The output strategy of a run (`logits_chunk_size`): `ChunkedHead` where the models allow it ("auto", or an
     integer that insists, with an error saying why it cannot), else `FullLogits`. `aligned` (a teacher with another
     tokenizer): `FullLogits` for the student; `logits_chunk_size` then chunks the teacher's side of the spans.
     `kernel` "liger" (`output_kernel`) needs the chunked path: an error says why where it cannot have it."""
@@ -299,5 +300,5 @@ def plan_output(setting: str | int, model_unit: PositionUnit, student: nn.Module
         raise ValueError("output_kernel='liger' has no logit softcap (Gemma 2's final_logit_softcapping): set "
                          "output_kernel='chunked'.")
     size = auto_chunk_size(output_head(student).vocab_size) if setting == "auto" else int(setting)
-    strategy = {"liger": LigerChunks, "compiled": CompiledChunks}.get(kernel, HeadChunks)
+    strategy = {"liger": LigerHead, "compiled": CompiledHead}.get(kernel, ChunkedHead)
     return strategy(size, label_names, precision)

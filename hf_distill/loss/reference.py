@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..positions import IGNORE_INDEX
 from ..signals.output import OutputSignal
-from .accounting import IGNORE_INDEX
 
 
 def reference_loss(student: nn.Module, teacher: nn.Module, batch: Mapping[str, torch.Tensor], output: OutputSignal,

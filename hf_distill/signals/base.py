@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..checks.options import check_choice
-from ..loss.accounting import align_labels, token_mask
+from ..positions import align_labels, token_mask
 
 
 def upcast_half(tensor: torch.Tensor) -> torch.Tensor:

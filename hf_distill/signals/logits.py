@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from ..checks.options import check_choice
-from ..kernels.closed_form import CLOSED_FORM_KINDS
 from .base import BuildContext
+from .closed_form import CLOSED_FORM_KINDS
 from .cross_vocab import CROSS_LOSSES, AlignedSpans, hybrid_distance, sorted_l1, span_divergence_sum
 from .divergences import jsd_from_log_probs, kl_from_log_probs, sampled_token_estimate, tvd_from_log_probs
 from .output import CachedTargets, ClosedForm, OutputSignal

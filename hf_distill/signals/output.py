@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels.closed_form import divergence_and_grad
 from .base import Signal, SignalView, upcast_half
+from .closed_form import divergence_and_grad
 from .cross_vocab import AlignedSpans, span_divergence_sum
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..loss.accounting import PositionUnit, align_labels
+from ..positions import PositionUnit, align_labels
 
 
 def task_loss_sum(

@@ -120,7 +120,7 @@ def model_card(info: CardInfo) -> str:
 
     lines = [f"# Student distilled from `{info.teacher}`", ""]
     if info.collapse:
-        lines += ["**Warning: the run flagged this student's samples as degenerate** (`hf_distill.evaluation.samples`; "
+        lines += ["**Warning: the run flagged this student's samples as degenerate** (`hf_distill.data.samples`; "
                   "read them in the run's `_report/report.md` before using it):", "",
                   *[f"- {c}" for c in info.collapse], ""]
     lines.append(

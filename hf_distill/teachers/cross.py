@@ -24,7 +24,7 @@ from transformers.utils import logging
 from ..data.alignment import Offsets, VocabularyMap, align_spans, check_fast, decoded_offsets, teacher_offsets
 from ..data.chat import TEACHER_PROMPTS
 from ..kernels.chunked import auto_chunk_size, chunking_obstacle, output_head
-from ..loss.accounting import PositionUnit, infer_position_unit
+from ..positions import PositionUnit, infer_position_unit
 from ..signals.cross_vocab import CROSS_LOSSES, AlignedSpans, SpanPooling, SpanSide, describe_vocab
 from ..signals.registry import registered_signals
 from .base import TeacherHeads, TeacherLogits, TeacherOutputs, TeacherRequest, TeacherSource

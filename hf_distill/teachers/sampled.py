@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ..data.chat import TEACHER_PROMPTS, stop_ids
-from ..evaluation.samples import CompletionLog, SamplingSettings, gathered_for_generation, sample_completions, writer
-from ..loss.accounting import IGNORE_INDEX
+from ..data.samples import CompletionLog, SamplingSettings, gathered_for_generation, sample_completions, writer
 from ..modeling import context_length, unwrap
+from ..positions import IGNORE_INDEX
 from .base import TeacherSource
 
 __all__ = ["SampledCompletions", "SamplingSettings", "sample_completions", "on_policy_source", "prompt_rows"]
@@ -39,7 +39,7 @@ CHECKED_ROWS = 10_000
 GenerateFn = Callable[[nn.Module, list[list[int]], "SamplingSettings", int], list[list[int]]]
 
 
-def draw(seed: int, *where: int) -> random.Random:
+def seeded_rng(seed: int, *where: int) -> random.Random:
     """A generator seeded by `seed` and a position (step, micro-batch, ...): the same draws on every process and in a
     resumed run."""
     return random.Random(hash((seed, *where)) & 0xFFFFFFFF)
@@ -151,7 +151,7 @@ class SampledCompletions(TeacherSource):
 
     def samples_student(self, step: int, micro: int) -> bool:
         """Whether micro-batch `micro` of optimizer step `step` is completed by the student (``u < lmbda``)."""
-        return draw(self.settings.seed, step, micro).random() < self.settings.lmbda
+        return seeded_rng(self.settings.seed, step, micro).random() < self.settings.lmbda
 
     def teacher_generator(self) -> nn.Module:
         """The model that writes seq_kd completions: the (first) teacher, unwrapped from its engine."""
@@ -174,7 +174,7 @@ class SampledCompletions(TeacherSource):
             return batch
         prompts = prompt_rows(batch, self.label_name)
         process = self.accelerator.process_index if self.accelerator is not None else 0
-        seed = draw(self.settings.seed, step[0], step[1], process).getrandbits(63)
+        seed = seeded_rng(self.settings.seed, step[0], step[1], process).getrandbits(63)
         start, entropies = time.perf_counter(), []
         measured = model is student and self.generate_fn is sample_completions  # (the student's own distribution)
         with gathered_for_generation(model, self.accelerator):
@@ -268,7 +268,7 @@ def on_policy_source(args: Any, source: TeacherSource, student: nn.Module, proce
     """`source` wrapped in `SampledCompletions` when the run samples (lmbda > 0 or seq_kd), after refusing what
     cannot work: a student that is not a causal LM, a teacher that cannot score new sequences (an offline cache, no
     teacher), a missing tokenizer or pad token, data without prompts, completions that overflow the context."""
-    from ..loss.accounting import PositionUnit, infer_position_unit
+    from ..positions import PositionUnit, infer_position_unit
 
     sampling = args.lmbda > 0 or args.seq_kd
     if args.logits_loss == "sampled_token" and args.logits_weight > 0 and (

@@ -43,7 +43,7 @@ SHAPE_FIELDS: tuple[str, ...] = ("model_type", "num_hidden_layers", "hidden_size
 def template_record(tokenizer: Any) -> dict[str, str | None]:
     """The chat template (``sha256`` of its text, 16 hex characters) and the token that ends an assistant turn with it:
     what rendered conversational rows depend on beyond the vocabulary. None for a tokenizer without a template."""
-    from ..data.chat import end_of_turn_id
+    from .chat import end_of_turn_id
 
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or not template:

@@ -36,9 +36,9 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from ..data.chat import end_completion, left_padded, pad_id, stop_ids
-from ..loss.accounting import IGNORE_INDEX
 from ..modeling import unwrap
+from ..positions import IGNORE_INDEX
+from .chat import end_completion, left_padded, pad_id, stop_ids
 
 logger = logging.get_logger(__name__)
 
@@ -418,7 +418,7 @@ def samples_markdown(entry: dict[str, Any]) -> str:
 
 def samples_callbacks(trainer: Any) -> list[TrainerCallback]:
     """The held-out samples of a causal-LM run with a tokenizer and an evaluation set (`args.sample_prompts` > 0)."""
-    from ..loss.accounting import PositionUnit, infer_position_unit
+    from ..positions import PositionUnit, infer_position_unit
 
     args, tokenizer = trainer.args, trainer.processing_class
     if (args.sample_prompts <= 0 or tokenizer is None or not hasattr(tokenizer, "decode")
