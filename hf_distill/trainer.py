@@ -175,7 +175,7 @@ class DistillationTrainer(Trainer):
                                      self.accelerator.gather, args.world_size > 1 and args.average_tokens_across_devices,
                                      self.accelerator.num_processes)
         self.batch_path = MicroBatchLoss(self.signals, self._term_weights, self._term_units, source, self.output_strategy,
-                                    self.accounting, tuple(self.label_names), args.feature_layer, args.vocab_mismatch)
+                                         self.accounting, tuple(self.label_names), args.feature_layer, args.vocab_mismatch)
 
     @property
     def label_name(self) -> str:

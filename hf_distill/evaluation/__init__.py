@@ -1,1 +1,1 @@
-"""Scoring students: held-out token scores and draft acceptance, sampled-completion statistics, HumanEval in a sandbox."""
+"""Scoring students: held-out token scores, teacher NLL and draft acceptance, HumanEval in a sandbox."""

@@ -1,1 +1,2 @@
-"""Fast ways to compute the output layer and its loss: the chunked head, the closed form, the compiled kernel, Liger, bf16 backward products."""
+"""Fast ways to compute the output layer and its loss: the chunked head, its compiled kernel, Liger, bf16 backward
+products."""

@@ -146,7 +146,8 @@ class TermLog:
             if torch.is_tensor(mask):
                 self.tokens += int(mask.sum()) if "attention_mask" in batch else mask.numel()
 
-    def add(self, sums: dict[str, torch.Tensor], inverse_counts: dict[str, torch.Tensor], units: dict[str, str]) -> None:
+    def add(self, sums: dict[str, torch.Tensor], inverse_counts: dict[str, torch.Tensor],
+            units: dict[str, str]) -> None:
         for name, value in sums.items():
             scaled = (value.detach() * inverse_counts[units[name]]).float()
             self.sums[name] = self.sums.get(name, 0.0) + scaled

@@ -125,4 +125,5 @@ class MicroBatchLoss:
             if strategy.fuses(signal) or (signal.needs_teacher and teacher is None):
                 continue  # computed by the output strategy / an evaluation batch without teacher outputs
             sums[signal.name] = signal.loss_sum(view)
-        return BatchTerms(sums, measure, student_outputs, inverse_counts, result.fused, result.fused_terms, result.agreement)
+        return BatchTerms(sums, measure, student_outputs, inverse_counts, result.fused, result.fused_terms,
+                          result.agreement)

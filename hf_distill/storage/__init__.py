@@ -1,1 +1,1 @@
-"""What a run writes: atomic files, output folders, provenance records, model cards."""
+"""What a run writes: atomic files, output folders, model cards."""
