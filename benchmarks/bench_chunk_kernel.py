@@ -3,11 +3,11 @@
 What runs, per (vocabulary, logits dtype, loss): one chunk of student and teacher logits ``[chunk, V]`` (chunk =
 ``2**24 // V``, what ``logits_chunk_size="auto"`` picks), random ``N(0, 3^2)``, labels for the task term, and
 ``L = 0.5 CE + 0.5 T^2 D`` with its gradient ``dL/dz`` returned in the logits' dtype: exactly the per-chunk work of
-`signals.chunked` between the output layer's matmuls.
+`kernels.chunked` between the output layer's matmuls.
 
 - eager: the logits cast to float32, `closed_form.cross_entropy_and_grad` + `divergence_and_grad`, the gradient cast
   back (what ``"chunked"`` does);
-- compiled: `signals.compiled.CompiledKernel` (one `torch.compile` kernel; its compile time is printed apart).
+- compiled: `kernels.compiled.CompiledKernel` (one `torch.compile` kernel; its compile time is printed apart).
 
 Time: median of --repeats calls after two warm-ups, `keep_freed_memory()` on (as the command line). The gradient's
 relative difference ``||g_c - g_e|| / ||g_e||`` and the loss's are printed (both read the same logits). No matmul

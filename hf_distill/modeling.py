@@ -119,7 +119,7 @@ def output_loss(outputs: Any) -> torch.Tensor | None:
 def declared_output_size(model: nn.Module, unit: Any) -> int | None:
     """The width of the model's outputs as its configuration declares it, or `None` when it cannot be known before
     a forward pass: the output embedding's rows for language models, ``config.num_labels`` for classifiers (`unit`:
-    the student's `accounting.PositionUnit`)."""
+    the student's `positions.PositionUnit`)."""
     base = unwrap(model)
     if unit.is_token_level and hasattr(base, "get_output_embeddings"):
         head = base.get_output_embeddings()

@@ -135,14 +135,12 @@ class CacheArguments:
 def _option_names(dataclass_types: Sequence[type]) -> dict[str, str]:
     """Every option's name (and alias, e.g. ``beta``) -> its declared type, as text (e.g. ``"bool"``,
     ``"IntervalStrategy | str"``), or ``"text"`` for a union-valued option that takes one word (`_text_unions`)."""
+    unions = _text_union_defaults(dataclass_types)
     known = {}
-    for cls in dataclass_types:
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            if f.init:
-                kind = "text" if _union_with_text(hints[f.name]) else getattr(f.type, "__name__", str(f.type))
-                for name in (f.name, *(alias.lstrip("-") for alias in f.metadata.get("aliases", ()))):
-                    known[name] = kind
+    for f in (f for cls in dataclass_types for f in fields(cls) if f.init):
+        kind = "text" if f.name in unions else getattr(f.type, "__name__", str(f.type))
+        for name in (f.name, *(alias.lstrip("-") for alias in f.metadata.get("aliases", ()))):
+            known[name] = kind
     return known
 
 
@@ -152,8 +150,9 @@ def _is_boolean(type_text: str) -> bool:
 
 def config_file_arguments(path: str, known: dict[str, str]) -> list[str]:
     """The flags a YAML (or JSON) recipe stands for: ``key: value`` -> ``--key value`` (lists -> several values;
-    a union-valued option's pairs (`layer_map`) and dicts -> JSON). YAML reads an unquoted ``no`` / ``off`` as false: for an option that is not
-    a boolean (``save_strategy: no``) that means the choice "no"; an unquoted ``yes`` / ``on`` there is refused."""
+    a union-valued option's pairs (`layer_map`) and dicts -> JSON). YAML reads an unquoted ``no`` / ``off`` as false:
+    for an option that is not a boolean (``save_strategy: no``) that means the choice "no"; an unquoted ``yes`` /
+    ``on`` there is refused."""
     import yaml
 
     file = Path(path)
@@ -204,11 +203,19 @@ def _union_with_text(annotation: Any) -> bool:
     return str in members and len([m for m in members if m not in (str, type(None))]) > 0
 
 
+def _text_union_defaults(dataclass_types: Sequence[type]) -> dict[str, Any]:
+    """The union-valued options (`_union_with_text`) -> their defaults (each class's type hints read once)."""
+    found = {}
+    for cls in dataclass_types:
+        hints = typing.get_type_hints(cls)
+        found.update({f.name: f.default for f in fields(cls) if f.init and _union_with_text(hints[f.name])})
+    return found
+
+
 def _text_unions(parser: HfArgumentParser, dataclass_types: Sequence[type]) -> None:
     """A union-valued option takes one word on the command line, which its dataclass's validation reads
     (`HfArgumentParser` would keep only the non-text member: ``--logits_chunk_size auto`` would fail as an int)."""
-    defaults = {f.name: f.default for cls in dataclass_types for f in fields(cls)
-                if f.init and _union_with_text(typing.get_type_hints(cls)[f.name])}
+    defaults = _text_union_defaults(dataclass_types)
     for action in parser._actions:
         if action.dest in defaults:  # (its list member would also have dropped the default)
             action.type, action.nargs, action.default = str, None, defaults[action.dest]

@@ -8,7 +8,7 @@ the output layers of both models:
 with ``JSD_beta = beta KL(p_t || m) + (1 - beta) KL(p_s || m)``, ``m = (1 - beta) p_s + beta p_t`` (beta 0: forward
 KL(p_t || p_s), beta 1: reverse KL(p_s || p_t)): our ``jsd`` / ``forward_kl`` / ``reverse_kl`` divergences. We pass
 ``w_hard = c_task``, ``w_soft = c_logits * T^2`` (with `scale_by_temperature_squared`) and multiply by the number of
-rows N, so the result is the chunked path's ``sum_k c_k S_k`` (`signals.chunked.chunked_head_losses`), equal within
+rows N, so the result is the chunked path's ``sum_k c_k S_k`` (`kernels.chunked.chunked_head_losses`), equal within
 float tolerance (tested on CPU). On CUDA Liger compiles its chunk step (``torch.compile``); elsewhere it runs eagerly
 (for tests; our own chunked loss is faster there). Training steps only: evaluation (top-1 agreement) stays on ours.
 """

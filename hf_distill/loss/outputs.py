@@ -4,8 +4,9 @@ strategy, chosen once (`plan_output`).
 - `FullLogits`: the models return full logits ``[..., V]``; the task loss comes from them (or from the loss the
   student returns), the output term reads them like every other signal.
 - `ChunkedHead`: causal LMs; each model returns its final hidden states, and its last position's logits on its first
-  batch only (``logits_to_keep=1``, checked once against our output layer; then an empty index); the task and output terms are computed chunk by chunk
-  from those (`signals.chunked.chunked_head_losses`), so no ``[tokens, V]`` tensor exists.
+  batch only (``logits_to_keep=1``, checked once against our output layer; then an empty index); the task and output
+  terms are computed chunk by chunk from those (`kernels.chunked.chunked_head_losses`), so no ``[tokens, V]`` tensor
+  exists.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ class LigerHead(ChunkedHead):
 
 class CompiledHead(ChunkedHead):
     """`ChunkedHead` whose closed-form chunk terms run as one `torch.compile` kernel (`output_kernel="compiled"`,
-    `signals.compiled`): the same values and gradients in fewer passes over each ``[chunk, V]`` tensor."""
+    `kernels.compiled`): the same values and gradients in fewer passes over each ``[chunk, V]`` tensor."""
 
     terms_class = CompiledOutputTerms
 
@@ -237,7 +238,7 @@ def shared_vocabulary(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def output_precision(accelerator: Any, dtype: str | None) -> Callable[[], Any]:
     """The context the chunked output layer's matmuls run in: the accelerator's autocast (`dtype` None: the
     forward's precision), or autocast to `dtype` (`output_layer_dtype`) on the models' device; the loss itself and the
-    accumulation of the output layer's gradient stay in float32 (`signals.chunked`)."""
+    accumulation of the output layer's gradient stay in float32 (`kernels.chunked`)."""
     if dtype is None:
         return accelerator.autocast
     device, torch_dtype = accelerator.device.type, getattr(torch, dtype)

@@ -1,6 +1,6 @@
 """The output terms' value and gradient with respect to the student's logits, in closed form, for a chunk of rows.
 
-The chunked output path (`signals.chunked`) needs ``dL/dz`` of each chunk. Autograd through a divergence makes some
+The chunked output path (`kernels.chunked`) needs ``dL/dz`` of each chunk. Autograd through a divergence makes some
 50 element-wise passes over the ``[chunk, V]`` tensors (forward and backward); on a CPU those passes, not the output
 layer's matmuls, were most of a distillation step (docs/performance.md, section 8). The gradients below need a
 handful. With ``p = softmax(z_s / T)``, ``q = softmax(z_t / T)`` and ``<a, b> = sum_v a_v b_v`` per row:

@@ -43,6 +43,7 @@ def prepare_student_for_signals(model: nn.Module, signals: list[tuple[Signal, fl
         if fields:
             use_eager_attention(model, "student", reason, fields)
 
+
 class SignalModules(nn.ModuleDict):
     """All trainable signal modules, by ``<signal>.<module>`` name."""
 

@@ -5,7 +5,7 @@ An output signal (`OutputSignal`) defines one method, ``divergence(a_s, a_t, tok
 two log-distributions at its temperature (raw logits where it reads them: `reads_raw_logits`). Every way of computing
 the output layer calls it through the teacher-output form it has:
 
-- full logits, or a chunk of the output layer (`signals.chunked`): ``logits_rows`` =
+- full logits, or a chunk of the output layer (`kernels.chunked`): ``logits_rows`` =
   ``s * D(log softmax(z_s / T), log softmax(z_t / T))``;
 - a top-k teacher cache (`CachedTargets`: top-k log-probabilities and the tail's mass): ``top_k_rows`` =
   ``s * D(P_s, P_t)`` over the k ids and one tail bucket (the coarsened distributions);
