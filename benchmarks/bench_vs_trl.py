@@ -116,7 +116,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_logits_loss import machine  # noqa: E402
 
 TRAINERS = ("trl", "trl-bf16", "ours", "ours-plain", "ours-fast", "ours-bf16-head", "ours-bf16-backward",
-            "ours-compiled", "ours-layers", "ours-recommended", "ours-liger", "trl-stable")
+            "ours-compiled", "ours-layers", "ours-recommended", "ours-liger", "trl-stable", "ours-generate")
 #: Rows that run their student step under bf16 autocast whatever --bf16 says (``TrainingArguments(bf16=True)``).
 BF16_ROWS = ("trl-bf16", "ours-fast", "ours-liger")
 #: Rows that multiply bf16 matrices whatever the machine (autocast, a bf16 teacher, bf16 output layers or backward):
@@ -288,6 +288,8 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
             extra["teacher_dtype"] = recommended_precision(opts.device, None).teacher_dtype
         if opts.on_policy:
             extra.update(lmbda=1.0, max_new_tokens=opts.max_new_tokens, generation_temperature=opts.temperature)
+            if which == "ours-generate":  # (the sampler before issue 42: transformers' generate)
+                extra["sampler"] = "generate"
         args = DistillationConfig(
             **common, logits_loss="jsd", jsd_beta=opts.beta, task_weight=0.0, logits_weight=1.0,
             temperature=opts.temperature, **extra,
@@ -354,8 +356,8 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
         kwargs["data_collator"] = collator
     trainer = Recorded(model=student, teacher_model=teacher, args=args, train_dataset=train,
                        processing_class=tokenizer, callbacks=[clock], **kwargs)
-    if which in ("ours", "ours-plain") and opts.on_policy:
-        sample = trainer.teacher_source.generate_fn
+    if which.startswith("ours") and opts.on_policy:  # (its sampling calls, timed as they run: entropies included)
+        sample = trainer.teacher_source._sample
 
         def timed(*a):
             start = time.perf_counter()
@@ -363,7 +365,7 @@ def worker(which: str, opts: argparse.Namespace) -> dict:
             generation["seconds"].append(time.perf_counter() - start)
             return out
 
-        trainer.teacher_source.generate_fn = timed
+        trainer.teacher_source._sample = timed
     del teacher, student  # the trainer holds them
 
     if cuda:

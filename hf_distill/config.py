@@ -197,6 +197,9 @@ class DistillationConfig(TrainingArguments):
         num_generations (`int`, defaults to 1):
             Completions sampled per prompt on a sampled micro-batch (it then holds ``rows * num_generations``
             sequences; all count). As TRL's `DistillationConfig.num_generations`.
+        sampler (`str`, defaults to `"auto"`):
+            What draws the completions: `"decode"` (our decode loop, `data.decode`: 2x `generate`'s tokens/s on a CPU,
+            the same distribution), `"generate"` (`model.generate`), `"auto"` (the decode loop on a CPU, else generate).
         sample_prompts (`int`, defaults to 4), sample_max_new_tokens (`int`, defaults to 48):
             Causal LMs: at each evaluation and at the end of training, the teacher's and the student's greedy answers
             to this many held-out prompts, side by side in the log, the reporting integrations and the report
@@ -347,6 +350,9 @@ class DistillationConfig(TrainingArguments):
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the completions (1.0: off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling of the completions (0: off)."})
     num_generations: int = field(default=1, metadata={"help": "Completions sampled per prompt on a sampled batch."})
+    sampler: str = field(default="auto", metadata={"help": "What samples completions: 'decode' (our loop), 'generate' "
+                                                           "or 'auto' (decode on a CPU).",
+                                                   "choices": ["auto", "decode", "generate"]})
 
     sample_prompts: int = field(default=4, metadata={"help": "Held-out prompts answered greedily by teacher and student "
                                                              "at each evaluation and at the end (0: off)."})

@@ -203,19 +203,19 @@ class DistillationTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetch the micro-batches of one optimizer step, let the teacher source make their sequences
-        (`TeacherSource.prepare_batch`), and count what counts in all of them (`Accounting.count_step`).
+        (`TeacherSource.prepare_batches`), and count what counts in all of them (`Accounting.count_step`).
 
         The position count replaces transformers' `num_items_in_batch`: it is taken for every task (examples, tokens,
         shifted tokens, or attention-masked tokens without labels) and, with `average_tokens_across_devices`, summed
         over processes. Token-level signals get the same treatment for their token count.
         """
-        batch_samples = []
-        for micro in range(num_batches):
+        batches = []
+        for _ in range(num_batches):
             try:
-                batch = next(epoch_iterator)
+                batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-            batch_samples.append(self.teacher_source.prepare_batch(batch, self.model, (self.state.global_step, micro)))
+        batch_samples = self.teacher_source.prepare_batches(batches, self.model, self.state.global_step)
         if not batch_samples:
             self.accounting.step_counts = None
             return batch_samples, None

@@ -13,7 +13,7 @@ import datasets
 import pytest
 import torch
 
-from hf_distill.data.samples import TokenTicker
+from hf_distill.data.sampler import TokenTicker
 from hf_distill.evaluation.code_eval import (
     CodeBlockEnd,
     Sandbox,

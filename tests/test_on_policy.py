@@ -12,7 +12,7 @@ from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.data.chat import prepare_chat_dataset
 from hf_distill.signals.logits import reverse_kl, sampled_token_kl
 from hf_distill.teachers import SampledCompletions
-from hf_distill.teachers.sampled import sample_completions
+from hf_distill.teachers.sampled import prompt_rows, sample_completions
 
 from .conftest import lm_dataset, tiny_llama
 from .test_chat_data import CHATML, chat_tokenizer
@@ -347,3 +347,27 @@ def test_a_lora_student_samples_with_its_adapters_and_its_base_model_teaches_and
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert all(log["generated_tokens"] > 0 for log in logs) and all(log["logits_loss"] >= 0 for log in logs)
+
+
+def test_the_micro_batches_of_a_step_are_sampled_in_one_generation(tmp_path):
+    """Gradient accumulation 3 with lmbda=0.5 and seq_kd: per optimizer step one generation call for the student's
+    micro-batches (all their prompts, in order) and one for the teacher's; each micro-batch gets back the completions
+    of its own prompts, exactly as one call per micro-batch would give them."""
+    tokenizer, rows, collator = setup(n=24)
+    trainer = trainer_for(tmp_path, tokenizer, rows, collator, per_device_train_batch_size=2,
+                          gradient_accumulation_steps=3, lmbda=0.5, seq_kd=True, max_steps=1)
+    source, fixed, calls = trainer.teacher_source, fixed_completions({}), []
+    source.generate_fn = lambda model, prompts, settings, seed: calls.append((model, prompts)) or fixed(
+        model, prompts, settings, seed)
+    step = next(s for s in range(100) if len({source.samples_student(s, micro) for micro in range(3)}) == 2)
+    student_picks = [source.samples_student(step, micro) for micro in range(3)]  # (both writers in this step)
+    batches = [collated(collator, rows, range(2 * m, 2 * m + 2)) for m in range(3)]
+    out = source.prepare_batches(batches, trainer.model, step)
+    assert len(calls) == 2 and {id(model) for model, _ in calls} == {id(trainer.model),
+                                                                       id(source.teacher_generator())}
+    for model, prompts in calls:
+        picked = [m for m in range(3) if student_picks[m] == (model is trainer.model)]
+        assert prompts == [p for m in picked for p in prompt_rows(batches[m])]
+    for m in range(3):
+        one = source.prepare_batch(batches[m], trainer.model, (step, m))
+        assert torch.equal(out[m]["input_ids"], one["input_ids"]) and torch.equal(out[m]["labels"], one["labels"])

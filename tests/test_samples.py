@@ -14,15 +14,8 @@ import torch
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cli.report import Significant
-from hf_distill.data.samples import (
-    CollapseError,
-    EntropyMeter,
-    SamplingSettings,
-    collapse_reasons,
-    completion_stats,
-    sample_completions,
-    samples_history,
-)
+from hf_distill.data.sampler import EntropyMeter, SamplingSettings, sample_completions
+from hf_distill.data.samples import CollapseError, collapse_reasons, completion_stats, samples_history
 
 from .conftest import tiny_llama
 from .llm_workspace import llm_distill, llm_generate, make_llm_workspace

@@ -46,6 +46,7 @@ def check_sampling_settings(args: Any) -> None:
     ) if not ok]
     if bad:
         raise ValueError(f"Sampling settings out of range: {'; '.join(bad)}.")
+    check_choice("sampler", getattr(args, "sampler", "auto"), ("auto", "decode", "generate"))
     if args.logits_loss == "sampled_token" and args.logits_weight > 0 and args.lmbda == 0 and not args.seq_kd:
         raise ValueError(
             "logits_loss='sampled_token' is an on-policy estimator (log p_s(y) - log p_t(y) at tokens y the student "

@@ -18,14 +18,8 @@ from transformers.utils import logging
 
 from ..data.chat import pad_id, stop_ids
 from ..data.loading import TASKS, DataArguments
-from ..data.samples import (
-    SamplingSettings,
-    collapse_reasons,
-    completion_stats,
-    held_out_prompts,
-    sample_completions,
-    samples_markdown,
-)
+from ..data.sampler import SamplingSettings, sample_completions
+from ..data.samples import collapse_reasons, completion_stats, held_out_prompts, samples_markdown
 from ..evaluation.code_eval import (
     ALLOW_FLAG,
     CodeBlockEnd,

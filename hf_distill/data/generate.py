@@ -29,7 +29,8 @@ from ..modeling import context_length, weights_fingerprint
 from ..storage.files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .chat import detect_rows_format, end_completion, left_padded, prompt_ids, stop_ids
 from .provenance import folder_kind, template_record
-from .samples import CAPPED_WARN, TokenTicker, check_collapse, completion_stats
+from .sampler import TokenTicker
+from .samples import CAPPED_WARN, check_collapse, completion_stats
 from .teacher_cache import (
     CACHE_COLUMNS,
     CACHE_FEATURES,

@@ -20,25 +20,17 @@ relative to the teacher's samples on the same prompts where those exist.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
     TrainerCallback,
 )
 from transformers.utils import logging
 
-from ..modeling import unwrap
 from ..positions import IGNORE_INDEX
-from .chat import end_completion, left_padded, pad_id, stop_ids
+from .chat import pad_id, stop_ids
+from .sampler import SamplingSettings, gathered_for_generation, sample_completions, writer
 
 logger = logging.get_logger(__name__)
 
@@ -61,118 +53,6 @@ COLLAPSE_MODES = ("warn", "error")
 
 class CollapseError(RuntimeError):
     """Raised with ``on_collapse="error"`` when sampled completions degenerate."""
-
-
-@dataclass
-class SamplingSettings:
-    """How completions are sampled (from `DistillationConfig`: lmbda, seq_kd, max_new_tokens,
-    generation_temperature, top_p, top_k, num_generations, seed); `pad_id` / `stop_ids` from the tokenizer."""
-
-    lmbda: float
-    seq_kd: bool
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    num_generations: int
-    seed: int
-    pad_id: int
-    stop_ids: tuple[int, ...]
-
-    @classmethod
-    def from_args(cls, args: Any, pad_id: int, stop_ids: tuple[int, ...]) -> "SamplingSettings":
-        return cls(args.lmbda, args.seq_kd, args.max_new_tokens, args.generation_temperature, args.top_p, args.top_k,
-                   args.num_generations, args.seed, pad_id, stop_ids)
-
-
-class EntropyMeter(LogitsProcessor):
-    """Records ``-sum_v p_v log p_v`` of the raw next-token distribution at every generation step (it runs before
-    temperature / top-k / top-p warping) and leaves the scores unchanged."""
-
-    def __init__(self) -> None:
-        self.steps: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.steps.append(torch.special.entr(torch.softmax(scores.float(), dim=-1)).sum(-1).cpu())
-        return scores
-
-    def per_completion(self, lengths: Sequence[int]) -> list[float]:
-        """Mean entropy over each row's first `lengths[r]` generated tokens (its own, not the padding after them)."""
-        if not self.steps:
-            return [0.0] * len(lengths)
-        table = torch.stack(self.steps, dim=1)  # [rows, steps]
-        return [float(table[r, :n].mean()) if n else 0.0 for r, n in enumerate(lengths)]
-
-
-class TokenTicker(StoppingCriteria):
-    """Shows the batch's generated tokens in a progress bar at every 4th decoding step (a bar that moved once per
-    batch sat at 0 for minutes), with the bar's ``rate`` text when set; stops what `inner` stops (else nothing)."""
-
-    def __init__(self, bar: Any, max_new_tokens: int, inner: StoppingCriteria | None = None) -> None:
-        self.bar, self.max_new_tokens, self.inner, self.step = bar, max_new_tokens, inner, 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        self.step += 1
-        if self.step == 1 or self.step % 4 == 0:
-            self.bar.set_postfix_str(f"this batch: token {self.step}/{self.max_new_tokens}"
-                                     + getattr(self.bar, "rate", ""))
-        if self.inner is not None:
-            return self.inner(input_ids, scores, **kwargs)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def writer(model: nn.Module) -> nn.Module:
-    """The module that generates for `model`: a self-distillation teacher as it is (its `generate` turns the adapters
-    off), anything else unwrapped from its engine."""
-    return model if hasattr(model, "student") else unwrap(getattr(model, "module", model), peft=False)
-
-
-@torch.no_grad()
-def sample_completions(model: nn.Module, prompts: list[list[int]], settings: SamplingSettings, seed: int,
-                       entropies: list[float] | None = None, stopping: Any = None) -> list[list[int]]:
-    """`num_generations` completions per prompt (in order) from `model`: left-padded batched `generate` in eval
-    mode, drawn inside a forked RNG seeded with `seed` (``temperature=0``: greedy); each cut after its stop token
-    (`chat.end_completion`). With `entropies`, each completion's mean token entropy is appended to it; `stopping`
-    (a function of the padded prompt width returning a `StoppingCriteria`) ends rows early as well."""
-    device = getattr(model, "device", None) or next(model.parameters()).device
-    ids, mask = left_padded(prompts, settings.pad_id, device)
-    width = ids.shape[1]
-    sampling = settings.temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=sampling,
-        temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
-        top_k=settings.top_k if sampling else None, num_return_sequences=settings.num_generations,
-        eos_token_id=list(settings.stop_ids), pad_token_id=settings.pad_id, use_cache=True,
-    )
-    meter = EntropyMeter() if entropies is not None else None
-    was_training = model.training
-    model.eval()
-    try:
-        cuda = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                 logits_processor=LogitsProcessorList([meter]) if meter else None,
-                                 stopping_criteria=StoppingCriteriaList([stopping(width)]) if stopping else None)
-    finally:
-        model.train(was_training)
-    completions = [end_completion(row, settings.stop_ids) for row in out[:, width:].tolist()]
-    if meter is not None:
-        entropies.extend(meter.per_completion([len(c) for c in completions]))
-    return completions
-
-
-def gathered_for_generation(model: nn.Module, accelerator: Any):
-    """DeepSpeed ZeRO-3: the model's partitioned parameters gathered whole for generation (released on exit);
-    elsewhere nothing to do."""
-    if accelerator is None or accelerator.distributed_type.value != "DEEPSPEED":
-        return nullcontext()
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 # ---- statistics -------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.chat import IGNORE_INDEX, left_padded
-from ..data.samples import SamplingSettings, TokenTicker, sample_completions
+from ..data.sampler import SamplingSettings, TokenTicker, sample_completions
 
 #: Most logits (rows x positions x classes) one scoring forward pass holds, ~0.5 GB in float32: batches are cut into
 #: fewer rows to stay under it (with a 152k-token vocabulary, one row of up to 880 tokens per pass), so the batch size

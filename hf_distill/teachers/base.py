@@ -106,6 +106,11 @@ class TeacherSource:
         labels say which positions count). `step`: (the optimizer step, the micro-batch within it)."""
         return batch
 
+    def prepare_batches(self, batches: list[Mapping[str, Any]], student: nn.Module, step: int) -> list[Any]:
+        """All micro-batches of optimizer step `step` as they are trained on (`prepare_batch` each, in order); a
+        source that samples draws every micro-batch's completions in one generation."""
+        return [self.prepare_batch(batch, student, (step, micro)) for micro, batch in enumerate(batches)]
+
     def outputs(self, inputs: Mapping[str, Any], request: TeacherRequest) -> TeacherOutputs | None:
         """The teacher's outputs for a batch, or None when this batch has none."""
         return None

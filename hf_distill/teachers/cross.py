@@ -241,6 +241,9 @@ class CrossTokenizerTeacher(TeacherSource):
     def prepare_batch(self, batch: Any, student: nn.Module, step: tuple[int, int] = (0, 0)) -> Any:
         return self.inner.prepare_batch(batch, student, step)
 
+    def prepare_batches(self, batches: list[Any], student: nn.Module, step: int) -> list[Any]:
+        return self.inner.prepare_batches(batches, student, step)
+
     def wrap_collator(self, collator: Callable) -> Callable:
         return self.inner.wrap_collator(collator)
 

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..data.chat import TEACHER_PROMPTS, stop_ids
-from ..data.samples import CompletionLog, SamplingSettings, gathered_for_generation, sample_completions, writer
+from ..data.sampler import SamplingSettings, gathered_for_generation, sample_completions, writer
+from ..data.samples import CompletionLog
 from ..modeling import context_length, unwrap
 from ..positions import IGNORE_INDEX
 from .base import TeacherSource
@@ -162,19 +163,44 @@ class SampledCompletions(TeacherSource):
 
     def prepare_batch(self, batch: Mapping[str, Any], student: nn.Module,
                       step: tuple[int, int] = (0, 0)) -> Mapping[str, Any]:
-        batch = self.inner.prepare_batch(batch, student, step)
-        self._stats[3] += 1
-        self._steps.add(step[0])
-        if self.samples_student(*step):
-            model = student
-            self._stats[2] += 1
-        elif self.settings.seq_kd:
-            model = self.teacher_generator()
-        else:
-            return batch
-        prompts = prompt_rows(batch, self.label_name)
+        return self._prepare([batch], student, step[0], step[1])[0]
+
+    def prepare_batches(self, batches: list[Mapping[str, Any]], student: nn.Module, step: int) -> list[Any]:
+        """Every micro-batch of optimizer step `step`: those the student completes in one generation (their rows
+        together: one pass over the weights per token for all of them), those the teacher completes (seq_kd) in
+        another; the weights do not change within the step, so this draws from the same distribution as one
+        generation per micro-batch."""
+        return self._prepare(batches, student, step, 0)
+
+    def _prepare(self, batches: list[Mapping[str, Any]], student: nn.Module, step: int, first: int) -> list[Any]:
+        batches = [self.inner.prepare_batch(batch, student, (step, first + i)) for i, batch in enumerate(batches)]
+        self._stats[3] += len(batches)
+        self._steps.add(step)
+        writers: list[nn.Module | None] = []
+        for i in range(len(batches)):
+            if self.samples_student(step, first + i):
+                writers.append(student)
+                self._stats[2] += 1
+            else:
+                writers.append(self.teacher_generator() if self.settings.seq_kd else None)
+        out: list[Any] = list(batches)
+        for model in {id(w): w for w in writers if w is not None}.values():
+            picked = [i for i, w in enumerate(writers) if w is model]
+            prompts = [prompt_rows(batches[i], self.label_name) for i in picked]
+            completions = self._sample(model, student, [p for rows in prompts for p in rows], step, first + picked[0])
+            at = 0
+            for i, rows in zip(picked, prompts):
+                count = len(rows) * self.settings.num_generations
+                out[i] = self._completed(batches[i], rows, completions[at: at + count])
+                at += count
+        self._step = step
+        return out
+
+    def _sample(self, model: nn.Module, student: nn.Module, prompts: list[list[int]], step: int,
+                micro: int) -> list[list[int]]:
+        """`num_generations` completions per prompt from `model`, seeded by (seed, step, micro-batch, process)."""
         process = self.accelerator.process_index if self.accelerator is not None else 0
-        seed = seeded_rng(self.settings.seed, step[0], step[1], process).getrandbits(63)
+        seed = seeded_rng(self.settings.seed, step, micro, process).getrandbits(63)
         start, entropies = time.perf_counter(), []
         measured = model is student and self.generate_fn is sample_completions  # (the student's own distribution)
         with gathered_for_generation(model, self.accelerator):
@@ -183,12 +209,14 @@ class SampledCompletions(TeacherSource):
         self._stats[4] += time.perf_counter() - start
         if model is student:
             self.completion_log.add(completions, entropies)
-        self._step = step[0]
         self._stats[0] += sum(map(len, completions))
         self._stats[1] += len(completions)
-        device = batch["input_ids"].device
-        out = completion_batch(prompts, completions, self.settings.num_generations, self.settings.pad_id, device,
-                               self.label_name)
+        return completions
+
+    def _completed(self, batch: Mapping[str, Any], prompts: list[list[int]],
+                   completions: list[list[int]]) -> dict[str, Any]:
+        out = completion_batch(prompts, completions, self.settings.num_generations, self.settings.pad_id,
+                               batch["input_ids"].device, self.label_name)
         if TEACHER_PROMPTS in batch:  # (a teacher of another tokenizer reads each row's prompt in its own template)
             out[TEACHER_PROMPTS] = [batch[TEACHER_PROMPTS][r // self.settings.num_generations]
                                     for r in range(len(completions))]
