@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--student_layers", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="also: where one call of each spends its time (the "
+                                                                "operators of torch.profiler, ms per sampled token)")
     opts = parser.parse_args()
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,6 +81,25 @@ def main() -> None:
         print(f"| {name} | {s:.2f} | {statistics.median(tokens[name]):.0f} | {rate:.1f} | {rate / base:.2f}x |")
     same = sum(a == b for a, b in zip(greedy["generate"], greedy["decode"]))
     print(f"\ngreedy answers equal to generate's token for token: {same}/{len(prompts)}")
+    if opts.profile:
+        profile(run, opts.max_new_tokens)
+
+
+def profile(run, steps: int, top: int = 8) -> None:
+    """One sampled call of each sampler under torch.profiler: its top operators by own CPU time, in ms per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for name in ("generate", "decode"):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            took, _ = run(name, 1.0)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        print(f"\n{name}: {took:.2f} s under the profiler, {total / 1e3 / steps:.1f} ms of operator time per step\n")
+        print("| operator | ms per step | share | calls per step |\n|---|---:|---:|---:|")
+        for e in events[:top]:
+            print(f"| {e.key} | {e.self_cpu_time_total / 1e3 / steps:.2f} | {e.self_cpu_time_total / total:.0%} | "
+                  f"{e.count / steps:.0f} |")
 
 
 if __name__ == "__main__":

@@ -179,3 +179,18 @@ def test_decode_refuses_a_model_it_cannot_serve_and_auto_falls_back():
     assert sampler.uses_decode(tiny_llama(), "auto", torch.device("cpu"))
     assert not sampler.uses_decode(tiny_llama(), "auto", torch.device("cuda"))
     assert not sampler.uses_decode(tiny_llama(), "generate", torch.device("cpu"))
+
+
+def test_a_model_whose_generation_config_changes_the_logits_samples_with_generate():
+    """transformers applies a model's own repetition penalty (and the like) on top of an explicit config: the decode
+    loop, which does not, leaves such a model to `generate` ('auto') or refuses it ('decode'), naming the setting."""
+    model = tiny_llama(vocab=48, seed=5).eval()
+    model.generation_config.repetition_penalty = 1.3
+    assert not sampler.uses_decode(model, "auto", torch.device("cpu"))
+    with pytest.raises(ValueError, match="repetition_penalty=1.3"):
+        sampler.uses_decode(model, "decode", torch.device("cpu"))
+    penalised = sample_completions(model, PROMPTS, settings(sampler_name="auto"), 0)
+    assert penalised == sample_completions(model, PROMPTS, settings(sampler_name="generate"), 0)
+    model.generation_config.repetition_penalty = 1.0
+    assert sampler.uses_decode(model, "auto", torch.device("cpu"))
+    assert sample_completions(model, PROMPTS, settings(sampler_name="auto"), 0) != penalised

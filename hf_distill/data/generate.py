@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,11 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList, set_seed
 from transformers.utils import logging
 
-from ..modeling import context_length, weights_fingerprint
+from ..modeling import context_length, unwrap, weights_fingerprint
 from ..storage.files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .chat import detect_rows_format, end_completion, left_padded, prompt_ids, stop_ids
 from .provenance import folder_kind, template_record
-from .sampler import TokenTicker
+from .sampler import TokenTicker, decode, packed_linears, uses_decode
 from .samples import CAPPED_WARN, check_collapse, completion_stats
 from .teacher_cache import (
     CACHE_COLUMNS,
@@ -61,6 +62,9 @@ class GenerationArguments:
     shard_size: int = field(default=256, metadata={"help": "Prompts per shard (the unit of resuming)."})
     seed: int = field(default=42, metadata={"help": "Shard k samples with seed + k."})
     device: str | None = field(default=None, metadata={"help": "Where the teacher runs (default: cuda if available)."})
+    sampler: str = field(default="auto", metadata={"help": "What draws the answers: 'decode' (our loop, data.sampler), "
+                                                           "'generate', 'auto' (decode on a CPU; the same distribution).",
+                                                   "choices": ["auto", "decode", "generate"]})
     cache_top_k: int = field(default=0, metadata={"help": "Also store the teacher's top-k log-probabilities at every "
                                                           "generated token, from its raw logits (the teacher-cache "
                                                           "format; 0: off). Distil with --teacher_cache on the folder."})
@@ -80,7 +84,33 @@ class GenerationArguments:
 
     def settings(self) -> dict[str, Any]:
         """What decides the shards (compared when resuming)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("output_dir", "device", "batch_size")}
+        return {k: v for k, v in asdict(self).items() if k not in ("output_dir", "device", "batch_size", "sampler")}
+
+
+def _draw(model: Any, ids: torch.Tensor, mask: torch.Tensor, settings: GenerationArguments, stops: list[int],
+          pad: int, bar: Any) -> tuple[list[list[int]], Any]:
+    """The new tokens of each answer and, with `cache_top_k`, each step's raw logits ``[rows, V]``: by the decode
+    loop (`sampler.decode`, packed linear layers on a CPU) where `sampler.uses_decode` says so, else `generate`
+    (which applies the model's own top-k when it sets one: the decode loop does too)."""
+    ticker = TokenTicker(bar, settings.max_new_tokens) if bar is not None else None
+    sampling = settings.temperature > 0
+    if uses_decode(model, settings.sampler, ids.device):
+        steps: list[torch.Tensor] = []
+        keep = (lambda seq, logits: steps.append(logits)) if settings.cache_top_k else None
+        top_k = (getattr(unwrap(model).generation_config, "top_k", None) or 0) if sampling else 0
+        rows = ids.shape[0] * settings.num_return_sequences
+        with packed_linears(model, rows) if ids.device.type == "cpu" else nullcontext():
+            new = decode(model, ids, mask, settings.max_new_tokens, tuple(stops), pad, settings.temperature, top_k,
+                         settings.top_p, settings.num_return_sequences, observe=keep, stopping=ticker)
+        return new.tolist(), steps
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, do_sample=sampling,
+        temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
+        num_return_sequences=settings.num_return_sequences, eos_token_id=stops, pad_token_id=pad,
+        return_dict_in_generate=True, output_logits=settings.cache_top_k > 0,
+        stopping_criteria=StoppingCriteriaList([ticker]) if ticker is not None else None,
+    )
+    return out.sequences[:, ids.shape[1]:].tolist(), out.logits
 
 
 def prompts_of(dataset: datasets.Dataset) -> list[Any]:
@@ -114,24 +144,16 @@ def _answer(model: Any, tokenizer: Any, prompts: list[Any], settings: Generation
     device = next(model.parameters()).device
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     ids, mask = left_padded(encoded, pad, device)
-    width = ids.shape[1]
-    sampling = settings.temperature > 0
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, do_sample=sampling,
-        temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
-        num_return_sequences=settings.num_return_sequences, eos_token_id=stops, pad_token_id=pad,
-        return_dict_in_generate=True, output_logits=settings.cache_top_k > 0,
-        stopping_criteria=StoppingCriteriaList([TokenTicker(bar, settings.max_new_tokens)]) if bar is not None else None,
-    )
+    rows, logits = _draw(model, ids, mask, settings, stops, pad, bar)
     answers, generated = [], 0
-    for index, row in enumerate(out.sequences[:, width:].tolist()):
+    for index, row in enumerate(rows):
         completion = end_completion(row, stops)
         generated += len(completion)
         ended = bool(completion) and completion[-1] in stops
         answer = {"text": tokenizer.decode(completion[:-1] if ended else completion, skip_special_tokens=True).strip(),
                   "prompt_ids": encoded[index // settings.num_return_sequences], "completion_ids": completion}
         if settings.cache_top_k:
-            raw = torch.stack([step[index] for step in out.logits[: len(completion)]])  # [n, V]: step s chose token s
+            raw = torch.stack([step[index] for step in logits[: len(completion)]])  # [n, V]: step s chose token s
             top_ids, top_logprobs, tails = topk_targets(raw, settings.cache_top_k, settings.cache_temperature)
             answer.update({CACHE_COLUMNS[0]: top_ids.reshape(-1).tolist(),
                            CACHE_COLUMNS[1]: top_logprobs.reshape(-1).tolist(), CACHE_COLUMNS[2]: tails.tolist()})

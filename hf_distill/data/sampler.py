@@ -46,6 +46,15 @@ from .chat import end_completion, left_padded
 #: Which sampler draws completions (`DistillationConfig.sampler`): "auto" (the decode loop where `decode_obstacle`
 #: allows it on a CPU, else `generate`), "decode" (the decode loop wherever it can run), "generate".
 SAMPLERS = ("auto", "decode", "generate")
+#: Settings of a model's own `generation_config` that make `generate` change the logits beyond temperature / top-k /
+#: top-p (transformers applies them on top of an explicit config), with their neutral values: the decode loop does
+#: not implement them, so a model that sets one samples with `generate`.
+LOGITS_SETTINGS = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                   "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
+                   "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "sequence_bias": None,
+                   "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+                   "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+                   "guidance_scale": None, "watermarking_config": None, "num_beams": 1, "penalty_alpha": None}
 #: `nn.Linear` layers with fewer weights than this keep their plain product (LoRA's small factors).
 PACK_MIN_WEIGHTS = 1 << 14
 
@@ -92,8 +101,8 @@ def packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
 
 def decode_obstacle(model: nn.Module) -> str | None:
     """Why `decode` cannot sample from `model` (None: it can): it needs a decoder-only transformers model with a KV
-    cache (a PEFT wrapper around one is fine); a wrapper with its own `generate` (a self-distillation teacher) keeps
-    it."""
+    cache (a PEFT wrapper around one is fine) whose `generation_config` sets none of `LOGITS_SETTINGS`; a wrapper with
+    its own `generate` (a self-distillation teacher) keeps it."""
     if hasattr(model, "student"):
         return "the model is a wrapper with its own generate (adapters off)"
     inner = unwrap(model)
@@ -103,6 +112,11 @@ def decode_obstacle(model: nn.Module) -> str | None:
         return "an encoder-decoder model"
     if not {"cache", "past_key_values"} & _explicit_inputs(model):
         return "its forward takes no KV cache"
+    config = getattr(inner, "generation_config", None)
+    own = [f"{name}={getattr(config, name)!r}" for name, neutral in LOGITS_SETTINGS.items()
+           if getattr(config, name, None) not in (None, neutral, [], {})]
+    if own:
+        return f"its generation_config sets {', '.join(own)}, which generate applies and the decode loop does not"
     return None
 
 
