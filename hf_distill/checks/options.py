@@ -32,6 +32,11 @@ def parse_chunk_size(value: str | int) -> str | int:
     return size
 
 
+#: Which sampler draws completions (`DistillationConfig.sampler`, `data.sampler.uses_decode`): "auto" (the decode loop
+#: on a CPU where it can serve the model, else `generate`), "decode" (the decode loop wherever it can), "generate".
+SAMPLERS = ("auto", "decode", "generate")
+
+
 def check_sampling_settings(args: Any) -> None:
     """The on-policy / seq_kd sampling settings, each in its range."""
     if not 0.0 <= args.lmbda <= 1.0:
@@ -46,7 +51,7 @@ def check_sampling_settings(args: Any) -> None:
     ) if not ok]
     if bad:
         raise ValueError(f"Sampling settings out of range: {'; '.join(bad)}.")
-    check_choice("sampler", getattr(args, "sampler", "auto"), ("auto", "decode", "generate"))
+    check_choice("sampler", getattr(args, "sampler", "auto"), SAMPLERS)
     if args.logits_loss == "sampled_token" and args.logits_weight > 0 and args.lmbda == 0 and not args.seq_kd:
         raise ValueError(
             "logits_loss='sampled_token' is an on-policy estimator (log p_s(y) - log p_t(y) at tokens y the student "

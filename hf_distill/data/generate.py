@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList, set_seed
 from transformers.utils import logging
 
+from ..checks.options import SAMPLERS, check_choice
 from ..modeling import context_length, unwrap, weights_fingerprint
 from ..storage.files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .chat import detect_rows_format, end_completion, left_padded, prompt_ids, stop_ids
@@ -64,7 +65,7 @@ class GenerationArguments:
     device: str | None = field(default=None, metadata={"help": "Where the teacher runs (default: cuda if available)."})
     sampler: str = field(default="auto", metadata={"help": "What draws the answers: 'decode' (our loop, data.sampler), "
                                                            "'generate', 'auto' (decode on a CPU; the same distribution).",
-                                                   "choices": ["auto", "decode", "generate"]})
+                                                   "choices": list(SAMPLERS)})
     cache_top_k: int = field(default=0, metadata={"help": "Also store the teacher's top-k log-probabilities at every "
                                                           "generated token, from its raw logits (the teacher-cache "
                                                           "format; 0: off). Distil with --teacher_cache on the folder."})
@@ -72,6 +73,7 @@ class GenerationArguments:
                                                                     "log-probabilities: log softmax(z / T)."})
 
     def __post_init__(self) -> None:
+        check_choice("sampler", self.sampler, SAMPLERS)
         for name in ("max_new_tokens", "num_return_sequences", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}.")

@@ -40,12 +40,10 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from ..checks.options import SAMPLERS  # noqa: F401 (the choices of `SamplingSettings.sampler`)
 from ..modeling import unwrap
 from .chat import end_completion, left_padded
 
-#: Which sampler draws completions (`DistillationConfig.sampler`): "auto" (the decode loop where `decode_obstacle`
-#: allows it on a CPU, else `generate`), "decode" (the decode loop wherever it can run), "generate".
-SAMPLERS = ("auto", "decode", "generate")
 #: Settings of a model's own `generation_config` that make `generate` change the logits beyond temperature / top-k /
 #: top-p (transformers applies them on top of an explicit config), with their neutral values: the decode loop does
 #: not implement them, so a model that sets one samples with `generate`.
@@ -219,7 +217,7 @@ class SamplingSettings:
     seed: int
     pad_id: int
     stop_ids: tuple[int, ...]
-    sampler: str = "auto"  #: `decode.SAMPLERS`
+    sampler: str = "auto"  #: one of `SAMPLERS`
 
     @classmethod
     def from_args(cls, args: Any, pad_id: int, stop_ids: tuple[int, ...]) -> "SamplingSettings":
