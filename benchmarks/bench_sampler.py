@@ -29,7 +29,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--student_layers", type=int, default=15)
+    parser.add_argument("--student_layers", type=int, default=15, help="the student: a cut of the asset to this many "
+                                                                         "layers (0: the asset's model whole)")
+    parser.add_argument("--asset", default="smollm2-135m", help="the model (an asset name, `hf-distill assets`)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="also: where one call of each spends its time (the "
                                                                 "operators of torch.profiler, ms per sampled token)")
@@ -43,17 +45,17 @@ def main() -> None:
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    model_dir = str(fetch("smollm2-135m"))
+    model_dir = str(fetch(opts.asset))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     transformers.set_seed(0)
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    student = shrink_model(teacher, num_layers=opts.student_layers).eval()
+    student = (shrink_model(teacher, num_layers=opts.student_layers) if opts.student_layers else teacher).eval()
     del teacher
     with open(fetch("trec"), newline="") as f:
         questions = list(dict.fromkeys(r["text"].strip() for r in csv.DictReader(f)))[: opts.rows]
     prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=True)["input_ids"]) for q in questions]
-    stops = (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
+    stops = tuple({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None})
 
     def run(sampler: str, temperature: float) -> tuple[float, list[list[int]]]:
         settings = SamplingSettings(1.0, False, opts.max_new_tokens, temperature, 1.0, 0, 1, 0,

@@ -3,16 +3,18 @@
 a decode loop of our own instead of `model.generate`, the same distribution.
 
 Where `generate` spends its time on a CPU at on-policy shapes (a few rows, one new token each step; docs/performance.md
-section 6.1): about 70% in the matrix products, each reading every weight of the model once per step for a handful of
-rows, at 4-5 GB/s through the BLAS's general small-M path; the rest in the per-step work of the layers and of
-`generate` itself. Two things take most of it away:
+section 6.1): 77% of its operator time in the matrix products, each reading every weight of the model once per step
+for a handful of rows, at about 5 GB/s through the BLAS's general small-M path; then `torch.multinomial`'s one
+exponential per vocabulary entry, the KV cache's concatenations, small element-wise work and Python. What the fast
+sampler does about it (1.5-3x `generate`'s tokens/s there):
 
-- `packed_linears`: the large `nn.Linear` layers of a float32 model on a CPU run, for the length of one sampling call,
-  through oneDNN with their weights re-laid-out once for the batch's row count (`mkldnn._reorder_linear_weight`),
-  which reads them at close to the memory's bandwidth: the 49,152 x 576 output layer of SmolLM2 at 4 rows in 6.5 ms
-  instead of 22, its MLPs 1.8x faster. The values are those of ``x W^T + b`` to float32 rounding.
-- `decode`: prefill with only the last position's logits (``logits_to_keep=1``), then one forward per new token on the
-  model's own KV cache, with none of `generate`'s per-step machinery.
+- `packed_linears`: the float32 `nn.Linear` layers of a model on a CPU run, for the length of one sampling call,
+  through oneDNN with their weights re-laid-out once for the call's row count (`mkldnn._reorder_linear_weight`),
+  which reads them near the memory's bandwidth: SmolLM2's 49,152 x 576 output layer at 4 rows in 6-8 ms instead of
+  22-32, its MLPs 2.4x faster. The values are those of ``x W^T + b`` to float32 rounding.
+- `decode`: the prompt's forward keeps only the last position's logits (``logits_to_keep=1``), then one forward per
+  new token on the model's own KV cache, with none of `generate`'s per-step machinery; `draw` inverts the cumulative
+  distribution at one uniform number per row.
 
 The draw is `generate`'s: float32 logits of the last position; greedy ``argmax``, or sampling from
 ``softmax(warp(z / T))`` with top-k (keep the k largest) then top-p (keep the smallest set of largest probabilities

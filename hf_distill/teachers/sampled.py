@@ -6,9 +6,11 @@ wrapped source then scores the same sequences, and every term reads them as it r
 - The prompt of a row is its tokens before its first counted label (prompt-completion and chat rows from
   `chat.prepare_chat_dataset`; prompt-only rows count nothing, so all of them is the prompt).
 - A micro-batch is sampled when ``u < lmbda`` with u drawn from (seed, global step, micro-batch): the same on every
-  process and in a resumed run. The completions are drawn inside a forked RNG seeded with (seed, step, micro-batch,
-  process), so the training RNG (dropout, data order) is untouched and a resumed run samples what the uninterrupted
-  one did.
+  process and in a resumed run. All micro-batches of an optimizer step that the student completes are drawn in one
+  generation (`prepare_batches`; the teacher's seq_kd ones in another): the weights do not change within a step, and
+  one pass over them per token serves every row. The completions are drawn inside a forked RNG seeded with (seed,
+  step, the first of those micro-batches, process), so the training RNG (dropout, data order) is untouched and a
+  resumed run samples what the uninterrupted one did.
 - A completion counts up to and including the stop token that ends it (end of turn / end of sequence); the padding
   after it never counts, whatever its id (many tokenizers pad with their end-of-sequence token).
 - The student generates in eval mode without gradients, with its adapters on (PEFT); under DeepSpeed ZeRO-3 its
