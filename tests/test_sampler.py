@@ -194,3 +194,21 @@ def test_a_model_whose_generation_config_changes_the_logits_samples_with_generat
     model.generation_config.repetition_penalty = 1.0
     assert sampler.uses_decode(model, "auto", torch.device("cpu"))
     assert sample_completions(model, PROMPTS, settings(sampler_name="auto"), 0) != penalised
+
+
+def test_packed_once_serves_every_call_inside_it(pack_everything):
+    """A model that does not change across calls (generate, evaluation) is packed once: the calls inside pack
+    nothing more, answer as unpacked, and the model is plain again after."""
+    if not sampler.packing_available():
+        pytest.skip("this torch has no oneDNN packed linear")
+    model = tiny_llama(vocab=48, layers=2, seed=5).eval()
+    plain = sample_completions(model, PROMPTS, settings(stops=(47,), sampler_name="generate"), 0)
+    with sampler.packed_once(model, rows=4):
+        linears = [m for m in model.modules() if "forward" in vars(m)]
+        assert len(linears) == 2 * 7 + 1  # (every layer of the tiny model, with the threshold at 0)
+        with packed_linears(model, rows=4) as inner:
+            assert inner == 0
+        assert sample_completions(model, PROMPTS, settings(stops=(47,)), 0) == plain
+    assert not any("forward" in vars(m) for m in model.modules())
+    with sampler.packed_once(model, rows=4, sampler="generate"):
+        assert not any("forward" in vars(m) for m in model.modules())

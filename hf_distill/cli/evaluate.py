@@ -18,7 +18,7 @@ from transformers.utils import logging
 
 from ..data.chat import pad_id, stop_ids
 from ..data.loading import TASKS, DataArguments
-from ..data.sampler import SamplingSettings, sample_completions
+from ..data.sampler import SamplingSettings, packed_once, sample_completions
 from ..data.samples import collapse_reasons, completion_stats, held_out_prompts, samples_markdown
 from ..evaluation.code_eval import (
     ALLOW_FLAG,
@@ -264,17 +264,18 @@ def _humaneval(options: EvaluateArguments, tokenizer: Any, models: dict[str, tor
         if done:
             logger.warning("HumanEval: %d answers of the %s kept from %s; %d to write.", len(done), name, store.path,
                            len(todo))
-        for first in tqdm(range(0, len(todo), options.batch_size), desc=f"HumanEval answers of the {name}",
-                          unit="batch"):
-            chunk = todo[first: first + options.batch_size]
-            rows: list[list[str]] = [[] for _ in chunk]
-            for sample in range(options.num_samples):
-                answers = _answers(model, [prompts[i] for i in chunk], options, pad, stops, sample, tokenizer)
-                for row, answer in zip(rows, answers):
-                    row.append(tokenizer.decode(answer, skip_special_tokens=True))
-            batch = {problems[i]["task_id"]: row for i, row in zip(chunk, rows)}
-            done.update(batch)
-            store.append(batch)  # (kept per batch: a stopped pass resumes here)
+        with packed_once(model, options.batch_size):  # (once for all batches: the model does not change)
+            for first in tqdm(range(0, len(todo), options.batch_size), desc=f"HumanEval answers of the {name}",
+                              unit="batch"):
+                chunk = todo[first: first + options.batch_size]
+                rows: list[list[str]] = [[] for _ in chunk]
+                for sample in range(options.num_samples):
+                    answers = _answers(model, [prompts[i] for i in chunk], options, pad, stops, sample, tokenizer)
+                    for row, answer in zip(rows, answers):
+                        row.append(tokenizer.decode(answer, skip_special_tokens=True))
+                batch = {problems[i]["task_id"]: row for i, row in zip(chunk, rows)}
+                done.update(batch)
+                store.append(batch)  # (kept per batch: a stopped pass resumes here)
         texts = [done[p["task_id"]] for p in problems]
         result = score_answers(problems, texts, sandbox, pass_ks)
         solved[name] = set(result.pop("solved"))

@@ -31,7 +31,7 @@ from ..modeling import context_length, unwrap, weights_fingerprint
 from ..storage.files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .chat import detect_rows_format, end_completion, left_padded, prompt_ids, stop_ids
 from .provenance import folder_kind, template_record
-from .sampler import TokenTicker, decode, packed_linears, uses_decode
+from .sampler import TokenTicker, decode, packed_linears, packed_once, uses_decode
 from .samples import CAPPED_WARN, check_collapse, completion_stats
 from .teacher_cache import (
     CACHE_COLUMNS,
@@ -195,7 +195,9 @@ def generate_completions(model: Any, tokenizer: Any, prompts_dataset: datasets.D
     model.eval()
     done = sum(s["num_prompts"] for s in manifest["shards"])
     start_time, tokens, written = time.perf_counter(), 0, []
-    with tqdm(total=len(prompts), initial=done, desc="Generating", unit="prompt") as bar:
+    rows_per_call = settings.batch_size * settings.num_return_sequences
+    with tqdm(total=len(prompts), initial=done, desc="Generating", unit="prompt") as bar, \
+            packed_once(model, rows_per_call, settings.sampler):
         while done < len(prompts):
             index, end = len(manifest["shards"]), min(done + settings.shard_size, len(prompts))
             set_seed(settings.seed + index)

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.chat import IGNORE_INDEX, left_padded
-from ..data.sampler import SamplingSettings, TokenTicker, sample_completions
+from ..data.sampler import SamplingSettings, TokenTicker, packed_once, sample_completions
 
 #: Most logits (rows x positions x classes) one scoring forward pass holds, ~0.5 GB in float32: batches are cut into
 #: fewer rows to stay under it (with a 152k-token vocabulary, one row of up to 880 tokens per pass), so the batch size
@@ -252,9 +252,10 @@ def greedy_answers(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     start = time.perf_counter()
     bar = tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False)
     ticking = lambda width: TokenTicker(bar, max_new_tokens, stopping(width) if stopping else None)  # noqa: E731
-    for first in bar:
-        chunk = order[first: first + batch_size]
-        for i, answer in zip(chunk, sample_completions(model, [list(prompts[i]) for i in chunk], settings, 0,
-                                                       stopping=ticking)):
-            answers[i] = answer
+    with packed_once(model, batch_size):
+        for first in bar:
+            chunk = order[first: first + batch_size]
+            for i, answer in zip(chunk, sample_completions(model, [list(prompts[i]) for i in chunk], settings, 0,
+                                                           stopping=ticking)):
+                answers[i] = answer
     return answers, time.perf_counter() - start
