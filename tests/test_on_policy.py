@@ -371,3 +371,16 @@ def test_the_micro_batches_of_a_step_are_sampled_in_one_generation(tmp_path):
     for m in range(3):
         one = source.prepare_batch(batches[m], trainer.model, (step, m))
         assert torch.equal(out[m]["input_ids"], one["input_ids"]) and torch.equal(out[m]["labels"], one["labels"])
+
+
+def test_sampler_decode_for_a_model_it_cannot_serve_is_refused_before_training(tmp_path):
+    """sampler='decode' with a student whose generation_config adds a repetition penalty (which the decode loop does
+    not apply): refused when the trainer is built, naming the setting; 'auto' trains with generate instead."""
+    tokenizer, rows, collator = setup()
+    student = tiny_llama(vocab=VOCAB, layers=1, seed=2)
+    student.generation_config.repetition_penalty = 1.2
+    with pytest.raises(ValueError, match="sampler='decode' cannot sample from this model.*repetition_penalty=1.2"):
+        trainer_for(tmp_path, tokenizer, rows, collator, student=student, sampler="decode")
+    trainer = trainer_for(tmp_path, tokenizer, rows, collator, student=student, max_steps=1)
+    trainer.train()
+    assert trainer.state.log_history[0]["generated_tokens"] > 0

@@ -172,7 +172,7 @@ def test_entropies_and_stopping_criteria_match_generate():
 
 def test_decode_refuses_a_model_it_cannot_serve_and_auto_falls_back():
     """sampler='decode' on a module that is not a generating transformers model: an error naming it and the fix;
-    'auto' uses generate there (here: the same refusal from generate's absence is not reached)."""
+    'auto' leaves it to generate, and keeps generate on a GPU; 'generate' never uses the loop."""
     with pytest.raises(ValueError, match="sampler='decode' cannot sample from this model: MLP is not a transformers"):
         sampler.uses_decode(MLP(), "decode", torch.device("cpu"))
     assert not sampler.uses_decode(MLP(), "auto", torch.device("cpu"))

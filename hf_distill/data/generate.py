@@ -15,7 +15,6 @@ import hashlib
 import json
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from ..modeling import context_length, unwrap, weights_fingerprint
 from ..storage.files import PARTIAL_SUFFIX, atomic_path, atomic_write_bytes
 from .chat import detect_rows_format, end_completion, left_padded, prompt_ids, stop_ids
 from .provenance import folder_kind, template_record
-from .sampler import TokenTicker, decode, packed_linears, packed_once, uses_decode
+from .sampler import TokenTicker, decode, packed_once, uses_decode
 from .samples import CAPPED_WARN, check_collapse, completion_stats
 from .teacher_cache import (
     CACHE_COLUMNS,
@@ -92,7 +91,8 @@ class GenerationArguments:
 def _draw(model: Any, ids: torch.Tensor, mask: torch.Tensor, settings: GenerationArguments, stops: list[int],
           pad: int, bar: Any) -> tuple[list[list[int]], Any]:
     """The new tokens of each answer and, with `cache_top_k`, each step's raw logits ``[rows, V]``: by the decode
-    loop (`sampler.decode`, packed linear layers on a CPU) where `sampler.uses_decode` says so, else `generate`
+    loop (`sampler.decode`; `generate_completions` packs the linear layers once for the pass) where
+    `sampler.uses_decode` says so, else `generate`
     (which applies the model's own top-k when it sets one: the decode loop does too)."""
     ticker = TokenTicker(bar, settings.max_new_tokens) if bar is not None else None
     sampling = settings.temperature > 0
@@ -100,10 +100,8 @@ def _draw(model: Any, ids: torch.Tensor, mask: torch.Tensor, settings: Generatio
         steps: list[torch.Tensor] = []
         keep = (lambda seq, logits: steps.append(logits)) if settings.cache_top_k else None
         top_k = (getattr(unwrap(model).generation_config, "top_k", None) or 0) if sampling else 0
-        rows = ids.shape[0] * settings.num_return_sequences
-        with packed_linears(model, rows) if ids.device.type == "cpu" else nullcontext():
-            new = decode(model, ids, mask, settings.max_new_tokens, tuple(stops), pad, settings.temperature, top_k,
-                         settings.top_p, settings.num_return_sequences, observe=keep, stopping=ticker)
+        new = decode(model, ids, mask, settings.max_new_tokens, tuple(stops), pad, settings.temperature, top_k,
+                     settings.top_p, settings.num_return_sequences, observe=keep, stopping=ticker)
         return new.tolist(), steps
     out = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, do_sample=sampling,

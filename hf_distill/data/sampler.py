@@ -42,7 +42,6 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from ..checks.options import SAMPLERS  # noqa: F401 (the choices of `SamplingSettings.sampler`)
 from ..modeling import unwrap
 from .chat import end_completion, left_padded
 
@@ -104,9 +103,8 @@ def packed_once(model: nn.Module, rows: int, sampler: str = "auto") -> Any:
     evaluation): its linear layers packed once for all of them (`packed_linears`; the calls inside then find them
     packed and pack nothing: 0.1-0.15 s a call saved for SmolLM2's 15-layer cut) where the decode loop serves it on a
     CPU; else nothing."""
-    device = next(model.parameters()).device
-    if device.type == "cpu" and uses_decode(model, sampler, device):
-        return packed_linears(model, rows)
+    if uses_decode(model, sampler, next(model.parameters()).device):
+        return packed_linears(model, rows)  # (CPU weights only)
     return nullcontext()
 
 
@@ -230,7 +228,7 @@ class SamplingSettings:
     seed: int
     pad_id: int
     stop_ids: tuple[int, ...]
-    sampler: str = "auto"  #: one of `SAMPLERS`
+    sampler: str = "auto"  #: one of `checks.options.SAMPLERS`
 
     @classmethod
     def from_args(cls, args: Any, pad_id: int, stop_ids: tuple[int, ...]) -> "SamplingSettings":
@@ -300,8 +298,7 @@ def sample_completions(model: nn.Module, prompts: list[list[int]], settings: Sam
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             if uses_decode(model, settings.sampler, device):
-                rows = ids.shape[0] * settings.num_generations
-                with packed_linears(model, rows) if device.type == "cpu" else nullcontext():
+                with packed_linears(model, ids.shape[0] * settings.num_generations):  # (CPU weights only)
                     new = decode(model, ids, mask, settings.max_new_tokens, settings.stop_ids, settings.pad_id,
                                  settings.temperature, settings.top_k, settings.top_p, settings.num_generations,
                                  observe=meter, stopping=stopping(width) if stopping else None)
@@ -316,7 +313,7 @@ def sample_completions(model: nn.Module, prompts: list[list[int]], settings: Sam
 
 
 def uses_decode(model: nn.Module, sampler: str, device: torch.device) -> bool:
-    """Whether `sample_completions` draws with `decode.decode` (`sampler` "decode", or "auto" on a CPU) rather than
+    """Whether `sample_completions` draws with `decode` (`sampler` "decode", or "auto" on a CPU) rather than
     `model.generate`; "decode" for a model it cannot serve is an error naming why."""
     if sampler == "generate" or (sampler == "auto" and device.type != "cpu"):
         return False

@@ -23,9 +23,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from torch import nn
-from transformers import (
-    TrainerCallback,
-)
+from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ..positions import IGNORE_INDEX

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..data.chat import TEACHER_PROMPTS, stop_ids
-from ..data.sampler import SamplingSettings, gathered_for_generation, sample_completions, writer
+from ..data.sampler import SamplingSettings, gathered_for_generation, sample_completions, uses_decode, writer
 from ..data.samples import CompletionLog
 from ..modeling import context_length, unwrap
 from ..positions import IGNORE_INDEX
@@ -327,6 +327,10 @@ def on_policy_source(args: Any, source: TeacherSource, student: nn.Module, proce
         raise ValueError(f"{what}: the tokenizer has no end-of-sequence token (nor a chat template's end of turn) to "
                          "end completions with: set tokenizer.eos_token.")
     check_sampling_data(train_dataset, args, context_length(student), label_name)
+    if getattr(args, "sampler", "auto") == "decode":  # (refused here rather than at the first sampled step)
+        writers = [student] + ([writer(source.first_model)] if args.seq_kd else [])
+        for model in writers:
+            uses_decode(model, "decode", torch.device("cpu"))
     if isinstance(source, SampledCompletions):
         return source
     return SampledCompletions(source, SamplingSettings.from_args(args, processing_class.pad_token_id, stops),
